@@ -1,0 +1,184 @@
+//! KPI tables computed from aggregates, in the shape of the JSON API (SPEC section 3).
+//!
+//! Money is a string with two decimals; ratios are numbers at full precision; an undefined
+//! KPI is `null` (and its gauge is absent).
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::aggregate::{Cell, PeriodCells, TenantAggregates};
+use crate::money::{format_money, to_f64};
+use crate::period::Period;
+
+/// The KPIs of one scope (total or a channel).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct KpiRow {
+    pub spend: String,
+    pub new_customers: i64,
+    pub cac: Option<f64>,
+    pub leads: i64,
+    pub qualified_leads: i64,
+    pub qualified_lead_rate: Option<f64>,
+    pub converted_leads: i64,
+    pub conversion_rate: Option<f64>,
+    pub revenue: String,
+    pub roi: Option<f64>,
+    pub roas: Option<f64>,
+    pub stages: BTreeMap<String, f64>,
+}
+
+/// The money KPIs of one campaign.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CampaignRow {
+    pub channel: Option<String>,
+    pub spend: String,
+    pub revenue: String,
+    pub roi: Option<f64>,
+    pub roas: Option<f64>,
+}
+
+/// The answer of `GET /api/v1/kpis`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct KpiReport {
+    pub tenant: String,
+    pub period: String,
+    pub currency: String,
+    pub total: KpiRow,
+    pub channels: BTreeMap<String, KpiRow>,
+    pub campaigns: BTreeMap<String, CampaignRow>,
+}
+
+/// The answer of `GET /api/v1/retention`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RetentionReport {
+    pub tenant: String,
+    pub year: i32,
+    pub active_customers: i64,
+    pub retained_customers: i64,
+    pub retention_rate: Option<f64>,
+    pub loyalty: BTreeMap<String, Option<f64>>,
+}
+
+/// `numerator / denominator`, undefined when the denominator is zero.
+pub fn ratio(numerator: i64, denominator: i64) -> Option<f64> {
+    (denominator != 0).then(|| numerator as f64 / denominator as f64)
+}
+
+/// CAC as a number: spend per new customer. `None` without new customers (the gauge shows
+/// +Inf when there was spend, see [`cac_gauge`]).
+pub fn cac(cell: &Cell) -> Option<f64> {
+    (cell.new_customers != 0).then(|| to_f64(cell.spend) / cell.new_customers as f64)
+}
+
+/// CAC as a gauge value: +Inf when money was spent and no customer came, absent when neither.
+pub fn cac_gauge(cell: &Cell) -> Option<f64> {
+    match cac(cell) {
+        Some(value) => Some(value),
+        None if !cell.spend.is_zero() => Some(f64::INFINITY),
+        None => None,
+    }
+}
+
+pub fn roi(cell: &Cell) -> Option<f64> {
+    (!cell.spend.is_zero()).then(|| to_f64(cell.revenue - cell.spend) / to_f64(cell.spend))
+}
+
+pub fn roas(cell: &Cell) -> Option<f64> {
+    (!cell.spend.is_zero()).then(|| to_f64(cell.revenue) / to_f64(cell.spend))
+}
+
+impl KpiRow {
+    pub fn from_cell(cell: &Cell) -> KpiRow {
+        let stages = if cell.leads == 0 {
+            BTreeMap::new()
+        } else {
+            cell.stages
+                .iter()
+                .map(|(stage, count)| (stage.clone(), *count as f64 / cell.leads as f64))
+                .collect()
+        };
+        KpiRow {
+            spend: format_money(cell.spend),
+            new_customers: cell.new_customers,
+            cac: cac(cell),
+            leads: cell.leads,
+            qualified_leads: cell.qualified_leads,
+            qualified_lead_rate: ratio(cell.qualified_leads, cell.leads),
+            converted_leads: cell.converted_leads,
+            conversion_rate: ratio(cell.converted_leads, cell.leads),
+            revenue: format_money(cell.revenue),
+            roi: roi(cell),
+            roas: roas(cell),
+            stages,
+        }
+    }
+}
+
+impl CampaignRow {
+    pub fn from_cell(cell: &Cell) -> CampaignRow {
+        CampaignRow {
+            channel: cell.main_channel().map(str::to_string),
+            spend: format_money(cell.spend),
+            revenue: format_money(cell.revenue),
+            roi: roi(cell),
+            roas: roas(cell),
+        }
+    }
+}
+
+impl KpiReport {
+    /// The KPI table of `tenant` for `period`; an empty table when nothing happened then.
+    pub fn build(
+        tenant: &str,
+        currency: &str,
+        aggregates: Option<&TenantAggregates>,
+        period: Period,
+    ) -> KpiReport {
+        let empty = PeriodCells::default();
+        let cells = aggregates
+            .and_then(|aggregates| aggregates.period(&period))
+            .unwrap_or(&empty);
+        KpiReport {
+            tenant: tenant.to_string(),
+            period: period.to_string(),
+            currency: currency.to_string(),
+            total: KpiRow::from_cell(&cells.total),
+            channels: cells
+                .channels
+                .iter()
+                .map(|(name, cell)| (name.clone(), KpiRow::from_cell(cell)))
+                .collect(),
+            campaigns: cells
+                .campaigns
+                .iter()
+                .map(|(name, cell)| (name.clone(), CampaignRow::from_cell(cell)))
+                .collect(),
+        }
+    }
+}
+
+impl RetentionReport {
+    pub fn build(tenant: &str, aggregates: Option<&TenantAggregates>, year: i32) -> RetentionReport {
+        let (current, previous) = match aggregates {
+            Some(aggregates) => (aggregates.retention_of(year), aggregates.retention_of(year - 1)),
+            None => Default::default(),
+        };
+        let loyalty = (2..=5)
+            .map(|k| {
+                (
+                    k.to_string(),
+                    ratio(current.consecutive[k], current.active_customers),
+                )
+            })
+            .collect();
+        RetentionReport {
+            tenant: tenant.to_string(),
+            year,
+            active_customers: current.active_customers,
+            retained_customers: current.consecutive[2],
+            retention_rate: ratio(current.consecutive[2], previous.active_customers),
+            loyalty,
+        }
+    }
+}
