@@ -1,1 +1,474 @@
+//! Configuration of the KPI engine (SPEC section 4).
+//!
+//! Layers: `config/default.toml` (built in), then the `--config` file, then environment
+//! variables `KPI__SECTION__KEY`. Every struct denies unknown fields, and [`Config::validate`]
+//! checks every value in one pass, so a start-up failure lists all problems, each naming its
+//! key. Secrets (`nats.password`, `nats.token`) are never printed: `Debug` hides them.
 
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use kpi_model::event::{is_valid_tenant, CHANNEL_ALL};
+use kpi_model::money::{decimal_from_config_float, parse_amount_text, Decimal};
+use kpi_model::{DecodeLimits, TenantSettings, Tenants};
+use serde::Deserialize;
+
+/// The built-in defaults, the first layer.
+pub const DEFAULT_TOML: &str = include_str!("../../../config/default.toml");
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {path}: {source}")]
+    File {
+        path: PathBuf,
+        source: config::ConfigError,
+    },
+    #[error("configuration: {0}")]
+    Parse(config::ConfigError),
+    #[error("invalid configuration:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<String>),
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    pub url: String,
+    pub stream: String,
+    pub rejected_stream: String,
+    pub consumer: String,
+    pub credentials_file: String,
+    pub user: String,
+    pub password: String,
+    pub token: String,
+    pub ack_wait_ms: u64,
+    pub max_ack_pending: i64,
+    pub duplicate_window_s: u64,
+}
+
+impl fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hidden = |s: &str| if s.is_empty() { "" } else { "<hidden>" };
+        f.debug_struct("NatsConfig")
+            .field("url", &self.url)
+            .field("stream", &self.stream)
+            .field("rejected_stream", &self.rejected_stream)
+            .field("consumer", &self.consumer)
+            .field("credentials_file", &self.credentials_file)
+            .field("user", &self.user)
+            .field("password", &hidden(&self.password))
+            .field("token", &hidden(&self.token))
+            .field("ack_wait_ms", &self.ack_wait_ms)
+            .field("max_ack_pending", &self.max_ack_pending)
+            .field("duplicate_window_s", &self.duplicate_window_s)
+            .finish()
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+    pub cache_capacity_mb: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    pub listen: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    pub batch_max_events: usize,
+    pub batch_max_wait_ms: u64,
+    pub max_event_bytes: usize,
+    pub max_future_hours: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub max_tenants: usize,
+    pub max_channels_per_tenant: usize,
+    pub max_campaigns_per_tenant: usize,
+    pub max_stages_per_tenant: usize,
+}
+
+/// A number written as a TOML float, integer or string.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Number {
+    Float(f64),
+    Integer(i64),
+    Text(String),
+}
+
+impl Number {
+    fn to_decimal(&self) -> Option<Decimal> {
+        match self {
+            Number::Float(value) => decimal_from_config_float(*value),
+            Number::Integer(value) => Some(Decimal::from(*value)),
+            Number::Text(text) => parse_amount_text(text.trim()),
+        }
+    }
+
+    fn to_f64(&self) -> Option<f64> {
+        match self {
+            Number::Float(value) => Some(*value),
+            Number::Integer(value) => Some(*value as f64),
+            Number::Text(text) => text.trim().parse().ok(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub timezone: Option<String>,
+    pub currency: Option<String>,
+    #[serde(default)]
+    pub fx: BTreeMap<String, Number>,
+    #[serde(default)]
+    pub cac_threshold: BTreeMap<String, Number>,
+}
+
+/// A connector declaration (SPEC section 4). Connectors themselves come with a later release;
+/// declarations are parsed so that their errors name the key.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectorConfig {
+    pub id: String,
+    pub kind: String,
+    pub tenant: String,
+    pub every: String,
+    #[serde(default)]
+    pub lookback_days: u32,
+    #[serde(default)]
+    pub params: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub nats: NatsConfig,
+    pub store: StoreConfig,
+    pub http: HttpConfig,
+    pub ingest: IngestConfig,
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub tenants: HashMap<String, TenantConfig>,
+    #[serde(default)]
+    pub connectors: Vec<ConnectorConfig>,
+}
+
+/// Connector kinds this build knows.
+pub const CONNECTOR_KINDS: &[&str] = &[];
+
+impl Config {
+    /// Loads the layers (defaults, `file`, environment) and validates the result.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(file, std::env::vars())
+    }
+
+    /// As [`Config::load`], with the environment given (for tests).
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
+        if let Some(path) = file {
+            // Read the file ourselves so that a missing file names its path.
+            let text = std::fs::read_to_string(path).map_err(|error| ConfigError::File {
+                path: path.to_path_buf(),
+                source: config::ConfigError::Message(error.to_string()),
+            })?;
+            let check = config::Config::builder()
+                .add_source(config::File::from_str(&text, config::FileFormat::Toml))
+                .build();
+            if let Err(source) = check {
+                return Err(ConfigError::File {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+            builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
+        }
+        let env: HashMap<String, String> = env
+            .into_iter()
+            .filter(|(key, _)| key.starts_with("KPI__"))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("KPI")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(env)),
+        );
+        let config: Config = builder
+            .build()
+            .and_then(|built| built.try_deserialize())
+            .map_err(ConfigError::Parse)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value, collecting all errors.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errors = Vec::new();
+        if self.nats.url.trim().is_empty() {
+            errors.push("nats.url: must not be empty".to_string());
+        }
+        for (key, value) in [
+            ("nats.stream", &self.nats.stream),
+            ("nats.rejected_stream", &self.nats.rejected_stream),
+            ("nats.consumer", &self.nats.consumer),
+        ] {
+            if value.is_empty()
+                || !value
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                errors.push(format!("{key}: `{value}` must be letters, digits, _ or -"));
+            }
+        }
+        if self.nats.stream == self.nats.rejected_stream {
+            errors.push("nats.rejected_stream: must differ from nats.stream".to_string());
+        }
+        if self.nats.ack_wait_ms < 1000 {
+            errors.push("nats.ack_wait_ms: must be at least 1000".to_string());
+        }
+        if self.nats.max_ack_pending < self.ingest.batch_max_events as i64 {
+            errors.push(format!(
+                "nats.max_ack_pending: must be at least ingest.batch_max_events ({})",
+                self.ingest.batch_max_events
+            ));
+        }
+        if self.store.path.as_os_str().is_empty() {
+            errors.push("store.path: must not be empty".to_string());
+        }
+        if SocketAddr::from_str(&self.http.listen).is_err() {
+            errors.push(format!(
+                "http.listen: `{}` is not an address such as 127.0.0.1:9464",
+                self.http.listen
+            ));
+        }
+        if !(1..=100_000).contains(&self.ingest.batch_max_events) {
+            errors.push("ingest.batch_max_events: must be between 1 and 100000".to_string());
+        }
+        if self.ingest.max_event_bytes == 0 {
+            errors.push("ingest.max_event_bytes: must be positive".to_string());
+        }
+        let mut tenant_names: Vec<&String> = self.tenants.keys().collect();
+        tenant_names.sort();
+        for name in tenant_names {
+            let tenant = &self.tenants[name];
+            if !is_valid_tenant(name) {
+                errors.push(format!("tenants.{name}: a tenant name is [a-z0-9_-]{{1,64}}"));
+            }
+            if let Some(zone) = &tenant.timezone {
+                if chrono_tz::Tz::from_str(zone).is_err() {
+                    errors.push(format!(
+                        "tenants.{name}.timezone: `{zone}` is not an IANA time zone such as Europe/Paris"
+                    ));
+                }
+            }
+            if let Some(currency) = &tenant.currency {
+                if !is_currency_code(currency) {
+                    errors.push(format!(
+                        "tenants.{name}.currency: `{currency}` is not an ISO 4217 code such as EUR"
+                    ));
+                }
+            }
+            for (code, rate) in &tenant.fx {
+                if !is_currency_code(code) {
+                    errors.push(format!(
+                        "tenants.{name}.fx.{code}: not an ISO 4217 code (write them in upper case)"
+                    ));
+                }
+                match rate.to_decimal() {
+                    Some(rate) if rate > Decimal::ZERO => {}
+                    _ => errors.push(format!(
+                        "tenants.{name}.fx.{code}: the rate must be a positive number"
+                    )),
+                }
+            }
+            for (channel, threshold) in &tenant.cac_threshold {
+                match threshold.to_f64() {
+                    Some(value) if value >= 0.0 && value.is_finite() => {}
+                    _ => errors.push(format!(
+                        "tenants.{name}.cac_threshold.{channel}: must be a non-negative number"
+                    )),
+                }
+            }
+        }
+        let mut ids = std::collections::HashSet::new();
+        for (index, connector) in self.connectors.iter().enumerate() {
+            if !ids.insert(connector.id.as_str()) {
+                errors.push(format!(
+                    "connectors[{index}].id: `{}` is declared twice",
+                    connector.id
+                ));
+            }
+            if !is_valid_tenant(&connector.tenant) {
+                errors.push(format!(
+                    "connectors[{index}].tenant: `{}` is not a tenant name [a-z0-9_-]{{1,64}}",
+                    connector.tenant
+                ));
+            }
+            if !CONNECTOR_KINDS.contains(&connector.kind.as_str()) {
+                errors.push(format!(
+                    "connectors[{index}].kind: `{}` is not a connector kind of this build (it has none yet; publish events to kpi.events.<tenant>.<type> instead)",
+                    connector.kind
+                ));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(errors))
+        }
+    }
+
+    /// The validated per-tenant settings of the model.
+    pub fn tenants(&self) -> Tenants {
+        let configured = self
+            .tenants
+            .iter()
+            .map(|(name, tenant)| {
+                let defaults = TenantSettings::default();
+                let settings = TenantSettings {
+                    timezone: tenant
+                        .timezone
+                        .as_deref()
+                        .and_then(|zone| chrono_tz::Tz::from_str(zone).ok())
+                        .unwrap_or(defaults.timezone),
+                    currency: tenant.currency.clone().unwrap_or(defaults.currency),
+                    fx: tenant
+                        .fx
+                        .iter()
+                        .filter_map(|(code, rate)| Some((code.clone(), rate.to_decimal()?)))
+                        .collect(),
+                    cac_threshold: tenant
+                        .cac_threshold
+                        .iter()
+                        .filter_map(|(channel, value)| Some((channel.clone(), value.to_f64()?)))
+                        .collect(),
+                };
+                (name.clone(), settings)
+            })
+            .collect();
+        Tenants::new(configured)
+    }
+
+    pub fn decode_limits(&self) -> DecodeLimits {
+        DecodeLimits {
+            max_event_bytes: self.ingest.max_event_bytes,
+            max_future: Duration::from_secs(self.ingest.max_future_hours * 3600),
+        }
+    }
+
+    /// The listen address (validated).
+    pub fn listen_addr(&self) -> SocketAddr {
+        SocketAddr::from_str(&self.http.listen).unwrap_or_else(|_| {
+            SocketAddr::from(([127, 0, 0, 1], 9464))
+        })
+    }
+}
+
+fn is_currency_code(code: &str) -> bool {
+    code.len() == 3 && code.bytes().all(|b| b.is_ascii_uppercase())
+}
+
+/// The reserved blended channel, accepted as a CAC threshold key.
+pub const BLENDED_CHANNEL: &str = CHANNEL_ALL;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn load(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        file.write_all(toml.as_bytes()).expect("write");
+        Config::load_with_env(
+            Some(file.path()),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn defaults_match_spec() {
+        let config = Config::load_with_env(None, Vec::new()).expect("defaults load");
+        assert_eq!(config.nats.url, "nats://127.0.0.1:4222");
+        assert_eq!(config.store.path, PathBuf::from("./var/kpi-store"));
+        assert_eq!(config.http.listen, "127.0.0.1:9464");
+    }
+
+    #[test]
+    fn file_then_environment_override_defaults() {
+        let config = load(
+            "[nats]\nurl = \"nats://10.0.0.1:4222\"\n[tenants.acme]\ntimezone = \"Europe/Paris\"\nfx = { USD = 0.92 }\ncac_threshold = { all = 250.0 }\n",
+            &[("KPI__HTTP__LISTEN", "127.0.0.1:1234"), ("KPI__STORE__PATH", "/tmp/x")],
+        )
+        .expect("valid");
+        assert_eq!(config.nats.url, "nats://10.0.0.1:4222");
+        assert_eq!(config.http.listen, "127.0.0.1:1234");
+        assert_eq!(config.store.path, PathBuf::from("/tmp/x"));
+        let tenants = config.tenants();
+        let acme = tenants.get("acme");
+        assert_eq!(acme.timezone, chrono_tz::Europe::Paris);
+        assert_eq!(acme.fx["USD"].to_string(), "0.92");
+        assert_eq!(acme.cac_threshold["all"], 250.0);
+    }
+
+    #[test]
+    fn an_unknown_key_is_named() {
+        let error = load("[http]\nlisten_on = \"x\"\n", &[]).expect_err("unknown key");
+        let message = error.to_string();
+        assert!(message.contains("listen_on"), "{message}");
+    }
+
+    #[test]
+    fn every_bad_value_is_reported_with_its_key() {
+        let error = load(
+            "[http]\nlisten = \"nowhere\"\n[tenants.acme]\ntimezone = \"Mars/Olympus\"\ncurrency = \"euro\"\nfx = { USD = -1 }\n",
+            &[],
+        )
+        .expect_err("invalid");
+        let message = error.to_string();
+        for key in [
+            "http.listen",
+            "tenants.acme.timezone",
+            "tenants.acme.currency",
+            "tenants.acme.fx.USD",
+        ] {
+            assert!(message.contains(key), "{key} missing from: {message}");
+        }
+    }
+
+    #[test]
+    fn a_bad_environment_value_is_named() {
+        let error = Config::load_with_env(
+            None,
+            vec![("KPI__INGEST__BATCH_MAX_EVENTS".to_string(), "many".to_string())],
+        )
+        .expect_err("bad number");
+        assert!(error.to_string().contains("batch_max_events"), "{error}");
+    }
+
+    #[test]
+    fn secrets_are_not_in_debug_output() {
+        let config = load("[nats]\npassword = \"s3cret\"\n", &[]).expect("valid");
+        assert!(!format!("{config:?}").contains("s3cret"));
+    }
+}

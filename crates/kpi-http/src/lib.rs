@@ -1,1 +1,166 @@
+//! The engine's HTTP server: `/metrics`, `/healthz`, `/readyz` and the JSON API
+//! (`/api/v1/kpis`, `/api/v1/retention`, `/api/v1/tenants`), as SPEC section 3 shows them.
+//!
+//! Handlers only read the live state; they never touch sled or NATS, so answering costs the
+//! same whatever the size of the history.
 
+pub mod metrics;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::{Datelike, Utc};
+use kpi_ingest::EngineState;
+use kpi_model::event::is_valid_tenant;
+use kpi_model::{KpiReport, Period, RetentionReport, Window};
+use prometheus::{Encoder, TextEncoder};
+use serde_json::json;
+
+pub use metrics::KpiCollector;
+
+/// An API error: a status and `{"error": "..."}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+        }
+    }
+
+    fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+type Params = Query<HashMap<String, String>>;
+
+/// The tenant named by `?tenant=` (default `default`), which must be known: configured, or
+/// seen in at least one event.
+fn known_tenant(state: &EngineState, params: &HashMap<String, String>) -> Result<String, ApiError> {
+    let tenant = params.get("tenant").map(String::as_str).unwrap_or("default");
+    if !is_valid_tenant(tenant) {
+        return Err(ApiError::bad_request(format!(
+            "tenant: `{tenant}` is not a tenant name [a-z0-9_-]{{1,64}}"
+        )));
+    }
+    if !state.tenants.is_configured(tenant) && state.aggregates().tenant(tenant).is_none() {
+        return Err(ApiError::not_found(format!("tenant `{tenant}` is unknown")));
+    }
+    Ok(tenant.to_string())
+}
+
+async fn kpis(State(state): State<Arc<EngineState>>, Query(params): Params) -> Result<Json<KpiReport>, ApiError> {
+    let tenant = known_tenant(&state, &params)?;
+    let settings = state.tenants.get(&tenant);
+    let period = match params.get("period") {
+        Some(text) => text
+            .parse::<Period>()
+            .map_err(|error| ApiError::bad_request(format!("period: {error}")))?,
+        None => Window::Month.period_of(settings.today(Utc::now())),
+    };
+    let aggregates = state.aggregates();
+    Ok(Json(KpiReport::build(&tenant, &settings.currency, aggregates.tenant(&tenant), period)))
+}
+
+async fn retention(State(state): State<Arc<EngineState>>, Query(params): Params) -> Result<Json<RetentionReport>, ApiError> {
+    let tenant = known_tenant(&state, &params)?;
+    let year = match params.get("year") {
+        Some(text) => text
+            .parse::<i32>()
+            .ok()
+            .filter(|year| (1000..=9999).contains(year))
+            .ok_or_else(|| ApiError::bad_request(format!("year: `{text}` is not a year such as 2026")))?,
+        None => state.tenants.get(&tenant).today(Utc::now()).year(),
+    };
+    let aggregates = state.aggregates();
+    Ok(Json(RetentionReport::build(&tenant, aggregates.tenant(&tenant), year)))
+}
+
+async fn tenants(State(state): State<Arc<EngineState>>) -> Json<serde_json::Value> {
+    let mut names: std::collections::BTreeSet<String> =
+        state.tenants.configured().map(|(name, _)| name.clone()).collect();
+    names.extend(state.aggregates().tenants.keys().cloned());
+    Json(json!({ "tenants": names }))
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn readyz(State(state): State<Arc<EngineState>>) -> Response {
+    if state.is_ready() {
+        (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "not ready", "reason": "waiting for NATS, the stream and consumer, or the start-up rebuild" })),
+        )
+            .into_response()
+    }
+}
+
+async fn metrics_text(State(state): State<Arc<EngineState>>) -> Response {
+    let families = state.registry.gather();
+    let mut body = Vec::new();
+    match TextEncoder::new().encode(&families, &mut body) {
+        Ok(()) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response(),
+        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response(),
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint; see /api/v1/kpis, /api/v1/retention, /metrics, /healthz, /readyz")
+}
+
+/// The routes, over the shared state.
+pub fn router(state: Arc<EngineState>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/api/v1/kpis", get(kpis))
+        .route("/api/v1/retention", get(retention))
+        .route("/api/v1/tenants", get(tenants))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// Binds `addr` (port 0 picks a free port) and returns the bound address and the server task.
+pub async fn serve(
+    addr: SocketAddr,
+    state: Arc<EngineState>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = router(state);
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = shutdown.wait_for(|stop| *stop).await;
+            })
+            .await
+    });
+    Ok((bound, task))
+}

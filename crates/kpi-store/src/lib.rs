@@ -1,1 +1,293 @@
+//! Durable state of the engine, in one sled tree.
+//!
+//! | prefix | key | value |
+//! |---|---|---|
+//! | `m` | `schema` | store layout version |
+//! | `r` | [`RecordKey::encode`] | a postcard [`Record`] |
+//! | `n` | counter kind, tenant, 0, label | `u64` big-endian (absolute value) |
+//! | `x` | stream sequence (`u64` big-endian) | empty: this message was dead-lettered |
+//!
+//! Invariant: one [`Store::commit`] writes the records, the counters and the dead-letter marks
+//! of a batch in a single atomic sled batch and flushes it to disk before returning. The ingest
+//! acknowledges messages only after that, so after a crash the store holds every
+//! acknowledged batch completely and no unacknowledged one partially. Aggregates are not
+//! stored: they are a function of the records ([`Store::rebuild_aggregates`]).
 
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use kpi_model::record::Record;
+use kpi_model::{aggregate_records, Aggregates, RecordKey, RecordSource, Tenants};
+
+const SCHEMA_KEY: &[u8] = b"mschema";
+const SCHEMA_VERSION: &[u8] = b"1";
+const RECORD_PREFIX: u8 = b'r';
+const COUNTER_PREFIX: u8 = b'n';
+const REJECTED_PREFIX: u8 = b'x';
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store at {path}: {source}")]
+    Open { path: String, source: sled::Error },
+    #[error("store at {path} has layout version {found}, this build reads version 1")]
+    Schema { path: String, found: String },
+    #[error("store: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("store: record {key:?} is corrupt: {source}")]
+    Corrupt {
+        key: Vec<u8>,
+        source: postcard::Error,
+    },
+}
+
+/// Which event counter.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CounterKey {
+    /// `kpi_events_processed_total{tenant,type}`
+    Processed { tenant: String, event_type: String },
+    /// `kpi_events_duplicate_total{tenant,type}`
+    Duplicate { tenant: String, event_type: String },
+    /// `kpi_events_rejected_total{tenant,reason}`
+    Rejected { tenant: String, reason: String },
+}
+
+impl CounterKey {
+    fn encode(&self) -> Vec<u8> {
+        let (kind, tenant, label) = match self {
+            CounterKey::Processed { tenant, event_type } => (b'p', tenant, event_type),
+            CounterKey::Duplicate { tenant, event_type } => (b'd', tenant, event_type),
+            CounterKey::Rejected { tenant, reason } => (b'r', tenant, reason),
+        };
+        let mut key = vec![COUNTER_PREFIX, kind];
+        key.extend_from_slice(tenant.as_bytes());
+        key.push(0);
+        key.extend_from_slice(label.as_bytes());
+        key
+    }
+
+    fn decode(bytes: &[u8]) -> Option<CounterKey> {
+        let (&kind, rest) = bytes.get(1..)?.split_first()?;
+        let split = rest.iter().position(|&b| b == 0)?;
+        let tenant = String::from_utf8(rest[..split].to_vec()).ok()?;
+        let label = String::from_utf8(rest[split + 1..].to_vec()).ok()?;
+        match kind {
+            b'p' => Some(CounterKey::Processed {
+                tenant,
+                event_type: label,
+            }),
+            b'd' => Some(CounterKey::Duplicate {
+                tenant,
+                event_type: label,
+            }),
+            b'r' => Some(CounterKey::Rejected {
+                tenant,
+                reason: label,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// Everything one batch changes, written atomically.
+#[derive(Debug, Default)]
+pub struct Commit {
+    /// Records to write; `None` deletes.
+    pub records: Vec<(RecordKey, Option<Record>)>,
+    /// New absolute values of the counters the batch changed.
+    pub counters: BTreeMap<CounterKey, u64>,
+    /// Stream sequences of messages dead-lettered by the batch.
+    pub rejected_sequences: Vec<u64>,
+}
+
+/// The engine's sled database.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+}
+
+fn record_key(key: &RecordKey) -> Vec<u8> {
+    let mut bytes = vec![RECORD_PREFIX];
+    bytes.extend_from_slice(&key.encode());
+    bytes
+}
+
+fn rejected_key(sequence: u64) -> [u8; 9] {
+    let mut key = [REJECTED_PREFIX; 9];
+    key[1..].copy_from_slice(&sequence.to_be_bytes());
+    key
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path`. sled holds a lock on the directory: a second
+    /// engine on the same store fails here.
+    pub fn open(path: &Path, cache_capacity_bytes: u64) -> Result<Store, StoreError> {
+        let display = path.display().to_string();
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_capacity_bytes)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|source| StoreError::Open {
+                path: display.clone(),
+                source,
+            })?;
+        match db.get(SCHEMA_KEY)? {
+            Some(version) if version.as_ref() == SCHEMA_VERSION => {}
+            Some(version) => {
+                return Err(StoreError::Schema {
+                    path: display,
+                    found: String::from_utf8_lossy(&version).into_owned(),
+                })
+            }
+            None => {
+                db.insert(SCHEMA_KEY, SCHEMA_VERSION)?;
+                db.flush()?;
+            }
+        }
+        Ok(Store { db })
+    }
+
+    /// Reads one record.
+    pub fn record(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        let stored_key = record_key(key);
+        match self.db.get(&stored_key)? {
+            Some(bytes) => Record::decode(&bytes)
+                .map(Some)
+                .map_err(|source| StoreError::Corrupt {
+                    key: stored_key,
+                    source,
+                }),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes a batch atomically and waits until it is on disk.
+    pub fn commit(&self, commit: &Commit) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (key, record) in &commit.records {
+            match record {
+                Some(record) => batch.insert(record_key(key), record.encode()),
+                None => batch.remove(record_key(key)),
+            }
+        }
+        for (key, value) in &commit.counters {
+            batch.insert(key.encode(), &value.to_be_bytes());
+        }
+        for sequence in &commit.rejected_sequences {
+            batch.insert(&rejected_key(*sequence), &[]);
+        }
+        self.db.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Was the message with this stream sequence already dead-lettered?
+    pub fn is_rejected(&self, sequence: u64) -> Result<bool, StoreError> {
+        Ok(self.db.contains_key(rejected_key(sequence))?)
+    }
+
+    /// All event counters.
+    pub fn counters(&self) -> Result<BTreeMap<CounterKey, u64>, StoreError> {
+        let mut counters = BTreeMap::new();
+        for entry in self.db.scan_prefix([COUNTER_PREFIX]) {
+            let (key, value) = entry?;
+            if let (Some(key), Ok(bytes)) = (CounterKey::decode(&key), <[u8; 8]>::try_from(value.as_ref())) {
+                counters.insert(key, u64::from_be_bytes(bytes));
+            }
+        }
+        Ok(counters)
+    }
+
+    /// Sums the contributions of every stored record: the aggregates, rebuilt.
+    pub fn rebuild_aggregates(&self, tenants: &Tenants) -> Result<(Aggregates, u64), StoreError> {
+        let mut records = Vec::new();
+        let mut aggregates = Aggregates::default();
+        let mut count = 0u64;
+        // Sum in chunks so memory stays bounded whatever the number of records.
+        for entry in self.db.scan_prefix([RECORD_PREFIX]) {
+            let (stored_key, bytes) = entry?;
+            let record = Record::decode(&bytes).map_err(|source| StoreError::Corrupt {
+                key: stored_key.to_vec(),
+                source,
+            })?;
+            if let Some(key) = RecordKey::decode(&stored_key[1..]) {
+                records.push((key, record));
+                count += 1;
+            }
+            if records.len() == 10_000 {
+                aggregates.merge(aggregate_records(records.iter().map(|(k, r)| (k, r)), tenants));
+                records.clear();
+            }
+        }
+        aggregates.merge(aggregate_records(records.iter().map(|(k, r)| (k, r)), tenants));
+        Ok((aggregates, count))
+    }
+
+    /// Flushes everything to disk (commits already do; this is for shutdown).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Bytes the store takes on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+impl RecordSource for Store {
+    type Error = StoreError;
+
+    fn load(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        self.record(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kpi_model::record::LeadRecord;
+
+    #[test]
+    fn a_commit_survives_reopening() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let key = RecordKey::lead("acme", "L1");
+        let record = Record::Lead(LeadRecord {
+            applied: ["e1".to_string()].into_iter().collect(),
+            ..LeadRecord::default()
+        });
+        let counter = CounterKey::Rejected {
+            tenant: "acme".into(),
+            reason: "invalid_json".into(),
+        };
+        {
+            let store = Store::open(dir.path(), 1 << 20).expect("open");
+            let mut commit = Commit::default();
+            commit.records.push((key.clone(), Some(record.clone())));
+            commit.counters.insert(counter.clone(), 3);
+            commit.rejected_sequences.push(42);
+            store.commit(&commit).expect("commit");
+        }
+        let store = Store::open(dir.path(), 1 << 20).expect("reopen");
+        assert_eq!(store.record(&key).expect("read"), Some(record));
+        assert_eq!(store.counters().expect("counters").get(&counter), Some(&3));
+        assert!(store.is_rejected(42).expect("read"));
+        assert!(!store.is_rejected(43).expect("read"));
+        let mut delete = Commit::default();
+        delete.records.push((key.clone(), None));
+        store.commit(&delete).expect("commit");
+        assert_eq!(store.record(&key).expect("read"), None);
+    }
+
+    #[test]
+    fn a_store_of_another_layout_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let db = sled::open(dir.path()).expect("open");
+            db.insert(SCHEMA_KEY, b"99".as_slice()).expect("insert");
+            db.flush().expect("flush");
+        }
+        let error = Store::open(dir.path(), 1 << 20).err().expect("refused");
+        assert!(error.to_string().contains("layout version 99"), "{error}");
+    }
+}

@@ -1,1 +1,114 @@
-fn main(){}
+//! `kpi`: the KPI engine's one binary.
+//!
+//! - `kpi serve` runs the engine (JetStream consumer, store, HTTP server);
+//! - `kpi publish FILE.jsonl` publishes events;
+//! - `kpi report` prints a tenant's KPI table from a running engine;
+//! - `kpi demo` publishes a realistic two-year SME history.
+
+mod demo;
+mod publish;
+mod report;
+mod serve;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "kpi", version, about = "Event-driven marketing KPI engine (CAC, conversion, retention, ROI, qualified leads)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the engine: consume events from JetStream, keep the KPIs, serve /metrics and the API.
+    Serve {
+        /// Configuration file (TOML), layered over config/default.toml and under KPI__* variables.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Publish events from a JSON-lines file (one CloudEvents envelope per line).
+    Publish {
+        /// The file; `-` reads standard input.
+        file: PathBuf,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Tenant of events that carry no `tenant` field.
+        #[arg(long, default_value = "default")]
+        tenant: String,
+    },
+    /// Print the KPI table of a tenant for a period, per channel and campaign.
+    Report {
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        /// Period: YYYY-MM-DD, YYYY-Www, YYYY-MM, YYYY-Qn, YYYY or all (default: this month).
+        #[arg(long)]
+        period: Option<String>,
+        /// Base URL of the engine's HTTP server (default: from the configuration's http.listen).
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish a realistic SME history: two years, six channels, campaigns, restated spend,
+    /// repeat customers, cancelled deals and a few invalid events.
+    Demo {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        /// Leads per day on average.
+        #[arg(long, default_value_t = 12)]
+        leads_per_day: u32,
+        /// Write the events to this JSON-lines file instead of publishing them.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Random seed (the same seed gives the same history).
+        #[arg(long, default_value_t = 2026)]
+        seed: u64,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Serve { config } => serve::run(config.as_deref()).await,
+            Command::Publish { file, config, tenant } => {
+                let config = kpi_config::Config::load(config.as_deref())?;
+                publish::publish_file(&config, &file, &tenant).await
+            }
+            Command::Report { tenant, period, url, config, json } => {
+                let config = kpi_config::Config::load(config.as_deref())?;
+                let url = url.unwrap_or_else(|| format!("http://{}", config.http.listen));
+                report::print(&url, &tenant, period.as_deref(), json).await
+            }
+            Command::Demo { config, tenant, leads_per_day, out, seed } => {
+                let config = kpi_config::Config::load(config.as_deref())?;
+                let events = demo::history(&tenant, seed, leads_per_day, chrono::Utc::now());
+                match out {
+                    Some(path) => demo::write(&events, &path),
+                    None => publish::publish_events(&config, events, "demo history").await.map(|_| ()),
+                }
+            }
+        }
+    })
+}

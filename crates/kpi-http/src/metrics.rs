@@ -1,0 +1,308 @@
+//! The KPI gauges of SPEC section 3, computed from the live aggregates at scrape time.
+//!
+//! Every scrape reads the *current* period of each window in each tenant's time zone, so a
+//! new day, month or year starts at local midnight without any timer. A series whose KPI is
+//! undefined is absent; CAC is +Inf when money was spent and no customer came.
+//!
+//! Cardinality is bounded by `[metrics]` in the configuration: at most `max_tenants` tenants
+//! (configured tenants first, then by name), and per tenant the `max_channels_per_tenant`
+//! channels, `max_campaigns_per_tenant` campaigns and `max_stages_per_tenant` stages with the
+//! most all-time activity (spend + revenue, then leads; ties by name). What is left out stays
+//! in the JSON API and is counted in `kpi_engine_series_omitted{tenant,kind}`.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+use chrono::{Datelike, Utc};
+use kpi_config::MetricsConfig;
+use kpi_ingest::EngineState;
+use kpi_model::money::to_f64;
+use kpi_model::report::{cac_gauge, ratio, roas, roi};
+use kpi_model::{Cell, Period, RetentionReport, TenantAggregates, Window};
+use kpi_model::event::INVALID_TENANT;
+use kpi_store::CounterKey;
+
+/// Tenant label of rejections of tenants left out by `max_tenants`.
+pub const OTHER_TENANTS: &str = "_other";
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{CounterVec, GaugeVec, IntGaugeVec, Opts};
+
+struct Families {
+    cac: GaugeVec,
+    conversion: GaugeVec,
+    stage_conversion: GaugeVec,
+    qualified_ratio: GaugeVec,
+    roi: GaugeVec,
+    roas: GaugeVec,
+    campaign_roi: GaugeVec,
+    campaign_roas: GaugeVec,
+    retention: GaugeVec,
+    loyalty: GaugeVec,
+    spend: GaugeVec,
+    revenue: GaugeVec,
+    new_customers: GaugeVec,
+    leads: GaugeVec,
+    qualified_leads: GaugeVec,
+    converted_leads: GaugeVec,
+    active_customers: GaugeVec,
+    retained_customers: GaugeVec,
+    cac_threshold: GaugeVec,
+    processed: CounterVec,
+    duplicate: CounterVec,
+    rejected: CounterVec,
+    omitted: IntGaugeVec,
+}
+
+fn gauge(name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    GaugeVec::new(Opts::new(name, help), labels).expect("static metric definition")
+}
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> CounterVec {
+    CounterVec::new(Opts::new(name, help), labels).expect("static metric definition")
+}
+
+const WINDOW_CHANNEL: &[&str] = &["tenant", "window", "channel"];
+const WINDOW_CHANNEL_CURRENCY: &[&str] = &["tenant", "window", "channel", "currency"];
+
+impl Families {
+    fn new() -> Families {
+        Families {
+            cac: gauge("kpi_cac", "Customer acquisition cost: spend / new customers (+Inf: spend and no new customer)", WINDOW_CHANNEL_CURRENCY),
+            conversion: gauge("kpi_conversion_ratio", "Leads created in the period that have a won deal / leads created", WINDOW_CHANNEL),
+            stage_conversion: gauge("kpi_stage_conversion_ratio", "Leads created in the period that reached the stage / leads created", &["tenant", "window", "channel", "stage"]),
+            qualified_ratio: gauge("kpi_qualified_lead_ratio", "Qualified leads / leads created in the period", WINDOW_CHANNEL),
+            roi: gauge("kpi_roi_ratio", "Marketing ROI: (attributed revenue - spend) / spend", WINDOW_CHANNEL),
+            roas: gauge("kpi_roas_ratio", "Return on ad spend: attributed revenue / spend", WINDOW_CHANNEL),
+            campaign_roi: gauge("kpi_campaign_roi_ratio", "Campaign ROI: (revenue - spend) / spend", &["tenant", "window", "channel", "campaign"]),
+            campaign_roas: gauge("kpi_campaign_roas_ratio", "Campaign ROAS: revenue / spend", &["tenant", "window", "channel", "campaign"]),
+            retention: gauge("kpi_retention_ratio", "Customers with a won deal last year and this year / customers with a won deal last year", &["tenant"]),
+            loyalty: gauge("kpi_loyalty_ratio", "Customers with a won deal in each of the last `years` years / customers with a won deal this year", &["tenant", "years"]),
+            spend: gauge("kpi_spend", "Marketing spend in the reporting currency", WINDOW_CHANNEL_CURRENCY),
+            revenue: gauge("kpi_revenue", "Revenue of won deals in the reporting currency", WINDOW_CHANNEL_CURRENCY),
+            new_customers: gauge("kpi_new_customers", "Customers whose first won deal falls in the period", WINDOW_CHANNEL),
+            leads: gauge("kpi_leads", "Leads created in the period", WINDOW_CHANNEL),
+            qualified_leads: gauge("kpi_qualified_leads", "Leads created in the period that are qualified", WINDOW_CHANNEL),
+            converted_leads: gauge("kpi_converted_leads", "Leads created in the period that have a won deal", WINDOW_CHANNEL),
+            active_customers: gauge("kpi_active_customers", "Customers with a won deal this year", &["tenant"]),
+            retained_customers: gauge("kpi_retained_customers", "Customers with a won deal last year and this year", &["tenant"]),
+            cac_threshold: gauge("kpi_cac_threshold", "Configured CAC alert threshold", &["tenant", "channel"]),
+            processed: counter("kpi_events_processed_total", "Distinct events applied", &["tenant", "type"]),
+            duplicate: counter("kpi_events_duplicate_total", "Events ignored because the same (tenant, id) was already applied", &["tenant", "type"]),
+            rejected: counter("kpi_events_rejected_total", "Events sent to the dead-letter stream", &["tenant", "reason"]),
+            omitted: IntGaugeVec::new(Opts::new("kpi_engine_series_omitted", "Channels, campaigns or stages left out of the KPI gauges by the cardinality bounds"), &["tenant", "kind"]).expect("static metric definition"),
+        }
+    }
+
+    fn collectors(&self) -> Vec<&dyn Collector> {
+        vec![
+            &self.cac, &self.conversion, &self.stage_conversion, &self.qualified_ratio, &self.roi,
+            &self.roas, &self.campaign_roi, &self.campaign_roas, &self.retention, &self.loyalty,
+            &self.spend, &self.revenue, &self.new_customers, &self.leads, &self.qualified_leads,
+            &self.converted_leads, &self.active_customers, &self.retained_customers,
+            &self.cac_threshold, &self.processed, &self.duplicate, &self.rejected, &self.omitted,
+        ]
+    }
+
+    fn reset(&self) {
+        for family in [
+            &self.cac, &self.conversion, &self.stage_conversion, &self.qualified_ratio, &self.roi,
+            &self.roas, &self.campaign_roi, &self.campaign_roas, &self.retention, &self.loyalty,
+            &self.spend, &self.revenue, &self.new_customers, &self.leads, &self.qualified_leads,
+            &self.converted_leads, &self.active_customers, &self.retained_customers,
+            &self.cac_threshold,
+        ] {
+            family.reset();
+        }
+        self.processed.reset();
+        self.duplicate.reset();
+        self.rejected.reset();
+        self.omitted.reset();
+    }
+}
+
+/// The collector registered in the engine's registry.
+pub struct KpiCollector {
+    state: Arc<EngineState>,
+    bounds: MetricsConfig,
+    families: Mutex<Families>,
+    descs: Vec<Desc>,
+}
+
+impl KpiCollector {
+    pub fn new(state: Arc<EngineState>, bounds: MetricsConfig) -> KpiCollector {
+        let families = Families::new();
+        let descs = families
+            .collectors()
+            .iter()
+            .flat_map(|collector| collector.desc().into_iter().cloned())
+            .collect();
+        KpiCollector {
+            state,
+            bounds,
+            families: Mutex::new(families),
+            descs,
+        }
+    }
+}
+
+fn activity(cell: &Cell) -> (f64, i64) {
+    (to_f64(cell.spend) + to_f64(cell.revenue), cell.leads)
+}
+
+/// The names of `cells` with the most activity, at most `limit`, and how many were left out.
+fn top<'a>(cells: impl Iterator<Item = (&'a String, &'a Cell)>, limit: usize) -> (BTreeSet<String>, usize) {
+    let mut ranked: Vec<(&String, (f64, i64))> = cells.map(|(name, cell)| (name, activity(cell))).collect();
+    ranked.sort_by(|a, b| {
+        b.1 .0
+            .total_cmp(&a.1 .0)
+            .then(b.1 .1.cmp(&a.1 .1))
+            .then(a.0.cmp(b.0))
+    });
+    let omitted = ranked.len().saturating_sub(limit);
+    (ranked.into_iter().take(limit).map(|(name, _)| name.clone()).collect(), omitted)
+}
+
+impl Families {
+    fn fill_row(&self, labels: [&str; 3], currency: &str, cell: &Cell, stages: &BTreeSet<String>) {
+        let [tenant, window, channel] = labels;
+        let with_currency = [tenant, window, channel, currency];
+        self.spend.with_label_values(&with_currency).set(to_f64(cell.spend));
+        self.revenue.with_label_values(&with_currency).set(to_f64(cell.revenue));
+        if let Some(value) = cac_gauge(cell) {
+            self.cac.with_label_values(&with_currency).set(value);
+        }
+        self.new_customers.with_label_values(&labels).set(cell.new_customers as f64);
+        self.leads.with_label_values(&labels).set(cell.leads as f64);
+        self.qualified_leads.with_label_values(&labels).set(cell.qualified_leads as f64);
+        self.converted_leads.with_label_values(&labels).set(cell.converted_leads as f64);
+        if let Some(value) = ratio(cell.converted_leads, cell.leads) {
+            self.conversion.with_label_values(&labels).set(value);
+        }
+        if let Some(value) = ratio(cell.qualified_leads, cell.leads) {
+            self.qualified_ratio.with_label_values(&labels).set(value);
+        }
+        if let Some(value) = roi(cell) {
+            self.roi.with_label_values(&labels).set(value);
+        }
+        if let Some(value) = roas(cell) {
+            self.roas.with_label_values(&labels).set(value);
+        }
+        if cell.leads > 0 {
+            for (stage, count) in &cell.stages {
+                if stages.contains(stage) {
+                    self.stage_conversion
+                        .with_label_values(&[tenant, window, channel, stage])
+                        .set(*count as f64 / cell.leads as f64);
+                }
+            }
+        }
+    }
+
+    fn fill_tenant(&self, tenant: &str, state: &EngineState, aggregates: Option<&TenantAggregates>, bounds: &MetricsConfig) {
+        let settings = state.tenants.get(tenant);
+        let today = settings.today(Utc::now());
+        let currency = settings.currency.as_str();
+        let all_time = aggregates.and_then(|a| a.period(&Period::All));
+        let (channels, channels_omitted) = top(all_time.iter().flat_map(|c| c.channels.iter()), bounds.max_channels_per_tenant);
+        let (campaigns, campaigns_omitted) = top(all_time.iter().flat_map(|c| c.campaigns.iter()), bounds.max_campaigns_per_tenant);
+        let (stages, stages_omitted) = {
+            let mut ranked: Vec<(&String, &i64)> = all_time.iter().flat_map(|c| c.total.stages.iter()).collect();
+            ranked.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+            let omitted = ranked.len().saturating_sub(bounds.max_stages_per_tenant);
+            let kept: BTreeSet<String> = ranked.into_iter().take(bounds.max_stages_per_tenant).map(|(s, _)| s.clone()).collect();
+            (kept, omitted)
+        };
+        for (kind, omitted) in [("channel", channels_omitted), ("campaign", campaigns_omitted), ("stage", stages_omitted)] {
+            self.omitted.with_label_values(&[tenant, kind]).set(omitted as i64);
+        }
+
+        let empty = Default::default();
+        for window in Window::ALL {
+            let period = window.period_of(today);
+            let cells = aggregates.and_then(|a| a.period(&period)).unwrap_or(&empty);
+            let window = window.label();
+            self.fill_row([tenant, window, "all"], currency, &cells.total, &stages);
+            for (channel, cell) in &cells.channels {
+                if channels.contains(channel) {
+                    self.fill_row([tenant, window, channel], currency, cell, &stages);
+                }
+            }
+            for (campaign, cell) in &cells.campaigns {
+                if !campaigns.contains(campaign) {
+                    continue;
+                }
+                let channel = cell.main_channel().unwrap_or(kpi_model::event::CHANNEL_UNATTRIBUTED);
+                let labels = [tenant, window, channel, campaign.as_str()];
+                if let Some(value) = roi(cell) {
+                    self.campaign_roi.with_label_values(&labels).set(value);
+                }
+                if let Some(value) = roas(cell) {
+                    self.campaign_roas.with_label_values(&labels).set(value);
+                }
+            }
+        }
+
+        let retention = RetentionReport::build(tenant, aggregates, today.year());
+        self.active_customers.with_label_values(&[tenant]).set(retention.active_customers as f64);
+        self.retained_customers.with_label_values(&[tenant]).set(retention.retained_customers as f64);
+        if let Some(value) = retention.retention_rate {
+            self.retention.with_label_values(&[tenant]).set(value);
+        }
+        for (years, value) in &retention.loyalty {
+            if let Some(value) = value {
+                self.loyalty.with_label_values(&[tenant, years]).set(*value);
+            }
+        }
+        for (channel, threshold) in &settings.cac_threshold {
+            self.cac_threshold.with_label_values(&[tenant, channel]).set(*threshold);
+        }
+    }
+}
+
+/// Tenants shown on /metrics: configured ones first, then the others by name, at most `limit`.
+pub fn exported_tenants(state: &EngineState, limit: usize) -> Vec<String> {
+    let mut configured: Vec<String> = state.tenants.configured().map(|(name, _)| name.clone()).collect();
+    configured.sort();
+    let aggregates = state.aggregates();
+    let others = aggregates.tenants.keys().filter(|name| !state.tenants.is_configured(name)).cloned();
+    configured.into_iter().chain(others).take(limit).collect()
+}
+
+impl Collector for KpiCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let families = self.families.lock().unwrap_or_else(|e| e.into_inner());
+        families.reset();
+        let tenants = exported_tenants(&self.state, self.bounds.max_tenants);
+        {
+            let aggregates = self.state.aggregates();
+            for tenant in &tenants {
+                families.fill_tenant(tenant, &self.state, aggregates.tenant(tenant), &self.bounds);
+            }
+        }
+        let exported: BTreeSet<&str> = tenants.iter().map(String::as_str).collect();
+        let mut folded_rejections: std::collections::BTreeMap<&str, u64> = Default::default();
+        let counters = self.state.counters();
+        for (key, value) in counters.iter() {
+            let (family, tenant, label) = match key {
+                CounterKey::Processed { tenant, event_type } => (&families.processed, tenant, event_type),
+                CounterKey::Duplicate { tenant, event_type } => (&families.duplicate, tenant, event_type),
+                CounterKey::Rejected { tenant, reason } => (&families.rejected, tenant, reason),
+            };
+            if exported.contains(tenant.as_str()) || tenant == INVALID_TENANT {
+                family.with_label_values(&[tenant, label]).inc_by(*value as f64);
+            } else if let CounterKey::Rejected { reason, .. } = key {
+                // Rejections of tenants past the bound still count, under one label.
+                *folded_rejections.entry(reason).or_default() += value;
+            }
+        }
+        for (reason, value) in folded_rejections {
+            families.rejected.with_label_values(&[OTHER_TENANTS, reason]).inc_by(value as f64);
+        }
+        families.collectors().iter().flat_map(|collector| collector.collect()).collect()
+    }
+}

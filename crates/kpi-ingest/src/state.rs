@@ -1,0 +1,180 @@
+//! The live view of the engine shared by the ingest (the only writer) and the HTTP server.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{RwLock, RwLockReadGuard};
+
+use kpi_model::{Aggregates, Tenants};
+use kpi_store::CounterKey;
+use prometheus::{Gauge, Histogram, HistogramOpts, IntCounter, IntGauge, Opts, Registry};
+
+/// Engine health metrics (`kpi_engine_*`).
+pub struct EngineMetrics {
+    pub batch_commit_seconds: Histogram,
+    pub batch_events: Histogram,
+    pub event_latency_seconds: Histogram,
+    pub consumer_pending: IntGauge,
+    pub consumer_ack_pending: IntGauge,
+    pub last_event_timestamp: Gauge,
+    pub nats_connected: IntGauge,
+    pub ready: IntGauge,
+    pub recoveries_total: IntCounter,
+    pub rebuild_seconds: Gauge,
+    pub store_records: IntGauge,
+}
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
+    // Names are static and distinct: registration cannot collide.
+    let _ = registry.register(Box::new(metric.clone()));
+    metric
+}
+
+impl EngineMetrics {
+    fn new(registry: &Registry) -> Result<EngineMetrics, prometheus::Error> {
+        let latency_buckets = vec![
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        ];
+        Ok(EngineMetrics {
+            batch_commit_seconds: register(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "kpi_engine_batch_commit_seconds",
+                        "Time to write a batch to the store and flush it to disk",
+                    )
+                    .buckets(latency_buckets.clone()),
+                )?,
+            ),
+            batch_events: register(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new("kpi_engine_batch_events", "Messages per committed batch")
+                        .buckets(vec![1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0]),
+                )?,
+            ),
+            event_latency_seconds: register(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "kpi_engine_event_latency_seconds",
+                        "From the event's arrival in JetStream to its effect on the aggregates",
+                    )
+                    .buckets(latency_buckets),
+                )?,
+            ),
+            consumer_pending: register(
+                registry,
+                IntGauge::new(
+                    "kpi_engine_consumer_pending_messages",
+                    "Messages in the stream not yet delivered to the engine's consumer",
+                )?,
+            ),
+            consumer_ack_pending: register(
+                registry,
+                IntGauge::new(
+                    "kpi_engine_consumer_ack_pending_messages",
+                    "Messages delivered to the engine and not yet acknowledged",
+                )?,
+            ),
+            last_event_timestamp: register(
+                registry,
+                Gauge::new(
+                    "kpi_engine_last_event_timestamp_seconds",
+                    "Unix time at which the engine last applied an event",
+                )?,
+            ),
+            nats_connected: register(
+                registry,
+                IntGauge::new("kpi_engine_nats_connected", "1 while connected to NATS")?,
+            ),
+            ready: register(
+                registry,
+                IntGauge::new(
+                    "kpi_engine_ready",
+                    "1 once connected, with stream and consumer in place and aggregates rebuilt",
+                )?,
+            ),
+            recoveries_total: register(
+                registry,
+                IntCounter::with_opts(Opts::new(
+                    "kpi_engine_recoveries_total",
+                    "Times the engine re-read delivered but unacknowledged messages from the stream",
+                ))?,
+            ),
+            rebuild_seconds: register(
+                registry,
+                Gauge::new(
+                    "kpi_engine_rebuild_seconds",
+                    "Time the last start-up took to rebuild the aggregates from the store",
+                )?,
+            ),
+            store_records: register(
+                registry,
+                IntGauge::new(
+                    "kpi_engine_store_records",
+                    "Entity records in the store at the last rebuild",
+                )?,
+            ),
+        })
+    }
+}
+
+/// Shared state: aggregates, event counters, readiness, metrics.
+pub struct EngineState {
+    pub tenants: Tenants,
+    pub registry: Registry,
+    pub metrics: EngineMetrics,
+    aggregates: RwLock<Aggregates>,
+    counters: RwLock<BTreeMap<CounterKey, u64>>,
+    ready: AtomicBool,
+}
+
+impl EngineState {
+    pub fn new(tenants: Tenants) -> Result<EngineState, prometheus::Error> {
+        let registry = Registry::new();
+        let metrics = EngineMetrics::new(&registry)?;
+        Ok(EngineState {
+            tenants,
+            registry,
+            metrics,
+            aggregates: RwLock::new(Aggregates::default()),
+            counters: RwLock::new(BTreeMap::new()),
+            ready: AtomicBool::new(false),
+        })
+    }
+
+    pub fn aggregates(&self) -> RwLockReadGuard<'_, Aggregates> {
+        self.aggregates.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn counters(&self) -> RwLockReadGuard<'_, BTreeMap<CounterKey, u64>> {
+        self.counters.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+        self.metrics.ready.set(i64::from(ready));
+    }
+
+    /// Replaces everything (start-up rebuild).
+    pub fn reset(&self, aggregates: Aggregates, counters: BTreeMap<CounterKey, u64>) {
+        *self.aggregates.write().unwrap_or_else(|e| e.into_inner()) = aggregates;
+        *self.counters.write().unwrap_or_else(|e| e.into_inner()) = counters;
+    }
+
+    /// Applies a committed batch.
+    pub fn apply(&self, delta: Aggregates, counters: &BTreeMap<CounterKey, u64>) {
+        self.aggregates
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .merge(delta);
+        let mut current = self.counters.write().unwrap_or_else(|e| e.into_inner());
+        for (key, value) in counters {
+            current.insert(key.clone(), *value);
+        }
+    }
+}

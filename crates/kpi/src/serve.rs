@@ -1,0 +1,88 @@
+//! `kpi serve`: wires the store, the ingest and the HTTP server, and shuts them down cleanly.
+//!
+//! Shutdown: SIGINT or SIGTERM flips a watch channel; the ingest finishes (or abandons,
+//! unacknowledged) its current batch, the HTTP server stops accepting, and the store is
+//! flushed. A `kill -9` instead loses nothing either: unacknowledged messages come back.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use kpi_config::Config;
+use kpi_http::KpiCollector;
+use kpi_ingest::{EngineState, Ingest};
+use kpi_store::Store;
+use tracing::{error, info};
+
+pub async fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    info!(config = ?config, "configuration loaded");
+    let store_path = config.store.path.clone();
+    let cache = config.store.cache_capacity_mb * 1024 * 1024;
+    let store = tokio::task::spawn_blocking(move || Store::open(&store_path, cache)).await??;
+
+    let state = Arc::new(EngineState::new(config.tenants())?);
+    state
+        .registry
+        .register(Box::new(KpiCollector::new(state.clone(), config.metrics.clone())))
+        .context("registering the KPI collector")?;
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (address, http) = kpi_http::serve(config.listen_addr(), state.clone(), stopped.clone())
+        .await
+        .with_context(|| format!("http.listen: cannot listen on {}", config.http.listen))?;
+    info!(%address, "HTTP server listening (/metrics, /api/v1/kpis, /api/v1/retention, /healthz, /readyz)");
+
+    {
+        let store = store.clone();
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || kpi_ingest::load_state(&store, &state)).await??;
+    }
+
+    let client = kpi_ingest::connect(&config, Some(state.clone())).await?;
+    let ingest = Ingest::new(config, store.clone(), state);
+    let mut ingest_task = tokio::spawn(ingest.run(client, stopped));
+
+    let outcome = tokio::select! {
+        result = &mut ingest_task => Some(result),
+        () = shutdown_signal() => None,
+    };
+    let _ = stop.send(true);
+    let result = match outcome {
+        Some(result) => result,
+        None => {
+            info!("shutting down");
+            ingest_task.await
+        }
+    };
+    let _ = http.await;
+    tokio::task::spawn_blocking(move || store.flush()).await??;
+    match result {
+        Ok(Ok(())) => {
+            info!("stopped");
+            Ok(())
+        }
+        Ok(Err(ingest_error)) => {
+            error!(error = %ingest_error, "ingest stopped");
+            Err(ingest_error.into())
+        }
+        Err(join_error) => Err(join_error.into()),
+    }
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(_) => return interrupt.await.unwrap_or(()),
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    interrupt.await.unwrap_or(());
+}
