@@ -1,1 +1,326 @@
+//! Test support: real processes, each test its own.
+//!
+//! - [`NatsServer`] spawns `nats-server -js` on a free loopback port with a temporary store,
+//!   reads the port from its ports file, and kills and cleans it on `Drop`;
+//! - [`Engine`] runs the real `kpi serve` binary against it with a temporary sled store and
+//!   its own HTTP port, and can be killed with SIGKILL at any instant;
+//! - [`wait_until`] polls a condition instead of sleeping.
+//!
+//! `nats-server` is taken from `NATS_SERVER_BIN`, else from `PATH`, else `/usr/sbin`. The
+//! engine binary from `KPI_BINARY`, else next to the test binary (`cargo build -p kpi` first;
+//! `scripts/test.sh` does).
+#![allow(clippy::unwrap_used)]
 
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A free loopback TCP port (bound, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `condition` every 50 ms until it holds, or panics with `what` after `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn nats_server_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("NATS_SERVER_BIN") {
+        return PathBuf::from(path);
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|dir| dir.join("nats-server")).find(|p| p.is_file()))
+        .unwrap_or_else(|| PathBuf::from("/usr/sbin/nats-server"))
+}
+
+/// A `nats-server` with JetStream, private to one test.
+pub struct NatsServer {
+    child: Child,
+    pub port: u16,
+    store: tempfile::TempDir,
+}
+
+impl NatsServer {
+    pub fn start() -> NatsServer {
+        Self::start_on(None)
+    }
+
+    /// Starts a server on a given port (or a random one with `None`).
+    pub fn start_on(port: Option<u16>) -> NatsServer {
+        let store = tempfile::tempdir().unwrap();
+        let (child, port) = spawn_nats(store.path(), port);
+        NatsServer { child, port, store }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(self.url()).await.unwrap()
+    }
+
+    /// Kills the server and starts it again on the same port and store (a broker restart).
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let (child, _) = spawn_nats(self.store.path(), Some(self.port));
+        self.child = child;
+    }
+}
+
+fn spawn_nats(store: &Path, port: Option<u16>) -> (Child, u16) {
+    let binary = nats_server_binary();
+    let port_arg = port.map(|p| p.to_string()).unwrap_or_else(|| "-1".into());
+    let child = Command::new(&binary)
+        .args(["-js", "-a", "127.0.0.1", "-p", &port_arg])
+        .arg("--store_dir")
+        .arg(store)
+        .arg("--ports_file_dir")
+        .arg(store)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e} (install nats-server or set NATS_SERVER_BIN)", binary.display()));
+    let ports_file = store.join(format!("nats-server_{}.ports", child.id()));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(port) = std::fs::read_to_string(&ports_file)
+            .ok()
+            .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+            .and_then(|ports| ports["nats"][0].as_str().and_then(|url| url.rsplit(':').next()).and_then(|p| p.parse().ok()))
+        {
+            return (child, port);
+        }
+        assert!(Instant::now() < deadline, "nats-server did not write {}", ports_file.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `kpi` binary under test.
+pub fn kpi_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("KPI_BINARY") {
+        return PathBuf::from(path);
+    }
+    // target/<profile>/deps/integration-<hash> → target/<profile>/kpi
+    let exe = std::env::current_exe().unwrap();
+    let binary = exe.parent().and_then(Path::parent).unwrap().join("kpi");
+    assert!(binary.is_file(), "{} is missing: run `cargo build -p kpi` first (scripts/test.sh does)", binary.display());
+    binary
+}
+
+/// A `kpi serve` process with its own store and HTTP port.
+pub struct Engine {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    nats_url: String,
+    extra_config: String,
+    env: Vec<(String, String)>,
+}
+
+impl Engine {
+    /// Starts an engine on `nats_url` with `extra_config` (TOML) appended to its config file.
+    pub fn start(nats_url: &str, extra_config: &str) -> Engine {
+        Self::start_with_env(nats_url, extra_config, &[])
+    }
+
+    /// As [`Engine::start`], with `KPI__*` environment variables.
+    pub fn start_with_env(nats_url: &str, extra_config: &str, env: &[(&str, &str)]) -> Engine {
+        let mut engine = Engine {
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+            port: free_port(),
+            nats_url: nats_url.to_string(),
+            extra_config: extra_config.to_string(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        engine.spawn();
+        engine
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("kpi.toml")
+    }
+
+    fn spawn(&mut self) {
+        std::fs::write(
+            self.config_path(),
+            format!(
+                "[nats]\nurl = \"{}\"\n[store]\npath = \"{}\"\n[http]\nlisten = \"127.0.0.1:{}\"\n{}\n",
+                self.nats_url,
+                self.dir.path().join("store").display(),
+                self.port,
+                self.extra_config
+            ),
+        )
+        .unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("engine.log")).unwrap();
+        let child = Command::new(kpi_binary())
+            .arg("serve")
+            .arg("--config")
+            .arg(self.config_path())
+            .env("RUST_LOG", "info,async_nats=warn")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("engine.log")).unwrap_or_default()
+    }
+
+    /// Waits for `/readyz` to answer 200.
+    pub async fn wait_ready(&mut self) {
+        let url = format!("{}/readyz", self.base());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!("engine exited with {status}:\n{}", self.log());
+            }
+            if let Ok(response) = reqwest::get(&url).await {
+                if response.status() == 200 {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "engine not ready:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL: no chance to flush or acknowledge anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("engine running");
+        Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+        child.wait().unwrap()
+    }
+
+    /// Starts the engine again on the same store.
+    pub async fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+        self.wait_ready().await;
+    }
+
+    pub async fn get(&self, path_and_query: &str) -> (u16, Value) {
+        let response = reqwest::get(format!("{}{}", self.base(), path_and_query)).await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.base())).await.unwrap().text().await.unwrap()
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The value of the series `name{labels}` (labels given in any order, all of them), if exported.
+pub fn metric_value(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    metrics.lines().filter(|line| !line.starts_with('#')).find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (series_name, label_text) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if series_name != name {
+            return None;
+        }
+        let mut found: Vec<(String, String)> = label_text
+            .split("\",")
+            .filter(|pair| !pair.is_empty())
+            .filter_map(|pair| {
+                let (k, v) = pair.split_once('=')?;
+                Some((k.to_string(), v.trim_matches('"').to_string()))
+            })
+            .collect();
+        let mut wanted: Vec<(String, String)> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        found.sort();
+        wanted.sort();
+        (found == wanted).then(|| match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            other => other.parse().unwrap_or(f64::NAN),
+        })
+    })
+}
+
+/// Publishes `(subject, payload, msg_id)` to JetStream and waits for every ack.
+pub async fn publish(client: &async_nats::Client, events: &[(String, String, Option<String>)]) {
+    let js = async_nats::jetstream::new(client.clone());
+    let mut acks = Vec::new();
+    for (subject, payload, id) in events {
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some(id) = id {
+            headers.insert("Nats-Msg-Id", id.as_str());
+        }
+        acks.push(js.publish_with_headers(subject.clone(), headers, bytes::Bytes::from(payload.clone())).await.unwrap());
+        if acks.len() >= 1000 {
+            for ack in acks.drain(..) {
+                ack.await.unwrap();
+            }
+        }
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+}
+
+/// Is the engine's consumer fully caught up (nothing pending, nothing unacknowledged)?
+pub async fn drained(client: &async_nats::Client, consumer: &str) -> bool {
+    let js = async_nats::jetstream::new(client.clone());
+    let Ok(stream) = js.get_stream("KPI_EVENTS").await else { return false };
+    match stream.consumer_info(consumer).await {
+        Ok(info) => info.num_pending == 0 && info.num_ack_pending == 0,
+        Err(_) => false,
+    }
+}
+
+/// A CloudEvents envelope as JSON text.
+pub fn event(id: &str, event_type: &str, time: &str, tenant: &str, data: Value) -> (String, String, Option<String>) {
+    let body = serde_json::json!({"specversion": "1.0", "id": id, "source": "test", "type": event_type, "time": time, "tenant": tenant, "data": data});
+    (format!("kpi.events.{tenant}.{event_type}"), body.to_string(), Some(id.to_string()))
+}

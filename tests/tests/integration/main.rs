@@ -1,0 +1,8 @@
+//! Integration tests: the real `kpi` binary against a real `nats-server` (one per test), a
+//! real sled store on disk and a real HTTP listener. One test binary; helpers in `kpi_tests`.
+#![allow(clippy::unwrap_used)]
+
+mod api;
+mod crash;
+mod dead_letters;
+mod operations;
