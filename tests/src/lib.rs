@@ -21,7 +21,11 @@ use serde_json::Value;
 
 /// A free loopback TCP port (bound, then released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Polls `condition` every 50 ms until it holds, or panics with `what` after `timeout`.
@@ -35,7 +39,10 @@ where
         if condition().await {
             return;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -45,7 +52,11 @@ fn nats_server_binary() -> PathBuf {
         return PathBuf::from(path);
     }
     std::env::var_os("PATH")
-        .and_then(|paths| std::env::split_paths(&paths).map(|dir| dir.join("nats-server")).find(|p| p.is_file()))
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("nats-server"))
+                .find(|p| p.is_file())
+        })
         .unwrap_or_else(|| PathBuf::from("/usr/sbin/nats-server"))
 }
 
@@ -85,10 +96,12 @@ impl NatsServer {
     }
 }
 
+// The child is handed to `NatsServer`, whose `Drop` kills and waits it.
+#[allow(clippy::zombie_processes)]
 fn spawn_nats(store: &Path, port: Option<u16>) -> (Child, u16) {
     let binary = nats_server_binary();
     let port_arg = port.map(|p| p.to_string()).unwrap_or_else(|| "-1".into());
-    let child = Command::new(&binary)
+    let mut child = Command::new(&binary)
         .args(["-js", "-a", "127.0.0.1", "-p", &port_arg])
         .arg("--store_dir")
         .arg(store)
@@ -97,18 +110,32 @@ fn spawn_nats(store: &Path, port: Option<u16>) -> (Child, u16) {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e} (install nats-server or set NATS_SERVER_BIN)", binary.display()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start {}: {e} (install nats-server or set NATS_SERVER_BIN)",
+                binary.display()
+            )
+        });
     let ports_file = store.join(format!("nats-server_{}.ports", child.id()));
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Some(port) = std::fs::read_to_string(&ports_file)
             .ok()
             .and_then(|text| serde_json::from_str::<Value>(&text).ok())
-            .and_then(|ports| ports["nats"][0].as_str().and_then(|url| url.rsplit(':').next()).and_then(|p| p.parse().ok()))
+            .and_then(|ports| {
+                ports["nats"][0]
+                    .as_str()
+                    .and_then(|url| url.rsplit(':').next())
+                    .and_then(|p| p.parse().ok())
+            })
         {
             return (child, port);
         }
-        assert!(Instant::now() < deadline, "nats-server did not write {}", ports_file.display());
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("nats-server did not write {}", ports_file.display());
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -128,7 +155,11 @@ pub fn kpi_binary() -> PathBuf {
     // target/<profile>/deps/integration-<hash> → target/<profile>/kpi
     let exe = std::env::current_exe().unwrap();
     let binary = exe.parent().and_then(Path::parent).unwrap().join("kpi");
-    assert!(binary.is_file(), "{} is missing: run `cargo build -p kpi` first (scripts/test.sh does)", binary.display());
+    assert!(
+        binary.is_file(),
+        "{} is missing: run `cargo build -p kpi` first (scripts/test.sh does)",
+        binary.display()
+    );
     binary
 }
 
@@ -156,7 +187,10 @@ impl Engine {
             port: free_port(),
             nats_url: nats_url.to_string(),
             extra_config: extra_config.to_string(),
-            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         engine.spawn();
         engine
@@ -178,7 +212,11 @@ impl Engine {
             ),
         )
         .unwrap();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("engine.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("engine.log"))
+            .unwrap();
         let child = Command::new(kpi_binary())
             .arg("serve")
             .arg("--config")
@@ -213,7 +251,11 @@ impl Engine {
                     return;
                 }
             }
-            assert!(Instant::now() < deadline, "engine not ready:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "engine not ready:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -229,7 +271,11 @@ impl Engine {
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("engine running");
-        Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
         child.wait().unwrap()
     }
 
@@ -241,14 +287,24 @@ impl Engine {
     }
 
     pub async fn get(&self, path_and_query: &str) -> (u16, Value) {
-        let response = reqwest::get(format!("{}{}", self.base(), path_and_query)).await.unwrap();
+        let response = reqwest::get(format!("{}{}", self.base(), path_and_query))
+            .await
+            .unwrap();
         let status = response.status().as_u16();
         let text = response.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     pub async fn metrics(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.base())).await.unwrap().text().await.unwrap()
+        reqwest::get(format!("{}/metrics", self.base()))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 }
 
@@ -260,32 +316,38 @@ impl Drop for Engine {
 
 /// The value of the series `name{labels}` (labels given in any order, all of them), if exported.
 pub fn metric_value(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    metrics.lines().filter(|line| !line.starts_with('#')).find_map(|line| {
-        let (series, value) = line.rsplit_once(' ')?;
-        let (series_name, label_text) = match series.split_once('{') {
-            Some((n, rest)) => (n, rest.trim_end_matches('}')),
-            None => (series, ""),
-        };
-        if series_name != name {
-            return None;
-        }
-        let mut found: Vec<(String, String)> = label_text
-            .split("\",")
-            .filter(|pair| !pair.is_empty())
-            .filter_map(|pair| {
-                let (k, v) = pair.split_once('=')?;
-                Some((k.to_string(), v.trim_matches('"').to_string()))
+    metrics
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (series_name, label_text) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if series_name != name {
+                return None;
+            }
+            let mut found: Vec<(String, String)> = label_text
+                .split("\",")
+                .filter(|pair| !pair.is_empty())
+                .filter_map(|pair| {
+                    let (k, v) = pair.split_once('=')?;
+                    Some((k.to_string(), v.trim_matches('"').to_string()))
+                })
+                .collect();
+            let mut wanted: Vec<(String, String)> = labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            found.sort();
+            wanted.sort();
+            (found == wanted).then(|| match value {
+                "+Inf" => f64::INFINITY,
+                "-Inf" => f64::NEG_INFINITY,
+                other => other.parse().unwrap_or(f64::NAN),
             })
-            .collect();
-        let mut wanted: Vec<(String, String)> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        found.sort();
-        wanted.sort();
-        (found == wanted).then(|| match value {
-            "+Inf" => f64::INFINITY,
-            "-Inf" => f64::NEG_INFINITY,
-            other => other.parse().unwrap_or(f64::NAN),
         })
-    })
 }
 
 /// Publishes `(subject, payload, msg_id)` to JetStream and waits for every ack.
@@ -297,7 +359,15 @@ pub async fn publish(client: &async_nats::Client, events: &[(String, String, Opt
         if let Some(id) = id {
             headers.insert("Nats-Msg-Id", id.as_str());
         }
-        acks.push(js.publish_with_headers(subject.clone(), headers, bytes::Bytes::from(payload.clone())).await.unwrap());
+        acks.push(
+            js.publish_with_headers(
+                subject.clone(),
+                headers,
+                bytes::Bytes::from(payload.clone()),
+            )
+            .await
+            .unwrap(),
+        );
         if acks.len() >= 1000 {
             for ack in acks.drain(..) {
                 ack.await.unwrap();
@@ -312,7 +382,9 @@ pub async fn publish(client: &async_nats::Client, events: &[(String, String, Opt
 /// Is the engine's consumer fully caught up (nothing pending, nothing unacknowledged)?
 pub async fn drained(client: &async_nats::Client, consumer: &str) -> bool {
     let js = async_nats::jetstream::new(client.clone());
-    let Ok(stream) = js.get_stream("KPI_EVENTS").await else { return false };
+    let Ok(stream) = js.get_stream("KPI_EVENTS").await else {
+        return false;
+    };
     match stream.consumer_info(consumer).await {
         Ok(info) => info.num_pending == 0 && info.num_ack_pending == 0,
         Err(_) => false,
@@ -320,7 +392,17 @@ pub async fn drained(client: &async_nats::Client, consumer: &str) -> bool {
 }
 
 /// A CloudEvents envelope as JSON text.
-pub fn event(id: &str, event_type: &str, time: &str, tenant: &str, data: Value) -> (String, String, Option<String>) {
+pub fn event(
+    id: &str,
+    event_type: &str,
+    time: &str,
+    tenant: &str,
+    data: Value,
+) -> (String, String, Option<String>) {
     let body = serde_json::json!({"specversion": "1.0", "id": id, "source": "test", "type": event_type, "time": time, "tenant": tenant, "data": data});
-    (format!("kpi.events.{tenant}.{event_type}"), body.to_string(), Some(id.to_string()))
+    (
+        format!("kpi.events.{tenant}.{event_type}"),
+        body.to_string(),
+        Some(id.to_string()),
+    )
 }

@@ -273,7 +273,9 @@ impl Config {
         for name in tenant_names {
             let tenant = &self.tenants[name];
             if !is_valid_tenant(name) {
-                errors.push(format!("tenants.{name}: a tenant name is [a-z0-9_-]{{1,64}}"));
+                errors.push(format!(
+                    "tenants.{name}: a tenant name is [a-z0-9_-]{{1,64}}"
+                ));
             }
             if let Some(zone) = &tenant.timezone {
                 if chrono_tz::Tz::from_str(zone).is_err() {
@@ -379,9 +381,8 @@ impl Config {
 
     /// The listen address (validated).
     pub fn listen_addr(&self) -> SocketAddr {
-        SocketAddr::from_str(&self.http.listen).unwrap_or_else(|_| {
-            SocketAddr::from(([127, 0, 0, 1], 9464))
-        })
+        SocketAddr::from_str(&self.http.listen)
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 9464)))
     }
 }
 
@@ -460,7 +461,10 @@ mod tests {
     fn a_bad_environment_value_is_named() {
         let error = Config::load_with_env(
             None,
-            vec![("KPI__INGEST__BATCH_MAX_EVENTS".to_string(), "many".to_string())],
+            vec![(
+                "KPI__INGEST__BATCH_MAX_EVENTS".to_string(),
+                "many".to_string(),
+            )],
         )
         .expect_err("bad number");
         assert!(error.to_string().contains("batch_max_events"), "{error}");

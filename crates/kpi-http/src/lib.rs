@@ -58,7 +58,10 @@ type Params = Query<HashMap<String, String>>;
 /// The tenant named by `?tenant=` (default `default`), which must be known: configured, or
 /// seen in at least one event.
 fn known_tenant(state: &EngineState, params: &HashMap<String, String>) -> Result<String, ApiError> {
-    let tenant = params.get("tenant").map(String::as_str).unwrap_or("default");
+    let tenant = params
+        .get("tenant")
+        .map(String::as_str)
+        .unwrap_or("default");
     if !is_valid_tenant(tenant) {
         return Err(ApiError::bad_request(format!(
             "tenant: `{tenant}` is not a tenant name [a-z0-9_-]{{1,64}}"
@@ -70,7 +73,10 @@ fn known_tenant(state: &EngineState, params: &HashMap<String, String>) -> Result
     Ok(tenant.to_string())
 }
 
-async fn kpis(State(state): State<Arc<EngineState>>, Query(params): Params) -> Result<Json<KpiReport>, ApiError> {
+async fn kpis(
+    State(state): State<Arc<EngineState>>,
+    Query(params): Params,
+) -> Result<Json<KpiReport>, ApiError> {
     let tenant = known_tenant(&state, &params)?;
     let settings = state.tenants.get(&tenant);
     let period = match params.get("period") {
@@ -80,26 +86,43 @@ async fn kpis(State(state): State<Arc<EngineState>>, Query(params): Params) -> R
         None => Window::Month.period_of(settings.today(Utc::now())),
     };
     let aggregates = state.aggregates();
-    Ok(Json(KpiReport::build(&tenant, &settings.currency, aggregates.tenant(&tenant), period)))
+    Ok(Json(KpiReport::build(
+        &tenant,
+        &settings.currency,
+        aggregates.tenant(&tenant),
+        period,
+    )))
 }
 
-async fn retention(State(state): State<Arc<EngineState>>, Query(params): Params) -> Result<Json<RetentionReport>, ApiError> {
+async fn retention(
+    State(state): State<Arc<EngineState>>,
+    Query(params): Params,
+) -> Result<Json<RetentionReport>, ApiError> {
     let tenant = known_tenant(&state, &params)?;
     let year = match params.get("year") {
         Some(text) => text
             .parse::<i32>()
             .ok()
             .filter(|year| (1000..=9999).contains(year))
-            .ok_or_else(|| ApiError::bad_request(format!("year: `{text}` is not a year such as 2026")))?,
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("year: `{text}` is not a year such as 2026"))
+            })?,
         None => state.tenants.get(&tenant).today(Utc::now()).year(),
     };
     let aggregates = state.aggregates();
-    Ok(Json(RetentionReport::build(&tenant, aggregates.tenant(&tenant), year)))
+    Ok(Json(RetentionReport::build(
+        &tenant,
+        aggregates.tenant(&tenant),
+        year,
+    )))
 }
 
 async fn tenants(State(state): State<Arc<EngineState>>) -> Json<serde_json::Value> {
-    let mut names: std::collections::BTreeSet<String> =
-        state.tenants.configured().map(|(name, _)| name.clone()).collect();
+    let mut names: std::collections::BTreeSet<String> = state
+        .tenants
+        .configured()
+        .map(|(name, _)| name.clone())
+        .collect();
     names.extend(state.aggregates().tenants.keys().cloned());
     Json(json!({ "tenants": names }))
 }
@@ -130,7 +153,9 @@ async fn metrics_text(State(state): State<Arc<EngineState>>) -> Response {
 }
 
 async fn not_found() -> ApiError {
-    ApiError::not_found("no such endpoint; see /api/v1/kpis, /api/v1/retention, /metrics, /healthz, /readyz")
+    ApiError::not_found(
+        "no such endpoint; see /api/v1/kpis, /api/v1/retention, /metrics, /healthz, /readyz",
+    )
 }
 
 /// The routes, over the shared state.

@@ -16,10 +16,10 @@ use std::sync::{Arc, Mutex};
 use chrono::{Datelike, Utc};
 use kpi_config::MetricsConfig;
 use kpi_ingest::EngineState;
+use kpi_model::event::INVALID_TENANT;
 use kpi_model::money::to_f64;
 use kpi_model::report::{cac_gauge, ratio, roas, roi};
 use kpi_model::{Cell, Period, RetentionReport, TenantAggregates, Window};
-use kpi_model::event::INVALID_TENANT;
 use kpi_store::CounterKey;
 
 /// Tenant label of rejections of tenants left out by `max_tenants`.
@@ -96,20 +96,52 @@ impl Families {
 
     fn collectors(&self) -> Vec<&dyn Collector> {
         vec![
-            &self.cac, &self.conversion, &self.stage_conversion, &self.qualified_ratio, &self.roi,
-            &self.roas, &self.campaign_roi, &self.campaign_roas, &self.retention, &self.loyalty,
-            &self.spend, &self.revenue, &self.new_customers, &self.leads, &self.qualified_leads,
-            &self.converted_leads, &self.active_customers, &self.retained_customers,
-            &self.cac_threshold, &self.processed, &self.duplicate, &self.rejected, &self.omitted,
+            &self.cac,
+            &self.conversion,
+            &self.stage_conversion,
+            &self.qualified_ratio,
+            &self.roi,
+            &self.roas,
+            &self.campaign_roi,
+            &self.campaign_roas,
+            &self.retention,
+            &self.loyalty,
+            &self.spend,
+            &self.revenue,
+            &self.new_customers,
+            &self.leads,
+            &self.qualified_leads,
+            &self.converted_leads,
+            &self.active_customers,
+            &self.retained_customers,
+            &self.cac_threshold,
+            &self.processed,
+            &self.duplicate,
+            &self.rejected,
+            &self.omitted,
         ]
     }
 
     fn reset(&self) {
         for family in [
-            &self.cac, &self.conversion, &self.stage_conversion, &self.qualified_ratio, &self.roi,
-            &self.roas, &self.campaign_roi, &self.campaign_roas, &self.retention, &self.loyalty,
-            &self.spend, &self.revenue, &self.new_customers, &self.leads, &self.qualified_leads,
-            &self.converted_leads, &self.active_customers, &self.retained_customers,
+            &self.cac,
+            &self.conversion,
+            &self.stage_conversion,
+            &self.qualified_ratio,
+            &self.roi,
+            &self.roas,
+            &self.campaign_roi,
+            &self.campaign_roas,
+            &self.retention,
+            &self.loyalty,
+            &self.spend,
+            &self.revenue,
+            &self.new_customers,
+            &self.leads,
+            &self.qualified_leads,
+            &self.converted_leads,
+            &self.active_customers,
+            &self.retained_customers,
             &self.cac_threshold,
         ] {
             family.reset();
@@ -151,8 +183,12 @@ fn activity(cell: &Cell) -> (f64, i64) {
 }
 
 /// The names of `cells` with the most activity, at most `limit`, and how many were left out.
-fn top<'a>(cells: impl Iterator<Item = (&'a String, &'a Cell)>, limit: usize) -> (BTreeSet<String>, usize) {
-    let mut ranked: Vec<(&String, (f64, i64))> = cells.map(|(name, cell)| (name, activity(cell))).collect();
+fn top<'a>(
+    cells: impl Iterator<Item = (&'a String, &'a Cell)>,
+    limit: usize,
+) -> (BTreeSet<String>, usize) {
+    let mut ranked: Vec<(&String, (f64, i64))> =
+        cells.map(|(name, cell)| (name, activity(cell))).collect();
     ranked.sort_by(|a, b| {
         b.1 .0
             .total_cmp(&a.1 .0)
@@ -160,22 +196,39 @@ fn top<'a>(cells: impl Iterator<Item = (&'a String, &'a Cell)>, limit: usize) ->
             .then(a.0.cmp(b.0))
     });
     let omitted = ranked.len().saturating_sub(limit);
-    (ranked.into_iter().take(limit).map(|(name, _)| name.clone()).collect(), omitted)
+    (
+        ranked
+            .into_iter()
+            .take(limit)
+            .map(|(name, _)| name.clone())
+            .collect(),
+        omitted,
+    )
 }
 
 impl Families {
     fn fill_row(&self, labels: [&str; 3], currency: &str, cell: &Cell, stages: &BTreeSet<String>) {
         let [tenant, window, channel] = labels;
         let with_currency = [tenant, window, channel, currency];
-        self.spend.with_label_values(&with_currency).set(to_f64(cell.spend));
-        self.revenue.with_label_values(&with_currency).set(to_f64(cell.revenue));
+        self.spend
+            .with_label_values(&with_currency)
+            .set(to_f64(cell.spend));
+        self.revenue
+            .with_label_values(&with_currency)
+            .set(to_f64(cell.revenue));
         if let Some(value) = cac_gauge(cell) {
             self.cac.with_label_values(&with_currency).set(value);
         }
-        self.new_customers.with_label_values(&labels).set(cell.new_customers as f64);
+        self.new_customers
+            .with_label_values(&labels)
+            .set(cell.new_customers as f64);
         self.leads.with_label_values(&labels).set(cell.leads as f64);
-        self.qualified_leads.with_label_values(&labels).set(cell.qualified_leads as f64);
-        self.converted_leads.with_label_values(&labels).set(cell.converted_leads as f64);
+        self.qualified_leads
+            .with_label_values(&labels)
+            .set(cell.qualified_leads as f64);
+        self.converted_leads
+            .with_label_values(&labels)
+            .set(cell.converted_leads as f64);
         if let Some(value) = ratio(cell.converted_leads, cell.leads) {
             self.conversion.with_label_values(&labels).set(value);
         }
@@ -199,22 +252,47 @@ impl Families {
         }
     }
 
-    fn fill_tenant(&self, tenant: &str, state: &EngineState, aggregates: Option<&TenantAggregates>, bounds: &MetricsConfig) {
+    fn fill_tenant(
+        &self,
+        tenant: &str,
+        state: &EngineState,
+        aggregates: Option<&TenantAggregates>,
+        bounds: &MetricsConfig,
+    ) {
         let settings = state.tenants.get(tenant);
         let today = settings.today(Utc::now());
         let currency = settings.currency.as_str();
         let all_time = aggregates.and_then(|a| a.period(&Period::All));
-        let (channels, channels_omitted) = top(all_time.iter().flat_map(|c| c.channels.iter()), bounds.max_channels_per_tenant);
-        let (campaigns, campaigns_omitted) = top(all_time.iter().flat_map(|c| c.campaigns.iter()), bounds.max_campaigns_per_tenant);
+        let (channels, channels_omitted) = top(
+            all_time.iter().flat_map(|c| c.channels.iter()),
+            bounds.max_channels_per_tenant,
+        );
+        let (campaigns, campaigns_omitted) = top(
+            all_time.iter().flat_map(|c| c.campaigns.iter()),
+            bounds.max_campaigns_per_tenant,
+        );
         let (stages, stages_omitted) = {
-            let mut ranked: Vec<(&String, &i64)> = all_time.iter().flat_map(|c| c.total.stages.iter()).collect();
+            let mut ranked: Vec<(&String, &i64)> = all_time
+                .iter()
+                .flat_map(|c| c.total.stages.iter())
+                .collect();
             ranked.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
             let omitted = ranked.len().saturating_sub(bounds.max_stages_per_tenant);
-            let kept: BTreeSet<String> = ranked.into_iter().take(bounds.max_stages_per_tenant).map(|(s, _)| s.clone()).collect();
+            let kept: BTreeSet<String> = ranked
+                .into_iter()
+                .take(bounds.max_stages_per_tenant)
+                .map(|(s, _)| s.clone())
+                .collect();
             (kept, omitted)
         };
-        for (kind, omitted) in [("channel", channels_omitted), ("campaign", campaigns_omitted), ("stage", stages_omitted)] {
-            self.omitted.with_label_values(&[tenant, kind]).set(omitted as i64);
+        for (kind, omitted) in [
+            ("channel", channels_omitted),
+            ("campaign", campaigns_omitted),
+            ("stage", stages_omitted),
+        ] {
+            self.omitted
+                .with_label_values(&[tenant, kind])
+                .set(omitted as i64);
         }
 
         let empty = Default::default();
@@ -232,7 +310,9 @@ impl Families {
                 if !campaigns.contains(campaign) {
                     continue;
                 }
-                let channel = cell.main_channel().unwrap_or(kpi_model::event::CHANNEL_UNATTRIBUTED);
+                let channel = cell
+                    .main_channel()
+                    .unwrap_or(kpi_model::event::CHANNEL_UNATTRIBUTED);
                 let labels = [tenant, window, channel, campaign.as_str()];
                 if let Some(value) = roi(cell) {
                     self.campaign_roi.with_label_values(&labels).set(value);
@@ -244,8 +324,12 @@ impl Families {
         }
 
         let retention = RetentionReport::build(tenant, aggregates, today.year());
-        self.active_customers.with_label_values(&[tenant]).set(retention.active_customers as f64);
-        self.retained_customers.with_label_values(&[tenant]).set(retention.retained_customers as f64);
+        self.active_customers
+            .with_label_values(&[tenant])
+            .set(retention.active_customers as f64);
+        self.retained_customers
+            .with_label_values(&[tenant])
+            .set(retention.retained_customers as f64);
         if let Some(value) = retention.retention_rate {
             self.retention.with_label_values(&[tenant]).set(value);
         }
@@ -255,17 +339,27 @@ impl Families {
             }
         }
         for (channel, threshold) in &settings.cac_threshold {
-            self.cac_threshold.with_label_values(&[tenant, channel]).set(*threshold);
+            self.cac_threshold
+                .with_label_values(&[tenant, channel])
+                .set(*threshold);
         }
     }
 }
 
 /// Tenants shown on /metrics: configured ones first, then the others by name, at most `limit`.
 pub fn exported_tenants(state: &EngineState, limit: usize) -> Vec<String> {
-    let mut configured: Vec<String> = state.tenants.configured().map(|(name, _)| name.clone()).collect();
+    let mut configured: Vec<String> = state
+        .tenants
+        .configured()
+        .map(|(name, _)| name.clone())
+        .collect();
     configured.sort();
     let aggregates = state.aggregates();
-    let others = aggregates.tenants.keys().filter(|name| !state.tenants.is_configured(name)).cloned();
+    let others = aggregates
+        .tenants
+        .keys()
+        .filter(|name| !state.tenants.is_configured(name))
+        .cloned();
     configured.into_iter().chain(others).take(limit).collect()
 }
 
@@ -289,20 +383,33 @@ impl Collector for KpiCollector {
         let counters = self.state.counters();
         for (key, value) in counters.iter() {
             let (family, tenant, label) = match key {
-                CounterKey::Processed { tenant, event_type } => (&families.processed, tenant, event_type),
-                CounterKey::Duplicate { tenant, event_type } => (&families.duplicate, tenant, event_type),
+                CounterKey::Processed { tenant, event_type } => {
+                    (&families.processed, tenant, event_type)
+                }
+                CounterKey::Duplicate { tenant, event_type } => {
+                    (&families.duplicate, tenant, event_type)
+                }
                 CounterKey::Rejected { tenant, reason } => (&families.rejected, tenant, reason),
             };
             if exported.contains(tenant.as_str()) || tenant == INVALID_TENANT {
-                family.with_label_values(&[tenant, label]).inc_by(*value as f64);
+                family
+                    .with_label_values(&[tenant, label])
+                    .inc_by(*value as f64);
             } else if let CounterKey::Rejected { reason, .. } = key {
                 // Rejections of tenants past the bound still count, under one label.
                 *folded_rejections.entry(reason).or_default() += value;
             }
         }
         for (reason, value) in folded_rejections {
-            families.rejected.with_label_values(&[OTHER_TENANTS, reason]).inc_by(value as f64);
+            families
+                .rejected
+                .with_label_values(&[OTHER_TENANTS, reason])
+                .inc_by(value as f64);
         }
-        families.collectors().iter().flat_map(|collector| collector.collect()).collect()
+        families
+            .collectors()
+            .iter()
+            .flat_map(|collector| collector.collect())
+            .collect()
     }
 }

@@ -91,7 +91,10 @@ struct Prepared {
 }
 
 /// Connects to NATS (with its settings and credentials) and records connection state.
-pub async fn connect(config: &Config, state: Option<Arc<EngineState>>) -> Result<async_nats::Client, IngestError> {
+pub async fn connect(
+    config: &Config,
+    state: Option<Arc<EngineState>>,
+) -> Result<async_nats::Client, IngestError> {
     let nats = &config.nats;
     let mut options = async_nats::ConnectOptions::new()
         .name("kpi-engine")
@@ -332,7 +335,10 @@ impl Ingest {
         if from > to {
             return Ok(());
         }
-        info!(from, to, "re-reading messages delivered but not acknowledged");
+        info!(
+            from,
+            to, "re-reading messages delivered but not acknowledged"
+        );
         self.state.metrics.recoveries_total.inc();
         // A short-lived consumer of our own, deleted when done (an ephemeral one left behind
         // would show as a lagging consumer of the stream until the server expires it).
@@ -403,7 +409,11 @@ impl Ingest {
     }
 
     /// Applies, dead-letters and commits a batch, then updates the live state.
-    async fn process(&self, js: &jetstream::Context, items: Vec<Incoming>) -> Result<(), IngestError> {
+    async fn process(
+        &self,
+        js: &jetstream::Context,
+        items: Vec<Incoming>,
+    ) -> Result<(), IngestError> {
         if items.is_empty() {
             return Ok(());
         }
@@ -426,7 +436,11 @@ impl Ingest {
             headers.insert(ORIGINAL_SUBJECT_HEADER, incoming.subject.as_str());
             headers.insert(
                 "Nats-Msg-Id",
-                format!("kpi-rejected-{}-{}", self.config.nats.stream, incoming.stream_sequence).as_str(),
+                format!(
+                    "kpi-rejected-{}-{}",
+                    self.config.nats.stream, incoming.stream_sequence
+                )
+                .as_str(),
             );
             js.publish_with_headers(
                 format!("{REJECTED_SUBJECT_PREFIX}{tenant}"),
@@ -483,7 +497,10 @@ fn prepare(
         let rejection = match decode_event(&incoming.subject, &incoming.payload, now, limits) {
             Ok(event) => {
                 let counter = |make: fn(String, String) -> CounterKey| {
-                    make(event.tenant.clone(), event.event_type().as_str().to_string())
+                    make(
+                        event.tenant.clone(),
+                        event.event_type().as_str().to_string(),
+                    )
                 };
                 match batch.apply(&event)? {
                     Outcome::Applied => {
@@ -512,7 +529,9 @@ fn prepare(
         };
         // A message dead-lettered by an earlier (crashed or unacknowledged) run is not
         // republished or counted again.
-        if !seen_rejected.insert(incoming.stream_sequence) || store.is_rejected(incoming.stream_sequence)? {
+        if !seen_rejected.insert(incoming.stream_sequence)
+            || store.is_rejected(incoming.stream_sequence)?
+        {
             continue;
         }
         let tenant = tenant_of_subject(&incoming.subject)
@@ -548,7 +567,11 @@ fn prepare(
 }
 
 /// Refreshes the consumer's pending counts every few seconds (also while idle).
-async fn poll_consumer_info(events_stream: stream::Stream, consumer: String, state: Arc<EngineState>) {
+async fn poll_consumer_info(
+    events_stream: stream::Stream,
+    consumer: String,
+    state: Arc<EngineState>,
+) {
     loop {
         match events_stream.consumer_info(&consumer).await {
             Ok(info) => {

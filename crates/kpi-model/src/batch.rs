@@ -177,9 +177,8 @@ impl<'a, S: RecordSource> Batch<'a, S> {
                     return Ok(Outcome::Duplicate);
                 }
                 let version = event.version();
-                let Record::Spend(spend) = self.slot_mut(&key, || {
-                    Record::Spend(SpendRecord::default())
-                })?
+                let Record::Spend(spend) =
+                    self.slot_mut(&key, || Record::Spend(SpendRecord::default()))?
                 else {
                     unreachable!("spend keys hold spend records")
                 };
@@ -214,7 +213,7 @@ impl<'a, S: RecordSource> Batch<'a, S> {
         let version = event.version();
         let deal = self.deal_mut(&key)?;
         deal.applied.insert(event.id.clone());
-        if !deal.latest.as_ref().is_none_or(|(v, _)| version > *v) {
+        if deal.latest.as_ref().is_some_and(|(v, _)| version <= *v) {
             return Ok(Outcome::Applied);
         }
         let links_before = deal.won_links();

@@ -428,16 +428,16 @@ fn required_currency(raw: Option<&RawValue>, field: &str) -> Result<String, Reje
     }
 }
 
-fn parse_time(raw: Option<&RawValue>) -> Result<Timestamp, Rejection> {
+fn parse_time(raw: Option<&RawValue>) -> Result<DateTime<Utc>, Rejection> {
     let text = required_string(raw, "time")?;
-    let time = DateTime::parse_from_rfc3339(&text).map_err(|_| {
-        Rejection::invalid(
-            "time",
-            &format!("`{text}` is not an RFC 3339 time with an offset"),
-        )
-    })?;
-    Timestamp::from_datetime(time.with_timezone(&Utc))
-        .ok_or_else(|| Rejection::invalid("time", "out of the supported range (1677..2262)"))
+    DateTime::parse_from_rfc3339(&text)
+        .map(|time| time.with_timezone(&Utc))
+        .map_err(|_| {
+            Rejection::invalid(
+                "time",
+                &format!("`{text}` is not an RFC 3339 time with an offset"),
+            )
+        })
 }
 
 /// Decodes and validates one message of `subject` against SPEC section 1 (everything but the
@@ -505,28 +505,30 @@ pub fn decode_event(
         if tenant != subject_tenant {
             return Err(Rejection::new(
                 RejectReason::TenantMismatch,
-                format!("tenant: `{tenant}` does not match the subject's tenant `{subject_tenant}`"),
+                format!(
+                    "tenant: `{tenant}` does not match the subject's tenant `{subject_tenant}`"
+                ),
             ));
         }
     }
-    let future_limit = now + limits.max_future;
-    if time.to_datetime() > future_limit {
+    if time > now + limits.max_future {
         return Err(Rejection::new(
             RejectReason::FutureTime,
             format!(
                 "time: {} is more than {} s in the future",
-                time.to_datetime().to_rfc3339(),
+                time.to_rfc3339(),
                 limits.max_future.as_secs()
             ),
         ));
     }
+    let time = Timestamp::from_datetime(time)
+        .ok_or_else(|| Rejection::invalid("time", "out of the supported range (1677..2262)"))?;
     let data_raw = envelope.data.ok_or_else(|| Rejection::missing("data"))?;
     if !data_raw.get().trim_start().starts_with('{') {
         return Err(Rejection::invalid("data", "expected a JSON object"));
     }
-    let data: RawData = serde_json::from_str(data_raw.get()).map_err(|error| {
-        Rejection::new(RejectReason::InvalidJson, format!("data: {error}"))
-    })?;
+    let data: RawData = serde_json::from_str(data_raw.get())
+        .map_err(|error| Rejection::new(RejectReason::InvalidJson, format!("data: {error}")))?;
     let data = decode_data(event_type, &data)?;
     Ok(Event {
         tenant: subject_tenant.to_string(),
@@ -643,7 +645,8 @@ mod tests {
         (rejection.reason, rejection.detail)
     }
 
-    const BASE: &str = r#""specversion":"1.0","id":"e1","source":"t","time":"2026-03-04T10:00:00+01:00""#;
+    const BASE: &str =
+        r#""specversion":"1.0","id":"e1","source":"t","time":"2026-03-04T10:00:00+01:00""#;
 
     #[test]
     fn rejections_name_the_field() {
@@ -665,15 +668,24 @@ mod tests {
         for (subject_type, body, want_reason, want_field) in cases {
             let (got_reason, detail) = reason(&format!("kpi.events.acme.{subject_type}"), &body);
             assert_eq!(got_reason, want_reason, "{body}: {detail}");
-            assert!(detail.contains(want_field), "`{detail}` should name {want_field}");
+            assert!(
+                detail.contains(want_field),
+                "`{detail}` should name {want_field}"
+            );
         }
     }
 
     #[test]
     fn subject_must_name_a_valid_tenant() {
         let body = format!(r#"{{{BASE},"type":"lead.created","data":{{"lead_id":"x"}}}}"#);
-        assert_eq!(reason("kpi.events.ACME.lead.created", &body).0, RejectReason::InvalidSubject);
-        assert_eq!(reason("other.subject", &body).0, RejectReason::InvalidSubject);
+        assert_eq!(
+            reason("kpi.events.ACME.lead.created", &body).0,
+            RejectReason::InvalidSubject
+        );
+        assert_eq!(
+            reason("other.subject", &body).0,
+            RejectReason::InvalidSubject
+        );
     }
 
     #[test]
@@ -693,7 +705,10 @@ mod tests {
         let body = format!(
             r#"{{{BASE},"type":"lead.created","data":{{"lead_id":"L\"1","channel":null,"campaign":""}}}}"#
         );
-        match decode("kpi.events.a.lead.created", &body).expect("valid").data {
+        match decode("kpi.events.a.lead.created", &body)
+            .expect("valid")
+            .data
+        {
             EventData::LeadCreated {
                 lead_id,
                 channel,

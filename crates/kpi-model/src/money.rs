@@ -71,7 +71,10 @@ mod tests {
 
     #[test]
     fn amounts_read_from_strings_numbers_and_exponents() {
-        assert_eq!(parse_amount_json("\"1250.00\""), Decimal::from_str("1250").ok());
+        assert_eq!(
+            parse_amount_json("\"1250.00\""),
+            Decimal::from_str("1250").ok()
+        );
         assert_eq!(parse_amount_json("12.5"), Decimal::from_str("12.5").ok());
         assert_eq!(parse_amount_json("1e3"), Decimal::from_str("1000").ok());
         assert_eq!(parse_amount_json("\"abc\""), None);
@@ -88,8 +91,14 @@ mod tests {
 
     #[test]
     fn config_floats_keep_the_written_digits() {
-        assert_eq!(decimal_from_config_float(0.92), Decimal::from_str("0.92").ok());
-        assert_eq!(decimal_from_config_float(1.17), Decimal::from_str("1.17").ok());
+        assert_eq!(
+            decimal_from_config_float(0.92),
+            Decimal::from_str("0.92").ok()
+        );
+        assert_eq!(
+            decimal_from_config_float(1.17),
+            Decimal::from_str("1.17").ok()
+        );
         assert_eq!(decimal_from_config_float(f64::NAN), None);
     }
 }

@@ -15,9 +15,18 @@ use serde::{Deserialize, Serialize};
 pub enum Period {
     Day(NaiveDate),
     /// ISO 8601 week: the ISO year (which may differ from the calendar year) and week 1..=53.
-    Week { iso_year: i32, week: u32 },
-    Month { year: i32, month: u32 },
-    Quarter { year: i32, quarter: u32 },
+    Week {
+        iso_year: i32,
+        week: u32,
+    },
+    Month {
+        year: i32,
+        month: u32,
+    },
+    Quarter {
+        year: i32,
+        quarter: u32,
+    },
     Year(i32),
     All,
 }
@@ -197,7 +206,14 @@ mod tests {
             .collect();
         assert_eq!(
             printed,
-            ["2026-03-04", "2026-W10", "2026-03", "2026-Q1", "2026", "all"]
+            [
+                "2026-03-04",
+                "2026-W10",
+                "2026-03",
+                "2026-Q1",
+                "2026",
+                "all"
+            ]
         );
     }
 
@@ -223,8 +239,18 @@ mod tests {
     #[test]
     fn malformed_periods_are_refused() {
         for bad in [
-            "2026-13", "2026-00", "2026-Q5", "2026-W54", "2025-W53", "2026-02-30", "26", "2026-3",
-            "2026/03", "", "ALL", "2026-W1",
+            "2026-13",
+            "2026-00",
+            "2026-Q5",
+            "2026-W54",
+            "2025-W53",
+            "2026-02-30",
+            "26",
+            "2026-3",
+            "2026/03",
+            "",
+            "ALL",
+            "2026-W1",
         ] {
             assert!(bad.parse::<Period>().is_err(), "{bad} should be refused");
         }

@@ -65,7 +65,11 @@ impl RecordKey {
     }
 
     pub fn customer(tenant: &str, customer_id: &str) -> RecordKey {
-        RecordKey::new(tenant, RecordKind::Customer, customer_id.as_bytes().to_vec())
+        RecordKey::new(
+            tenant,
+            RecordKind::Customer,
+            customer_id.as_bytes().to_vec(),
+        )
     }
 
     /// A spend line is identified by `source, account, channel, campaign, category, date`.

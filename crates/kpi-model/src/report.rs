@@ -159,9 +159,16 @@ impl KpiReport {
 }
 
 impl RetentionReport {
-    pub fn build(tenant: &str, aggregates: Option<&TenantAggregates>, year: i32) -> RetentionReport {
+    pub fn build(
+        tenant: &str,
+        aggregates: Option<&TenantAggregates>,
+        year: i32,
+    ) -> RetentionReport {
         let (current, previous) = match aggregates {
-            Some(aggregates) => (aggregates.retention_of(year), aggregates.retention_of(year - 1)),
+            Some(aggregates) => (
+                aggregates.retention_of(year),
+                aggregates.retention_of(year - 1),
+            ),
             None => Default::default(),
         };
         let loyalty = (2..=5)

@@ -12,8 +12,8 @@ use kpi_model::money::{format_money, to_f64, Decimal};
 use kpi_model::record::Record;
 use kpi_model::settings::{TenantSettings, Tenants};
 use kpi_model::{
-    aggregate_records, Aggregates, Batch, Event, EventData, KpiReport, Outcome, Period,
-    RecordKey, RecordSource, RetentionReport, Timestamp,
+    aggregate_records, Aggregates, Batch, Event, EventData, KpiReport, Outcome, Period, RecordKey,
+    RecordSource, RetentionReport, Timestamp,
 };
 use proptest::prelude::*;
 use serde_json::Value;
@@ -28,12 +28,40 @@ const TENANTS: [&str; 2] = ["plain", "paris"];
 
 #[derive(Clone, Debug)]
 enum Spec {
-    LeadCreated { lead: u8, channel: u8, campaign: u8, qualified: Option<bool> },
-    LeadQualified { lead: u8, qualified: bool },
-    Stage { lead: u8, stage: u8 },
-    DealWon { deal: u8, customer: u8, lead: Option<u8>, channel: u8, campaign: u8, cents: u32, usd: bool },
-    DealLost { deal: u8 },
-    Spend { line: u8, channel: u8, campaign: u8, day: u16, cents: u32, usd: bool },
+    LeadCreated {
+        lead: u8,
+        channel: u8,
+        campaign: u8,
+        qualified: Option<bool>,
+    },
+    LeadQualified {
+        lead: u8,
+        qualified: bool,
+    },
+    Stage {
+        lead: u8,
+        stage: u8,
+    },
+    DealWon {
+        deal: u8,
+        customer: u8,
+        lead: Option<u8>,
+        channel: u8,
+        campaign: u8,
+        cents: u32,
+        usd: bool,
+    },
+    DealLost {
+        deal: u8,
+    },
+    Spend {
+        line: u8,
+        channel: u8,
+        campaign: u8,
+        day: u16,
+        cents: u32,
+        usd: bool,
+    },
 }
 
 fn spec_strategy() -> impl Strategy<Value = Spec> {
@@ -53,7 +81,11 @@ fn spec_strategy() -> impl Strategy<Value = Spec> {
 /// Times cluster around year and month boundaries (where time zones matter) and repeat
 /// (where ties are broken by id).
 fn time_strategy() -> impl Strategy<Value = i64> {
-    let base = Utc.with_ymd_and_hms(2022, 12, 31, 22, 30, 0).single().map(|t| t.timestamp()).unwrap_or(0);
+    let base = Utc
+        .with_ymd_and_hms(2022, 12, 31, 22, 30, 0)
+        .single()
+        .map(|t| t.timestamp())
+        .unwrap_or(0);
     prop_oneof![
         (0..4i64, 0..8i64).prop_map(move |(year, step)| base + year * 365 * 86_400 + step * 1_800),
         (0..4 * 365 * 86_400i64).prop_map(move |offset| base + offset),
@@ -81,21 +113,43 @@ fn name(options: &[Option<&str>], index: u8) -> Option<String> {
 
 fn to_event(n: usize, tenant: &str, spec: Spec, seconds: i64) -> Event {
     // Only the Paris tenant has a USD rate: elsewhere USD would be (rightly) rejected.
-    let currency = |usd: bool| if usd && tenant == "paris" { "USD".to_string() } else { "EUR".to_string() };
+    let currency = |usd: bool| {
+        if usd && tenant == "paris" {
+            "USD".to_string()
+        } else {
+            "EUR".to_string()
+        }
+    };
     let data = match spec {
-        Spec::LeadCreated { lead, channel, campaign, qualified } => EventData::LeadCreated {
+        Spec::LeadCreated {
+            lead,
+            channel,
+            campaign,
+            qualified,
+        } => EventData::LeadCreated {
             lead_id: format!("L{lead}"),
             channel: name(&CHANNELS, channel),
             campaign: name(&CAMPAIGNS, campaign),
             qualified,
             customer_id: None,
         },
-        Spec::LeadQualified { lead, qualified } => EventData::LeadQualified { lead_id: format!("L{lead}"), qualified },
+        Spec::LeadQualified { lead, qualified } => EventData::LeadQualified {
+            lead_id: format!("L{lead}"),
+            qualified,
+        },
         Spec::Stage { lead, stage } => EventData::LeadStageChanged {
             lead_id: format!("L{lead}"),
             stage: STAGES[usize::from(stage)].to_string(),
         },
-        Spec::DealWon { deal, customer, lead, channel, campaign, cents, usd } => EventData::DealWon {
+        Spec::DealWon {
+            deal,
+            customer,
+            lead,
+            channel,
+            campaign,
+            cents,
+            usd,
+        } => EventData::DealWon {
             deal_id: format!("D{deal}"),
             customer_id: format!("C{customer}"),
             amount: money(cents),
@@ -104,9 +158,20 @@ fn to_event(n: usize, tenant: &str, spec: Spec, seconds: i64) -> Event {
             channel: name(&CHANNELS, channel),
             campaign: name(&CAMPAIGNS, campaign),
         },
-        Spec::DealLost { deal } => EventData::DealLost { deal_id: format!("D{deal}"), lead_id: None },
-        Spec::Spend { line, channel, campaign, day, cents, usd } => EventData::SpendReported {
-            date: NaiveDate::from_ymd_opt(2023, 1, 1).expect("date") + chrono::Days::new(u64::from(day)),
+        Spec::DealLost { deal } => EventData::DealLost {
+            deal_id: format!("D{deal}"),
+            lead_id: None,
+        },
+        Spec::Spend {
+            line,
+            channel,
+            campaign,
+            day,
+            cents,
+            usd,
+        } => EventData::SpendReported {
+            date: NaiveDate::from_ymd_opt(2023, 1, 1).expect("date")
+                + chrono::Days::new(u64::from(day)),
             amount: money(cents),
             currency: currency(usd),
             channel: name(&CHANNELS, channel),
@@ -130,7 +195,9 @@ fn tenants() -> Tenants {
     let paris = TenantSettings {
         timezone: chrono_tz::Europe::Paris,
         currency: "EUR".into(),
-        fx: [("USD".to_string(), Decimal::from_str("0.9").expect("rate"))].into_iter().collect(),
+        fx: [("USD".to_string(), Decimal::from_str("0.9").expect("rate"))]
+            .into_iter()
+            .collect(),
         cac_threshold: BTreeMap::new(),
     };
     Tenants::new([("paris".to_string(), paris)].into_iter().collect())
@@ -159,12 +226,19 @@ struct Engine {
 
 impl Engine {
     fn new() -> Engine {
-        Engine { store: MemoryStore::default(), aggregates: Aggregates::default(), tenants: tenants() }
+        Engine {
+            store: MemoryStore::default(),
+            aggregates: Aggregates::default(),
+            tenants: tenants(),
+        }
     }
 
     fn apply_batch(&mut self, events: &[Event]) -> Vec<Outcome> {
         let mut batch = Batch::new(&self.store, &self.tenants);
-        let outcomes = events.iter().map(|event| batch.apply(event).expect("memory store")).collect();
+        let outcomes = events
+            .iter()
+            .map(|event| batch.apply(event).expect("memory store"))
+            .collect();
         let output = batch.finish();
         for (key, record) in output.writes {
             match record {
@@ -209,14 +283,40 @@ fn deliveries(events: &[Event], seed: u64) -> Vec<Vec<Event>> {
 // ---------------------------------------------------------------------------------------------
 // The reference: a batch recomputation over the distinct events, read off SPEC
 
-struct RefLead { channel: String, campaign: Option<String>, created: DateTime<Utc>, qualified: bool, stages: BTreeSet<String> }
-struct RefDeal { time: DateTime<Utc>, amount: Decimal, customer: String, lead_id: Option<String>, channel: String, campaign: Option<String> }
-struct RefSpend { date: NaiveDate, amount: Decimal, channel: Option<String>, campaign: Option<String> }
+struct RefLead {
+    channel: String,
+    campaign: Option<String>,
+    created: DateTime<Utc>,
+    qualified: bool,
+    stages: BTreeSet<String>,
+}
+struct RefDeal {
+    time: DateTime<Utc>,
+    amount: Decimal,
+    customer: String,
+    lead_id: Option<String>,
+    channel: String,
+    campaign: Option<String>,
+}
+struct RefSpend {
+    date: NaiveDate,
+    amount: Decimal,
+    channel: Option<String>,
+    campaign: Option<String>,
+}
 
-struct RefTenant { settings: TenantSettings, leads: BTreeMap<String, RefLead>, deals: BTreeMap<String, RefDeal>, spend: Vec<RefSpend> }
+struct RefTenant {
+    settings: TenantSettings,
+    leads: BTreeMap<String, RefLead>,
+    deals: BTreeMap<String, RefDeal>,
+    spend: Vec<RefSpend>,
+}
 
 fn latest<'e>(events: &[&'e Event]) -> Option<&'e Event> {
-    events.iter().copied().max_by(|a, b| (a.time, &a.id).cmp(&(b.time, &b.id)))
+    events
+        .iter()
+        .copied()
+        .max_by(|a, b| (a.time, &a.id).cmp(&(b.time, &b.id)))
 }
 
 fn reference(events: &[Event], tenants: &Tenants) -> BTreeMap<String, RefTenant> {
@@ -231,7 +331,11 @@ fn reference(events: &[Event], tenants: &Tenants) -> BTreeMap<String, RefTenant>
     for (tenant, events) in by_tenant {
         let settings = tenants.get(tenant).clone();
         let convert = |amount: Decimal, currency: &str| {
-            if currency == settings.currency { amount } else { amount * settings.fx[currency] }
+            if currency == settings.currency {
+                amount
+            } else {
+                amount * settings.fx[currency]
+            }
         };
         let mut created: BTreeMap<&str, Vec<&Event>> = BTreeMap::new();
         let mut qualifications: BTreeMap<&str, Vec<(Timestamp, &str, bool)>> = BTreeMap::new();
@@ -240,14 +344,22 @@ fn reference(events: &[Event], tenants: &Tenants) -> BTreeMap<String, RefTenant>
         let mut spend_events: BTreeMap<String, Vec<&Event>> = BTreeMap::new();
         for event in &events {
             match &event.data {
-                EventData::LeadCreated { lead_id, qualified, .. } => {
+                EventData::LeadCreated {
+                    lead_id, qualified, ..
+                } => {
                     created.entry(lead_id).or_default().push(event);
                     if let Some(q) = qualified {
-                        qualifications.entry(lead_id).or_default().push((event.time, &event.id, *q));
+                        qualifications
+                            .entry(lead_id)
+                            .or_default()
+                            .push((event.time, &event.id, *q));
                     }
                 }
                 EventData::LeadQualified { lead_id, qualified } => {
-                    qualifications.entry(lead_id).or_default().push((event.time, &event.id, *qualified));
+                    qualifications
+                        .entry(lead_id)
+                        .or_default()
+                        .push((event.time, &event.id, *qualified));
                 }
                 EventData::LeadStageChanged { lead_id, stage } => {
                     stages.entry(lead_id).or_default().insert(stage.clone());
@@ -255,8 +367,18 @@ fn reference(events: &[Event], tenants: &Tenants) -> BTreeMap<String, RefTenant>
                 EventData::DealWon { deal_id, .. } | EventData::DealLost { deal_id, .. } => {
                     deal_events.entry(deal_id).or_default().push(event);
                 }
-                EventData::SpendReported { date, channel, campaign, category, source, account, .. } => {
-                    let key = format!("{source:?}|{account:?}|{channel:?}|{campaign:?}|{category:?}|{date}");
+                EventData::SpendReported {
+                    date,
+                    channel,
+                    campaign,
+                    category,
+                    source,
+                    account,
+                    ..
+                } => {
+                    let key = format!(
+                        "{source:?}|{account:?}|{channel:?}|{campaign:?}|{category:?}|{date}"
+                    );
                     spend_events.entry(key).or_default().push(event);
                 }
             }
@@ -264,35 +386,93 @@ fn reference(events: &[Event], tenants: &Tenants) -> BTreeMap<String, RefTenant>
         let mut leads = BTreeMap::new();
         for (lead_id, list) in &created {
             let event = latest(list).expect("non-empty");
-            let EventData::LeadCreated { channel, campaign, .. } = &event.data else { unreachable!() };
-            let qualified = qualifications.get(lead_id).and_then(|q| q.iter().max()).is_some_and(|q| q.2);
-            leads.insert(lead_id.to_string(), RefLead {
-                channel: channel.clone().unwrap_or_else(|| "unattributed".into()),
-                campaign: campaign.clone(),
-                created: event.time.to_datetime(),
-                qualified,
-                stages: stages.get(lead_id).cloned().unwrap_or_default(),
-            });
+            let EventData::LeadCreated {
+                channel, campaign, ..
+            } = &event.data
+            else {
+                unreachable!()
+            };
+            let qualified = qualifications
+                .get(lead_id)
+                .and_then(|q| q.iter().max())
+                .is_some_and(|q| q.2);
+            leads.insert(
+                lead_id.to_string(),
+                RefLead {
+                    channel: channel.clone().unwrap_or_else(|| "unattributed".into()),
+                    campaign: campaign.clone(),
+                    created: event.time.to_datetime(),
+                    qualified,
+                    stages: stages.get(lead_id).cloned().unwrap_or_default(),
+                },
+            );
         }
         let mut deals = BTreeMap::new();
         for (deal_id, list) in &deal_events {
             let event = latest(list).expect("non-empty");
-            let EventData::DealWon { customer_id, amount, currency, lead_id, channel, campaign, .. } = &event.data else { continue };
+            let EventData::DealWon {
+                customer_id,
+                amount,
+                currency,
+                lead_id,
+                channel,
+                campaign,
+                ..
+            } = &event.data
+            else {
+                continue;
+            };
             let (channel, campaign) = match lead_id.as_ref().and_then(|id| leads.get(id)) {
                 Some(lead) => (lead.channel.clone(), lead.campaign.clone()),
-                None => (channel.clone().unwrap_or_else(|| "unattributed".into()), campaign.clone()),
+                None => (
+                    channel.clone().unwrap_or_else(|| "unattributed".into()),
+                    campaign.clone(),
+                ),
             };
-            deals.insert(deal_id.to_string(), RefDeal {
-                time: event.time.to_datetime(), amount: convert(*amount, currency), customer: customer_id.clone(),
-                lead_id: lead_id.clone(), channel, campaign,
-            });
+            deals.insert(
+                deal_id.to_string(),
+                RefDeal {
+                    time: event.time.to_datetime(),
+                    amount: convert(*amount, currency),
+                    customer: customer_id.clone(),
+                    lead_id: lead_id.clone(),
+                    channel,
+                    campaign,
+                },
+            );
         }
-        let spend = spend_events.values().map(|list| {
-            let event = latest(list).expect("non-empty");
-            let EventData::SpendReported { date, amount, currency, channel, campaign, .. } = &event.data else { unreachable!() };
-            RefSpend { date: *date, amount: convert(*amount, currency), channel: channel.clone(), campaign: campaign.clone() }
-        }).collect();
-        out.insert(tenant.to_string(), RefTenant { settings, leads, deals, spend });
+        let spend = spend_events
+            .values()
+            .map(|list| {
+                let event = latest(list).expect("non-empty");
+                let EventData::SpendReported {
+                    date,
+                    amount,
+                    currency,
+                    channel,
+                    campaign,
+                    ..
+                } = &event.data
+                else {
+                    unreachable!()
+                };
+                RefSpend {
+                    date: *date,
+                    amount: convert(*amount, currency),
+                    channel: channel.clone(),
+                    campaign: campaign.clone(),
+                }
+            })
+            .collect();
+        out.insert(
+            tenant.to_string(),
+            RefTenant {
+                settings,
+                leads,
+                deals,
+                spend,
+            },
+        );
     }
     out
 }
@@ -302,10 +482,22 @@ fn in_period(settings: &TenantSettings, time: DateTime<Utc>, period: Period) -> 
 }
 
 #[derive(Default)]
-struct RefRow { spend: Decimal, revenue: Decimal, new_customers: i64, leads: i64, qualified: i64, converted: i64, stages: BTreeMap<String, i64> }
+struct RefRow {
+    spend: Decimal,
+    revenue: Decimal,
+    new_customers: i64,
+    leads: i64,
+    qualified: i64,
+    converted: i64,
+    stages: BTreeMap<String, i64>,
+}
 
 fn ratio_json(numerator: f64, denominator: f64) -> Value {
-    if denominator == 0.0 { Value::Null } else { serde_json::json!(numerator / denominator) }
+    if denominator == 0.0 {
+        Value::Null
+    } else {
+        serde_json::json!(numerator / denominator)
+    }
 }
 
 fn row_json(row: &RefRow) -> Value {
@@ -325,25 +517,43 @@ fn row_json(row: &RefRow) -> Value {
 fn reference_kpis(tenant: &str, t: &RefTenant, period: Period) -> Value {
     let mut total = RefRow::default();
     let mut channels: BTreeMap<String, RefRow> = BTreeMap::new();
-    let mut campaigns: BTreeMap<String, (Decimal, Decimal, BTreeMap<String, i64>)> = BTreeMap::new();
+    let mut campaigns: BTreeMap<String, (Decimal, Decimal, BTreeMap<String, i64>)> =
+        BTreeMap::new();
     for line in &t.spend {
-        if !Period::containing(line.date).contains(&period) { continue; }
+        if !Period::containing(line.date).contains(&period) {
+            continue;
+        }
         total.spend += line.amount;
-        if let Some(channel) = &line.channel { channels.entry(channel.clone()).or_default().spend += line.amount; }
+        if let Some(channel) = &line.channel {
+            channels.entry(channel.clone()).or_default().spend += line.amount;
+        }
         if let Some(campaign) = &line.campaign {
             let entry = campaigns.entry(campaign.clone()).or_default();
             entry.0 += line.amount;
-            if let Some(channel) = &line.channel { *entry.2.entry(channel.clone()).or_default() += 1; }
+            if let Some(channel) = &line.channel {
+                *entry.2.entry(channel.clone()).or_default() += 1;
+            }
         }
     }
-    let converted: BTreeSet<&String> = t.deals.values().filter_map(|d| d.lead_id.as_ref()).collect();
+    let converted: BTreeSet<&String> = t
+        .deals
+        .values()
+        .filter_map(|d| d.lead_id.as_ref())
+        .collect();
     for (lead_id, lead) in &t.leads {
-        if !in_period(&t.settings, lead.created, period) { continue; }
-        for row in [&mut total, channels.entry(lead.channel.clone()).or_default()] {
+        if !in_period(&t.settings, lead.created, period) {
+            continue;
+        }
+        for row in [
+            &mut total,
+            channels.entry(lead.channel.clone()).or_default(),
+        ] {
             row.leads += 1;
             row.qualified += i64::from(lead.qualified);
             row.converted += i64::from(converted.contains(lead_id));
-            for stage in &lead.stages { *row.stages.entry(stage.clone()).or_default() += 1; }
+            for stage in &lead.stages {
+                *row.stages.entry(stage.clone()).or_default() += 1;
+            }
         }
     }
     let mut first: BTreeMap<&String, (DateTime<Utc>, &String, &RefDeal)> = BTreeMap::new();
@@ -351,7 +561,9 @@ fn reference_kpis(tenant: &str, t: &RefTenant, period: Period) -> Value {
         let candidate = (deal.time, deal_id, deal);
         match first.get(&deal.customer) {
             Some(existing) if (existing.0, existing.1) <= (deal.time, deal_id) => {}
-            _ => { first.insert(&deal.customer, candidate); }
+            _ => {
+                first.insert(&deal.customer, candidate);
+            }
         }
         if in_period(&t.settings, deal.time, period) {
             total.revenue += deal.amount;
@@ -366,12 +578,19 @@ fn reference_kpis(tenant: &str, t: &RefTenant, period: Period) -> Value {
     for (time, _, deal) in first.values() {
         if in_period(&t.settings, *time, period) {
             total.new_customers += 1;
-            channels.entry(deal.channel.clone()).or_default().new_customers += 1;
+            channels
+                .entry(deal.channel.clone())
+                .or_default()
+                .new_customers += 1;
         }
     }
-    let channels: serde_json::Map<String, Value> = channels.iter()
-        .filter(|(_, r)| !(r.spend.is_zero() && r.revenue.is_zero() && r.leads == 0 && r.new_customers == 0))
-        .map(|(c, r)| (c.clone(), row_json(r))).collect();
+    let channels: serde_json::Map<String, Value> = channels
+        .iter()
+        .filter(|(_, r)| {
+            !(r.spend.is_zero() && r.revenue.is_zero() && r.leads == 0 && r.new_customers == 0)
+        })
+        .map(|(c, r)| (c.clone(), row_json(r)))
+        .collect();
     let campaigns: serde_json::Map<String, Value> = campaigns.iter()
         .filter(|(_, (s, r, votes))| !(s.is_zero() && r.is_zero() && votes.is_empty()))
         .map(|(name, (spend, revenue, votes))| {
@@ -389,15 +608,23 @@ fn reference_kpis(tenant: &str, t: &RefTenant, period: Period) -> Value {
 fn reference_retention(tenant: &str, t: &RefTenant, year: i32) -> Value {
     let mut years: BTreeMap<&String, BTreeSet<i32>> = BTreeMap::new();
     for deal in t.deals.values() {
-        years.entry(&deal.customer).or_default().insert(deal.time.with_timezone(&t.settings.timezone).year());
+        years
+            .entry(&deal.customer)
+            .or_default()
+            .insert(deal.time.with_timezone(&t.settings.timezone).year());
     }
     let active: Vec<_> = years.values().filter(|ys| ys.contains(&year)).collect();
     let previous = years.values().filter(|ys| ys.contains(&(year - 1))).count() as f64;
     let retained = active.iter().filter(|ys| ys.contains(&(year - 1))).count();
-    let loyalty: serde_json::Map<String, Value> = (2..=5).map(|k| {
-        let loyal = active.iter().filter(|ys| (year - k + 1..=year).all(|y| ys.contains(&y))).count();
-        (k.to_string(), ratio_json(loyal as f64, active.len() as f64))
-    }).collect();
+    let loyalty: serde_json::Map<String, Value> = (2..=5)
+        .map(|k| {
+            let loyal = active
+                .iter()
+                .filter(|ys| (year - k + 1..=year).all(|y| ys.contains(&y)))
+                .count();
+            (k.to_string(), ratio_json(loyal as f64, active.len() as f64))
+        })
+        .collect();
     serde_json::json!({"tenant": tenant, "year": year, "active_customers": active.len(), "retained_customers": retained,
         "retention_rate": ratio_json(retained as f64, previous), "loyalty": loyalty})
 }
@@ -408,13 +635,23 @@ fn reference_retention(tenant: &str, t: &RefTenant, year: i32) -> Value {
 fn assert_same(path: &str, want: &Value, got: &Value) -> Result<(), TestCaseError> {
     match (want, got) {
         (Value::Number(w), Value::Number(g)) => {
-            let (w, g) = (w.as_f64().unwrap_or(f64::NAN), g.as_f64().unwrap_or(f64::NAN));
-            prop_assert!((w - g).abs() <= 1e-9 * w.abs().max(1.0), "{path}: want {w} got {g}");
+            let (w, g) = (
+                w.as_f64().unwrap_or(f64::NAN),
+                g.as_f64().unwrap_or(f64::NAN),
+            );
+            prop_assert!(
+                (w - g).abs() <= 1e-9 * w.abs().max(1.0),
+                "{path}: want {w} got {g}"
+            );
         }
         (Value::Object(w), Value::Object(g)) => {
             let keys: BTreeSet<&String> = w.keys().chain(g.keys()).collect();
             for key in keys {
-                assert_same(&format!("{path}.{key}"), w.get(key).unwrap_or(&Value::Null), g.get(key).unwrap_or(&Value::Null))?;
+                assert_same(
+                    &format!("{path}.{key}"),
+                    w.get(key).unwrap_or(&Value::Null),
+                    g.get(key).unwrap_or(&Value::Null),
+                )?;
             }
         }
         _ => prop_assert_eq!(want, got, "at {}", path),
@@ -427,7 +664,9 @@ fn periods_to_check(events: &[Event], tenants: &Tenants) -> BTreeSet<(String, Pe
     for event in events {
         let settings = tenants.get(&event.tenant);
         let mut dates = vec![settings.local_date(event.time)];
-        if let EventData::SpendReported { date, .. } = &event.data { dates.push(*date); }
+        if let EventData::SpendReported { date, .. } = &event.data {
+            dates.push(*date);
+        }
         for date in dates {
             for period in Period::containing(date) {
                 periods.insert((event.tenant.clone(), period));
@@ -441,28 +680,48 @@ fn check_history(events: &[Event], seed: u64) -> Result<(), TestCaseError> {
     let mut engine = Engine::new();
     let mut applied = 0;
     for batch in deliveries(events, seed) {
-        applied += engine.apply_batch(&batch).iter().filter(|o| **o == Outcome::Applied).count();
+        applied += engine
+            .apply_batch(&batch)
+            .iter()
+            .filter(|o| **o == Outcome::Applied)
+            .count();
     }
-    prop_assert_eq!(applied, events.len(), "each distinct event is applied exactly once");
+    prop_assert_eq!(
+        applied,
+        events.len(),
+        "each distinct event is applied exactly once"
+    );
 
     let tenants = tenants();
     let expected = reference(events, &tenants);
     for (tenant, period) in periods_to_check(events, &tenants) {
         let want = reference_kpis(&tenant, &expected[&tenant], period);
-        let got = serde_json::to_value(KpiReport::build(&tenant, "EUR", engine.aggregates.tenant(&tenant), period))
-            .expect("serialisable");
+        let got = serde_json::to_value(KpiReport::build(
+            &tenant,
+            "EUR",
+            engine.aggregates.tenant(&tenant),
+            period,
+        ))
+        .expect("serialisable");
         assert_same(&format!("{tenant} {period}"), &want, &got)?;
     }
     for (tenant, t) in &expected {
         for year in 2022..=2027 {
             let want = reference_retention(tenant, t, year);
-            let got = serde_json::to_value(RetentionReport::build(tenant, engine.aggregates.tenant(tenant), year))
-                .expect("serialisable");
+            let got = serde_json::to_value(RetentionReport::build(
+                tenant,
+                engine.aggregates.tenant(tenant),
+                year,
+            ))
+            .expect("serialisable");
             assert_same(&format!("{tenant} retention {year}"), &want, &got)?;
         }
     }
     let rebuilt = aggregate_records(engine.store.records.iter(), &tenants);
-    prop_assert!(rebuilt == engine.aggregates, "a rebuild from the records equals the incremental aggregates");
+    prop_assert!(
+        rebuilt == engine.aggregates,
+        "a rebuild from the records equals the incremental aggregates"
+    );
     Ok(())
 }
 
@@ -492,20 +751,42 @@ proptest! {
 // Named cases from SPEC
 
 fn event(id: &str, time: &str, data: EventData) -> Event {
-    let time = DateTime::parse_from_rfc3339(time).expect("time").with_timezone(&Utc);
-    Event { tenant: "acme".into(), id: id.into(), source: "test".into(), time: Timestamp::from_datetime(time).expect("range"), data }
+    let time = DateTime::parse_from_rfc3339(time)
+        .expect("time")
+        .with_timezone(&Utc);
+    Event {
+        tenant: "acme".into(),
+        id: id.into(),
+        source: "test".into(),
+        time: Timestamp::from_datetime(time).expect("range"),
+        data,
+    }
 }
 
 fn spend(id: &str, time: &str, amount: &str) -> Event {
-    event(id, time, EventData::SpendReported {
-        date: NaiveDate::from_ymd_opt(2026, 3, 4).expect("date"), amount: Decimal::from_str(amount).expect("amount"),
-        currency: "EUR".into(), channel: Some("social".into()), campaign: None,
-        category: kpi_model::event::SpendCategory::Media, source: Some("meta".into()), account: Some("a".into()),
-    })
+    event(
+        id,
+        time,
+        EventData::SpendReported {
+            date: NaiveDate::from_ymd_opt(2026, 3, 4).expect("date"),
+            amount: Decimal::from_str(amount).expect("amount"),
+            currency: "EUR".into(),
+            channel: Some("social".into()),
+            campaign: None,
+            category: kpi_model::event::SpendCategory::Media,
+            source: Some("meta".into()),
+            account: Some("a".into()),
+        },
+    )
 }
 
 fn month_report(engine: &Engine) -> KpiReport {
-    KpiReport::build("acme", "EUR", engine.aggregates.tenant("acme"), "2026-03".parse().expect("period"))
+    KpiReport::build(
+        "acme",
+        "EUR",
+        engine.aggregates.tenant("acme"),
+        "2026-03".parse().expect("period"),
+    )
 }
 
 #[test]
@@ -521,18 +802,38 @@ fn restated_spend_replaces_and_a_stale_correction_loses() {
 #[test]
 fn a_deal_before_its_lead_moves_to_the_lead_channel_when_the_lead_arrives() {
     let mut engine = Engine::new();
-    let won = event("d1", "2026-03-10T10:00:00Z", EventData::DealWon {
-        deal_id: "D1".into(), customer_id: "C1".into(), amount: Decimal::from(500), currency: "EUR".into(),
-        lead_id: Some("L1".into()), channel: Some("events".into()), campaign: None,
-    });
-    engine.apply_batch(&[won.clone()]);
+    let won = event(
+        "d1",
+        "2026-03-10T10:00:00Z",
+        EventData::DealWon {
+            deal_id: "D1".into(),
+            customer_id: "C1".into(),
+            amount: Decimal::from(500),
+            currency: "EUR".into(),
+            lead_id: Some("L1".into()),
+            channel: Some("events".into()),
+            campaign: None,
+        },
+    );
+    engine.apply_batch(std::slice::from_ref(&won));
     assert_eq!(month_report(&engine).channels["events"].revenue, "500.00");
-    let lead = event("l1", "2026-03-01T10:00:00Z", EventData::LeadCreated {
-        lead_id: "L1".into(), channel: Some("seo".into()), campaign: None, qualified: Some(true), customer_id: None,
-    });
+    let lead = event(
+        "l1",
+        "2026-03-01T10:00:00Z",
+        EventData::LeadCreated {
+            lead_id: "L1".into(),
+            channel: Some("seo".into()),
+            campaign: None,
+            qualified: Some(true),
+            customer_id: None,
+        },
+    );
     engine.apply_batch(&[lead]);
     let report = month_report(&engine);
-    assert!(!report.channels.contains_key("events"), "attribution moved away from the deal's own channel");
+    assert!(
+        !report.channels.contains_key("events"),
+        "attribution moved away from the deal's own channel"
+    );
     assert_eq!(report.channels["seo"].revenue, "500.00");
     assert_eq!(report.channels["seo"].new_customers, 1);
     assert_eq!(report.total.conversion_rate, Some(1.0));
@@ -544,13 +845,39 @@ fn a_deal_before_its_lead_moves_to_the_lead_channel_when_the_lead_arrives() {
 #[test]
 fn a_later_lost_cancels_a_won_deal_and_an_older_one_does_not() {
     let mut engine = Engine::new();
-    let won = |id: &str, time: &str| event(id, time, EventData::DealWon {
-        deal_id: "D1".into(), customer_id: "C1".into(), amount: Decimal::from(80), currency: "EUR".into(),
-        lead_id: None, channel: None, campaign: None,
-    });
-    let lost = |id: &str, time: &str| event(id, time, EventData::DealLost { deal_id: "D1".into(), lead_id: None });
-    engine.apply_batch(&[won("w", "2026-03-10T10:00:00Z"), lost("old", "2026-03-09T10:00:00Z")]);
-    assert_eq!(month_report(&engine).channels["unattributed"].revenue, "80.00");
+    let won = |id: &str, time: &str| {
+        event(
+            id,
+            time,
+            EventData::DealWon {
+                deal_id: "D1".into(),
+                customer_id: "C1".into(),
+                amount: Decimal::from(80),
+                currency: "EUR".into(),
+                lead_id: None,
+                channel: None,
+                campaign: None,
+            },
+        )
+    };
+    let lost = |id: &str, time: &str| {
+        event(
+            id,
+            time,
+            EventData::DealLost {
+                deal_id: "D1".into(),
+                lead_id: None,
+            },
+        )
+    };
+    engine.apply_batch(&[
+        won("w", "2026-03-10T10:00:00Z"),
+        lost("old", "2026-03-09T10:00:00Z"),
+    ]);
+    assert_eq!(
+        month_report(&engine).channels["unattributed"].revenue,
+        "80.00"
+    );
     engine.apply_batch(&[lost("new", "2026-03-11T10:00:00Z")]);
     let report = month_report(&engine);
     assert_eq!(report.total.revenue, "0.00");
@@ -562,10 +889,20 @@ fn a_later_lost_cancels_a_won_deal_and_an_older_one_does_not() {
 fn cac_is_infinite_as_a_gauge_and_null_in_json_when_spend_brings_no_customer() {
     let mut engine = Engine::new();
     engine.apply_batch(&[spend("s1", "2026-03-04T23:00:00Z", "100.00")]);
-    let cells = engine.aggregates.tenant("acme").and_then(|t| t.period(&"2026-03".parse().expect("period"))).expect("cells");
-    assert_eq!(kpi_model::report::cac_gauge(&cells.total), Some(f64::INFINITY));
+    let cells = engine
+        .aggregates
+        .tenant("acme")
+        .and_then(|t| t.period(&"2026-03".parse().expect("period")))
+        .expect("cells");
+    assert_eq!(
+        kpi_model::report::cac_gauge(&cells.total),
+        Some(f64::INFINITY)
+    );
     assert_eq!(month_report(&engine).total.cac, None);
-    assert_eq!(kpi_model::report::cac_gauge(&kpi_model::Cell::default()), None);
+    assert_eq!(
+        kpi_model::report::cac_gauge(&kpi_model::Cell::default()),
+        None
+    );
 }
 
 #[test]
@@ -573,15 +910,33 @@ fn loyalty_counts_customers_buying_in_consecutive_years() {
     let mut engine = Engine::new();
     let mut events = Vec::new();
     for (n, year) in [2023, 2024, 2025, 2026].iter().enumerate() {
-        events.push(event(&format!("a{n}"), &format!("{year}-06-01T00:00:00Z"), EventData::DealWon {
-            deal_id: format!("A{year}"), customer_id: "loyal".into(), amount: Decimal::ONE, currency: "EUR".into(),
-            lead_id: None, channel: None, campaign: None,
-        }));
+        events.push(event(
+            &format!("a{n}"),
+            &format!("{year}-06-01T00:00:00Z"),
+            EventData::DealWon {
+                deal_id: format!("A{year}"),
+                customer_id: "loyal".into(),
+                amount: Decimal::ONE,
+                currency: "EUR".into(),
+                lead_id: None,
+                channel: None,
+                campaign: None,
+            },
+        ));
     }
-    events.push(event("b", "2026-02-01T00:00:00Z", EventData::DealWon {
-        deal_id: "B".into(), customer_id: "new".into(), amount: Decimal::ONE, currency: "EUR".into(),
-        lead_id: None, channel: None, campaign: None,
-    }));
+    events.push(event(
+        "b",
+        "2026-02-01T00:00:00Z",
+        EventData::DealWon {
+            deal_id: "B".into(),
+            customer_id: "new".into(),
+            amount: Decimal::ONE,
+            currency: "EUR".into(),
+            lead_id: None,
+            channel: None,
+            campaign: None,
+        },
+    ));
     engine.apply_batch(&events);
     let report = RetentionReport::build("acme", engine.aggregates.tenant("acme"), 2026);
     assert_eq!(report.active_customers, 2);

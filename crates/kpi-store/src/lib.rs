@@ -191,7 +191,10 @@ impl Store {
         let mut counters = BTreeMap::new();
         for entry in self.db.scan_prefix([COUNTER_PREFIX]) {
             let (key, value) = entry?;
-            if let (Some(key), Ok(bytes)) = (CounterKey::decode(&key), <[u8; 8]>::try_from(value.as_ref())) {
+            if let (Some(key), Ok(bytes)) = (
+                CounterKey::decode(&key),
+                <[u8; 8]>::try_from(value.as_ref()),
+            ) {
                 counters.insert(key, u64::from_be_bytes(bytes));
             }
         }
@@ -215,11 +218,17 @@ impl Store {
                 count += 1;
             }
             if records.len() == 10_000 {
-                aggregates.merge(aggregate_records(records.iter().map(|(k, r)| (k, r)), tenants));
+                aggregates.merge(aggregate_records(
+                    records.iter().map(|(k, r)| (k, r)),
+                    tenants,
+                ));
                 records.clear();
             }
         }
-        aggregates.merge(aggregate_records(records.iter().map(|(k, r)| (k, r)), tenants));
+        aggregates.merge(aggregate_records(
+            records.iter().map(|(k, r)| (k, r)),
+            tenants,
+        ));
         Ok((aggregates, count))
     }
 

@@ -56,12 +56,48 @@ struct Channel {
 }
 
 const CHANNELS: &[Channel] = &[
-    Channel { name: "paid_search", campaigns: &["brand-search", "generic-search"], weight: 0.30, qualified: 0.50, source: "google_ads" },
-    Channel { name: "social", campaigns: &["spring-promo", "retargeting"], weight: 0.25, qualified: 0.35, source: "meta_ads" },
-    Channel { name: "email", campaigns: &["newsletter"], weight: 0.15, qualified: 0.45, source: "mailchimp" },
-    Channel { name: "seo", campaigns: &[], weight: 0.15, qualified: 0.55, source: "website" },
-    Channel { name: "events", campaigns: &["trade-show"], weight: 0.05, qualified: 0.70, source: "salon" },
-    Channel { name: "referral", campaigns: &[], weight: 0.10, qualified: 0.80, source: "crm" },
+    Channel {
+        name: "paid_search",
+        campaigns: &["brand-search", "generic-search"],
+        weight: 0.30,
+        qualified: 0.50,
+        source: "google_ads",
+    },
+    Channel {
+        name: "social",
+        campaigns: &["spring-promo", "retargeting"],
+        weight: 0.25,
+        qualified: 0.35,
+        source: "meta_ads",
+    },
+    Channel {
+        name: "email",
+        campaigns: &["newsletter"],
+        weight: 0.15,
+        qualified: 0.45,
+        source: "mailchimp",
+    },
+    Channel {
+        name: "seo",
+        campaigns: &[],
+        weight: 0.15,
+        qualified: 0.55,
+        source: "website",
+    },
+    Channel {
+        name: "events",
+        campaigns: &["trade-show"],
+        weight: 0.05,
+        qualified: 0.70,
+        source: "salon",
+    },
+    Channel {
+        name: "referral",
+        campaigns: &[],
+        weight: 0.10,
+        qualified: 0.80,
+        source: "crm",
+    },
 ];
 
 struct Builder {
@@ -86,13 +122,18 @@ impl Builder {
 }
 
 fn at(date: NaiveDate, seconds: u64) -> DateTime<Utc> {
-    Utc.from_utc_datetime(&date.and_hms_opt(0, 0, 0).unwrap_or_default()) + Duration::seconds(seconds as i64)
+    Utc.from_utc_datetime(&date.and_hms_opt(0, 0, 0).unwrap_or_default())
+        + Duration::seconds(seconds as i64)
 }
 
 /// The history, oldest first, ending before `now`.
 pub fn history(tenant: &str, seed: u64, leads_per_day: u32, now: DateTime<Utc>) -> Vec<Outgoing> {
     let mut random = Random(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
-    let mut out = Builder { tenant: tenant.to_string(), count: 0, events: Vec::new() };
+    let mut out = Builder {
+        tenant: tenant.to_string(),
+        count: 0,
+        events: Vec::new(),
+    };
     let today = now.date_naive();
     let start = NaiveDate::from_ymd_opt(today.year() - 2, today.month(), 1).unwrap_or(today);
     let past = |time: DateTime<Utc>| time < now - Duration::minutes(1);
@@ -102,7 +143,10 @@ pub fn history(tenant: &str, seed: u64, leads_per_day: u32, now: DateTime<Utc>) 
     let mut day = start;
     while day <= today {
         // Spend: ads every day, restated the next morning one time in five.
-        for channel in CHANNELS.iter().filter(|c| matches!(c.name, "paid_search" | "social")) {
+        for channel in CHANNELS
+            .iter()
+            .filter(|c| matches!(c.name, "paid_search" | "social"))
+        {
             for campaign in channel.campaigns {
                 if *campaign == "spring-promo" && !(3..=5).contains(&day.month()) {
                     continue;
@@ -125,8 +169,12 @@ pub fn history(tenant: &str, seed: u64, leads_per_day: u32, now: DateTime<Utc>) 
         if day.day() == 1 && past(at(day, 8 * 3600)) {
             out.emit("spend.reported", at(day, 8 * 3600), json!({"date": day.to_string(), "amount": "39.00", "currency": "EUR",
                 "channel": "email", "campaign": "newsletter", "source": "mailchimp", "account": "plan", "category": "tools"}));
-            out.emit("spend.reported", at(day, 8 * 3600), json!({"date": day.to_string(), "amount": "49.90", "currency": "EUR",
-                "category": "tools", "source": "billing", "account": "crm-subscription"}));
+            out.emit(
+                "spend.reported",
+                at(day, 8 * 3600),
+                json!({"date": day.to_string(), "amount": "49.90", "currency": "EUR",
+                "category": "tools", "source": "billing", "account": "crm-subscription"}),
+            );
         }
         if day.month() == 10 && day.day() == 15 && past(at(day, 9 * 3600)) {
             out.emit("spend.reported", at(day, 9 * 3600), json!({"date": day.to_string(), "amount": "3500.00", "currency": "EUR",
@@ -152,7 +200,10 @@ pub fn history(tenant: &str, seed: u64, leads_per_day: u32, now: DateTime<Utc>) 
             let lead_id = format!("L{lead_count}");
             let mut data = json!({"lead_id": lead_id, "channel": channel.name});
             if !channel.campaigns.is_empty() {
-                data["campaign"] = json!(channel.campaigns[random.between(0, channel.campaigns.len() as u64 - 1) as usize]);
+                data["campaign"] = json!(
+                    channel.campaigns
+                        [random.between(0, channel.campaigns.len() as u64 - 1) as usize]
+                );
             }
             let qualified = random.chance(channel.qualified);
             let qualified_later = random.chance(0.3);
@@ -163,17 +214,28 @@ pub fn history(tenant: &str, seed: u64, leads_per_day: u32, now: DateTime<Utc>) 
             if qualified_later {
                 let when = created + Duration::hours(random.between(2, 72) as i64);
                 if past(when) {
-                    out.emit("lead.qualified", when, json!({"lead_id": lead_id, "qualified": qualified}));
+                    out.emit(
+                        "lead.qualified",
+                        when,
+                        json!({"lead_id": lead_id, "qualified": qualified}),
+                    );
                 }
             }
             let mut stage_time = created;
-            for (stage, probability) in [("meeting_booked", if qualified { 0.6 } else { 0.1 }), ("quote_requested", if qualified { 0.7 } else { 0.3 })] {
+            for (stage, probability) in [
+                ("meeting_booked", if qualified { 0.6 } else { 0.1 }),
+                ("quote_requested", if qualified { 0.7 } else { 0.3 }),
+            ] {
                 if !random.chance(probability) {
                     break;
                 }
                 stage_time += Duration::hours(random.between(4, 240) as i64);
                 if past(stage_time) {
-                    out.emit("lead.stage_changed", stage_time, json!({"lead_id": lead_id, "stage": stage}));
+                    out.emit(
+                        "lead.stage_changed",
+                        stage_time,
+                        json!({"lead_id": lead_id, "stage": stage}),
+                    );
                 }
             }
             if !random.chance(if qualified { 0.28 } else { 0.03 }) {
@@ -186,11 +248,19 @@ pub fn history(tenant: &str, seed: u64, leads_per_day: u32, now: DateTime<Utc>) 
             customer_count += 1;
             let customer = format!("C{customer_count}");
             let deal_id = format!("D{lead_count}");
-            out.emit("deal.won", won, json!({"deal_id": deal_id, "customer_id": customer, "lead_id": lead_id,
-                "amount": random.money(30_000, 300_000), "currency": "EUR"}));
+            out.emit(
+                "deal.won",
+                won,
+                json!({"deal_id": deal_id, "customer_id": customer, "lead_id": lead_id,
+                "amount": random.money(30_000, 300_000), "currency": "EUR"}),
+            );
             let cancelled = won + Duration::days(random.between(2, 20) as i64);
             if random.chance(0.05) && past(cancelled) {
-                out.emit("deal.lost", cancelled, json!({"deal_id": deal_id, "lead_id": lead_id}));
+                out.emit(
+                    "deal.lost",
+                    cancelled,
+                    json!({"deal_id": deal_id, "lead_id": lead_id}),
+                );
                 continue;
             }
             // Customers who come back in the following years.
@@ -209,10 +279,15 @@ pub fn history(tenant: &str, seed: u64, leads_per_day: u32, now: DateTime<Utc>) 
 
     // Two events a careful producer would not send: they go to the dead-letter stream.
     let yesterday = now - Duration::days(1);
-    out.emit("deal.won", yesterday, json!({"deal_id": "D-bad", "customer_id": "C-bad", "amount": "-120.00", "currency": "EUR"}));
+    out.emit(
+        "deal.won",
+        yesterday,
+        json!({"deal_id": "D-bad", "customer_id": "C-bad", "amount": "-120.00", "currency": "EUR"}),
+    );
     out.emit("spend.reported", yesterday, json!({"date": yesterday.date_naive().to_string(), "amount": "12000", "currency": "JPY", "channel": "social"}));
 
-    out.events.sort_by(|a, b| a["time"].as_str().cmp(&b["time"].as_str()));
+    out.events
+        .sort_by(|a, b| a["time"].as_str().cmp(&b["time"].as_str()));
     out.events
         .into_iter()
         .map(|event| {

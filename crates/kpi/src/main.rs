@@ -15,7 +15,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "kpi", version, about = "Event-driven marketing KPI engine (CAC, conversion, retention, ROI, qualified leads)")]
+#[command(
+    name = "kpi",
+    version,
+    about = "Event-driven marketing KPI engine (CAC, conversion, retention, ROI, qualified leads)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -92,21 +96,39 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         match cli.command {
             Command::Serve { config } => serve::run(config.as_deref()).await,
-            Command::Publish { file, config, tenant } => {
+            Command::Publish {
+                file,
+                config,
+                tenant,
+            } => {
                 let config = kpi_config::Config::load(config.as_deref())?;
                 publish::publish_file(&config, &file, &tenant).await
             }
-            Command::Report { tenant, period, url, config, json } => {
+            Command::Report {
+                tenant,
+                period,
+                url,
+                config,
+                json,
+            } => {
                 let config = kpi_config::Config::load(config.as_deref())?;
                 let url = url.unwrap_or_else(|| format!("http://{}", config.http.listen));
                 report::print(&url, &tenant, period.as_deref(), json).await
             }
-            Command::Demo { config, tenant, leads_per_day, out, seed } => {
+            Command::Demo {
+                config,
+                tenant,
+                leads_per_day,
+                out,
+                seed,
+            } => {
                 let config = kpi_config::Config::load(config.as_deref())?;
                 let events = demo::history(&tenant, seed, leads_per_day, chrono::Utc::now());
                 match out {
                     Some(path) => demo::write(&events, &path),
-                    None => publish::publish_events(&config, events, "demo history").await.map(|_| ()),
+                    None => publish::publish_events(&config, events, "demo history")
+                        .await
+                        .map(|_| ()),
                 }
             }
         }

@@ -27,14 +27,25 @@ pub struct PublishSummary {
 }
 
 /// The subject of one JSON event line: its `tenant` (or the default) and its `type`.
-pub fn outgoing_from_line(line: &str, default_tenant: &str, line_number: usize) -> anyhow::Result<Outgoing> {
-    let value: Value = serde_json::from_str(line).with_context(|| format!("line {line_number}: not JSON"))?;
+pub fn outgoing_from_line(
+    line: &str,
+    default_tenant: &str,
+    line_number: usize,
+) -> anyhow::Result<Outgoing> {
+    let value: Value =
+        serde_json::from_str(line).with_context(|| format!("line {line_number}: not JSON"))?;
     let event_type = value
         .get("type")
         .and_then(Value::as_str)
         .with_context(|| format!("line {line_number}: field `type` is missing"))?;
-    let tenant = value.get("tenant").and_then(Value::as_str).unwrap_or(default_tenant);
-    anyhow::ensure!(is_valid_tenant(tenant), "line {line_number}: tenant `{tenant}` is not [a-z0-9_-]{{1,64}}");
+    let tenant = value
+        .get("tenant")
+        .and_then(Value::as_str)
+        .unwrap_or(default_tenant);
+    anyhow::ensure!(
+        is_valid_tenant(tenant),
+        "line {line_number}: tenant `{tenant}` is not [a-z0-9_-]{{1,64}}"
+    );
     anyhow::ensure!(
         !event_type.is_empty() && !event_type.contains(['*', '>', ' ']),
         "line {line_number}: field `type` cannot be part of a subject"
@@ -46,7 +57,11 @@ pub fn outgoing_from_line(line: &str, default_tenant: &str, line_number: usize) 
     })
 }
 
-pub async fn publish_file(config: &Config, file: &Path, default_tenant: &str) -> anyhow::Result<()> {
+pub async fn publish_file(
+    config: &Config,
+    file: &Path,
+    default_tenant: &str,
+) -> anyhow::Result<()> {
     let reader: Box<dyn BufRead> = if file == Path::new("-") {
         Box::new(std::io::BufReader::new(std::io::stdin()))
     } else {
@@ -71,7 +86,11 @@ pub async fn publish_file(config: &Config, file: &Path, default_tenant: &str) ->
 }
 
 /// Publishes with at most a few thousand acknowledgements outstanding.
-pub async fn publish_events(config: &Config, events: Vec<Outgoing>, what: &str) -> anyhow::Result<PublishSummary> {
+pub async fn publish_events(
+    config: &Config,
+    events: Vec<Outgoing>,
+    what: &str,
+) -> anyhow::Result<PublishSummary> {
     let client = async_nats::ConnectOptions::new()
         .name("kpi-publish")
         .connect(config.nats.url.as_str())
@@ -94,7 +113,10 @@ pub async fn publish_events(config: &Config, events: Vec<Outgoing>, what: &str) 
         if let Some(id) = &event.id {
             headers.insert("Nats-Msg-Id", id.as_str());
         }
-        pending.push(js.publish_with_headers(event.subject, headers, event.payload).await?);
+        pending.push(
+            js.publish_with_headers(event.subject, headers, event.payload)
+                .await?,
+        );
         if pending.len() == 2048 {
             settle(&mut pending, &mut summary, &progress).await?;
         }

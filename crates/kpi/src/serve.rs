@@ -24,7 +24,10 @@ pub async fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
     let state = Arc::new(EngineState::new(config.tenants())?);
     state
         .registry
-        .register(Box::new(KpiCollector::new(state.clone(), config.metrics.clone())))
+        .register(Box::new(KpiCollector::new(
+            state.clone(),
+            config.metrics.clone(),
+        )))
         .context("registering the KPI collector")?;
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -74,10 +77,11 @@ async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(signal) => signal,
-            Err(_) => return interrupt.await.unwrap_or(()),
-        };
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => return interrupt.await.unwrap_or(()),
+            };
         tokio::select! {
             _ = interrupt => {}
             _ = terminate.recv() => {}

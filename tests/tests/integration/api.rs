@@ -63,12 +63,20 @@ async fn events_become_exact_kpis_on_the_api_and_metrics() {
     let mut again = events[4].clone();
     again.2 = None;
     publish(&client, &[again]).await;
-    wait_until("the engine drains the stream", Duration::from_secs(30), || drained(&client, "kpi-engine")).await;
+    wait_until(
+        "the engine drains the stream",
+        Duration::from_secs(30),
+        || drained(&client, "kpi-engine"),
+    )
+    .await;
 
     let (status, march) = engine.get("/api/v1/kpis?tenant=acme&period=2025-03").await;
     assert_eq!(status, 200, "{march}");
     let total = &march["total"];
-    assert_eq!(total["spend"], "200.90", "150 (restated) + 10 x 0.10 + 49.90 of tools");
+    assert_eq!(
+        total["spend"], "200.90",
+        "150 (restated) + 10 x 0.10 + 49.90 of tools"
+    );
     assert_eq!(total["new_customers"], 2);
     assert!(close(&total["cac"], 100.45));
     assert_eq!(total["leads"], 3);
@@ -76,50 +84,145 @@ async fn events_become_exact_kpis_on_the_api_and_metrics() {
     assert!(close(&total["qualified_lead_rate"], 2.0 / 3.0));
     assert_eq!(total["converted_leads"], 2);
     assert!(close(&total["conversion_rate"], 2.0 / 3.0));
-    assert_eq!(total["revenue"], "1500.00", "the cancelled deal does not count");
+    assert_eq!(
+        total["revenue"], "1500.00",
+        "the cancelled deal does not count"
+    );
     assert!(close(&total["roi"], (1500.0 - 200.9) / 200.9));
     assert!(close(&total["roas"], 1500.0 / 200.9));
     assert!(close(&total["stages"]["meeting_booked"], 1.0 / 3.0));
     assert_eq!(march["currency"], "EUR");
 
     let channels = march["channels"].as_object().unwrap();
-    assert_eq!(channels.keys().collect::<Vec<_>>(), ["paid_search", "social"], "D2 moved to its lead's channel; D3 was cancelled");
+    assert_eq!(
+        channels.keys().collect::<Vec<_>>(),
+        ["paid_search", "social"],
+        "D2 moved to its lead's channel; D3 was cancelled"
+    );
     assert_eq!(channels["paid_search"]["spend"], "150.00");
     assert!(close(&channels["paid_search"]["cac"], 150.0));
     assert_eq!(channels["social"]["spend"], "1.00");
     assert_eq!(channels["social"]["revenue"], "500.00");
     assert_eq!(channels["social"]["leads"], 2);
-    assert_eq!(march["campaigns"]["spring"], json!({"channel": "paid_search", "spend": "150.00", "revenue": "1000.00", "roi": 1000.0 / 150.0 - 1.0, "roas": 1000.0 / 150.0}));
+    assert_eq!(
+        march["campaigns"]["spring"],
+        json!({"channel": "paid_search", "spend": "150.00", "revenue": "1000.00", "roi": 1000.0 / 150.0 - 1.0, "roas": 1000.0 / 150.0})
+    );
     assert_eq!(march["campaigns"]["retarget"]["revenue"], "500.00");
 
-    let (_, day) = engine.get("/api/v1/kpis?tenant=acme&period=2025-03-02").await;
+    let (_, day) = engine
+        .get("/api/v1/kpis?tenant=acme&period=2025-03-02")
+        .await;
     assert_eq!(day["total"]["spend"], "150.00");
-    let (_, week) = engine.get("/api/v1/kpis?tenant=acme&period=2025-W10").await;
-    assert_eq!(week["total"]["revenue"], "1500.00", "March 10 to 12 are in ISO week 10 of 2025");
+    let (_, week) = engine.get("/api/v1/kpis?tenant=acme&period=2025-W11").await;
+    assert_eq!(
+        week["total"]["revenue"], "1500.00",
+        "March 10 (a Monday) to 12 are in ISO week 11 of 2025"
+    );
 
     let (_, retention) = engine.get("/api/v1/retention?tenant=acme&year=2026").await;
-    assert_eq!(retention, json!({"tenant": "acme", "year": 2026, "active_customers": 1, "retained_customers": 1, "retention_rate": 0.5, "loyalty": {"2": 1.0, "3": 0.0, "4": 0.0, "5": 0.0}}));
+    assert_eq!(
+        retention,
+        json!({"tenant": "acme", "year": 2026, "active_customers": 1, "retained_customers": 1, "retention_rate": 0.5, "loyalty": {"2": 1.0, "3": 0.0, "4": 0.0, "5": 0.0}})
+    );
 
     let (_, paris_april) = engine.get("/api/v1/kpis?tenant=paris&period=2025-04").await;
-    assert_eq!(paris_april["total"]["leads"], 1, "local time decides the period");
+    assert_eq!(
+        paris_april["total"]["leads"], 1,
+        "local time decides the period"
+    );
     let (_, paris_2026) = engine.get("/api/v1/kpis?tenant=paris&period=2026").await;
-    assert_eq!(paris_2026["total"]["revenue"], "50.00", "100 USD at 0.5, won on January 1st in Paris");
+    assert_eq!(
+        paris_2026["total"]["revenue"], "50.00",
+        "100 USD at 0.5, won on January 1st in Paris"
+    );
 
     let (_, spend_only) = engine.get("/api/v1/kpis?tenant=spendonly&period=all").await;
     assert_eq!(spend_only["total"]["cac"], Value::Null);
 
     let metrics = engine.metrics().await;
     let all = |channel| [("tenant", "acme"), ("window", "all"), ("channel", channel)];
-    assert_eq!(metric_value(&metrics, "kpi_cac", &[("tenant", "acme"), ("window", "all"), ("channel", "all"), ("currency", "EUR")]), Some(200.9 / 2.0), "all-time: 200.90 over 2 new customers");
-    assert_eq!(metric_value(&metrics, "kpi_cac", &[("tenant", "spendonly"), ("window", "all"), ("channel", "all"), ("currency", "EUR")]), Some(f64::INFINITY));
-    assert_eq!(metric_value(&metrics, "kpi_leads", &all("social")), Some(2.0));
-    assert_eq!(metric_value(&metrics, "kpi_cac_threshold", &[("tenant", "acme"), ("channel", "paid_search")]), Some(300.0));
-    assert_eq!(metric_value(&metrics, "kpi_campaign_roas_ratio", &[("tenant", "acme"), ("window", "all"), ("channel", "paid_search"), ("campaign", "spring")]), Some(1000.0 / 150.0));
-    assert_eq!(metric_value(&metrics, "kpi_events_duplicate_total", &[("tenant", "acme"), ("type", "deal.won")]), Some(1.0));
-    assert_eq!(metric_value(&metrics, "kpi_events_processed_total", &[("tenant", "acme"), ("type", "spend.reported")]), Some(14.0));
-    assert_eq!(metric_value(&metrics, "kpi_roi_ratio", &all("seo")), None, "undefined KPIs are absent");
-    assert!(metrics.contains("kpi_engine_batch_commit_seconds_bucket"), "engine health metrics are exported");
-    assert_eq!(metric_value(&metrics, "kpi_engine_consumer_ack_pending_messages", &[]).map(|v| v >= 0.0), Some(true));
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "kpi_cac",
+            &[
+                ("tenant", "acme"),
+                ("window", "all"),
+                ("channel", "all"),
+                ("currency", "EUR")
+            ]
+        ),
+        Some(200.9 / 2.0),
+        "all-time: 200.90 over 2 new customers"
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "kpi_cac",
+            &[
+                ("tenant", "spendonly"),
+                ("window", "all"),
+                ("channel", "all"),
+                ("currency", "EUR")
+            ]
+        ),
+        Some(f64::INFINITY)
+    );
+    assert_eq!(
+        metric_value(&metrics, "kpi_leads", &all("social")),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "kpi_cac_threshold",
+            &[("tenant", "acme"), ("channel", "paid_search")]
+        ),
+        Some(300.0)
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "kpi_campaign_roas_ratio",
+            &[
+                ("tenant", "acme"),
+                ("window", "all"),
+                ("channel", "paid_search"),
+                ("campaign", "spring")
+            ]
+        ),
+        Some(1000.0 / 150.0)
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "kpi_events_duplicate_total",
+            &[("tenant", "acme"), ("type", "deal.won")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "kpi_events_processed_total",
+            &[("tenant", "acme"), ("type", "spend.reported")]
+        ),
+        Some(14.0)
+    );
+    assert_eq!(
+        metric_value(&metrics, "kpi_roi_ratio", &all("seo")),
+        None,
+        "undefined KPIs are absent"
+    );
+    assert!(
+        metrics.contains("kpi_engine_batch_commit_seconds_bucket"),
+        "engine health metrics are exported"
+    );
+    assert_eq!(
+        metric_value(&metrics, "kpi_engine_consumer_ack_pending_messages", &[]).map(|v| v >= 0.0),
+        Some(true)
+    );
 }
 
 #[tokio::test]
@@ -138,7 +241,10 @@ async fn api_errors_are_json_with_400_and_404() {
     ] {
         let (got, body) = engine.get(query).await;
         assert_eq!(got, status, "{query}: {body}");
-        assert!(body["error"].as_str().is_some_and(|e| e.contains(mentions)), "{query}: {body}");
+        assert!(
+            body["error"].as_str().is_some_and(|e| e.contains(mentions)),
+            "{query}: {body}"
+        );
     }
     // a configured tenant with no events yet answers with an empty table
     let (status, body) = engine.get("/api/v1/kpis?tenant=acme&period=2026-03").await;

@@ -14,7 +14,16 @@ use serde_json::Value;
 fn demo_history(dir: &std::path::Path) -> Vec<(String, String, Option<String>)> {
     let file = dir.join("history.jsonl");
     let status = std::process::Command::new(kpi_binary())
-        .args(["demo", "--tenant", "crashco", "--leads-per-day", "8", "--seed", "7", "--out"])
+        .args([
+            "demo",
+            "--tenant",
+            "crashco",
+            "--leads-per-day",
+            "8",
+            "--seed",
+            "7",
+            "--out",
+        ])
         .arg(&file)
         .status()
         .unwrap();
@@ -25,13 +34,19 @@ fn demo_history(dir: &std::path::Path) -> Vec<(String, String, Option<String>)> 
         .map(|line| {
             let value: Value = serde_json::from_str(line).unwrap();
             let subject = format!("kpi.events.crashco.{}", value["type"].as_str().unwrap());
-            (subject, line.to_string(), value["id"].as_str().map(str::to_string))
+            (
+                subject,
+                line.to_string(),
+                value["id"].as_str().map(str::to_string),
+            )
         })
         .collect()
 }
 
 /// A deterministic shuffle with about 10 % extra deliveries that JetStream cannot de-duplicate.
-fn shuffled_with_redeliveries(events: &[(String, String, Option<String>)]) -> Vec<(String, String, Option<String>)> {
+fn shuffled_with_redeliveries(
+    events: &[(String, String, Option<String>)],
+) -> Vec<(String, String, Option<String>)> {
     let mut state = 0x2545_f491_4f6c_dd1d_u64;
     let mut next = move || {
         state ^= state << 13;
@@ -54,10 +69,23 @@ fn shuffled_with_redeliveries(events: &[(String, String, Option<String>)]) -> Ve
 }
 
 fn processed_total(metrics: &str) -> f64 {
-    ["lead.created", "lead.qualified", "lead.stage_changed", "deal.won", "deal.lost", "spend.reported"]
-        .iter()
-        .filter_map(|t| metric_value(metrics, "kpi_events_processed_total", &[("tenant", "crashco"), ("type", t)]))
-        .sum()
+    [
+        "lead.created",
+        "lead.qualified",
+        "lead.stage_changed",
+        "deal.won",
+        "deal.lost",
+        "spend.reported",
+    ]
+    .iter()
+    .filter_map(|t| {
+        metric_value(
+            metrics,
+            "kpi_events_processed_total",
+            &[("tenant", "crashco"), ("type", t)],
+        )
+    })
+    .sum()
 }
 
 #[tokio::test]
@@ -65,13 +93,22 @@ async fn killed_engine_loses_nothing_and_counts_nothing_twice() {
     let nats = NatsServer::start();
     let work = tempfile::tempdir().unwrap();
     let history = demo_history(work.path());
-    let distinct_valid = history.iter().filter_map(|e| e.2.clone()).collect::<HashSet<_>>().len() - 2;
+    let distinct_valid = history
+        .iter()
+        .filter_map(|e| e.2.clone())
+        .collect::<HashSet<_>>()
+        .len()
+        - 2;
     let deliveries = shuffled_with_redeliveries(&history);
-    assert!(deliveries.len() > 10_000, "a history long enough to kill the engine mid-stream");
+    assert!(
+        deliveries.len() > 10_000,
+        "a history long enough to kill the engine mid-stream"
+    );
 
     let mut crashing = Engine::start(&nats.url(), "[ingest]\nbatch_max_events = 200\n");
     crashing.wait_ready().await;
-    let mut reference = Engine::start_with_env(&nats.url(), "", &[("KPI__NATS__CONSUMER", "reference")]);
+    let mut reference =
+        Engine::start_with_env(&nats.url(), "", &[("KPI__NATS__CONSUMER", "reference")]);
     reference.wait_ready().await;
     let client = nats.client().await;
 
@@ -84,11 +121,18 @@ async fn killed_engine_loses_nothing_and_counts_nothing_twice() {
         crashing.restart().await;
     }
     for consumer in ["kpi-engine", "reference"] {
-        wait_until(&format!("{consumer} drains the stream"), Duration::from_secs(120), || drained(&client, consumer)).await;
+        wait_until(
+            &format!("{consumer} drains the stream"),
+            Duration::from_secs(120),
+            || drained(&client, consumer),
+        )
+        .await;
     }
 
     let mut periods = vec!["all".to_string()];
-    let (_, all) = reference.get("/api/v1/kpis?tenant=crashco&period=all").await;
+    let (_, all) = reference
+        .get("/api/v1/kpis?tenant=crashco&period=all")
+        .await;
     assert!(all["total"]["leads"].as_i64().unwrap() > 1000, "{all}");
     let this_year = chrono::Datelike::year(&chrono::Utc::now());
     for year in this_year - 2..=this_year {
@@ -108,19 +152,38 @@ async fn killed_engine_loses_nothing_and_counts_nothing_twice() {
     }
     for year in this_year - 2..=this_year {
         let query = format!("/api/v1/retention?tenant=crashco&year={year}");
-        assert_eq!(crashing.get(&query).await.1, reference.get(&query).await.1, "retention {year}");
+        assert_eq!(
+            crashing.get(&query).await.1,
+            reference.get(&query).await.1,
+            "retention {year}"
+        );
     }
     let crashed_metrics = crashing.metrics().await;
+    assert!(
+        crashing.log().matches("re-reading messages delivered but not acknowledged").count() >= 1,
+        "at least one kill must have hit the engine with messages in flight, or this test proves nothing"
+    );
     let reference_metrics = reference.metrics().await;
-    assert_eq!(processed_total(&reference_metrics), distinct_valid as f64, "every distinct event applied once");
-    assert_eq!(processed_total(&crashed_metrics), distinct_valid as f64, "crashes count no event twice nor lose one");
+    assert_eq!(
+        processed_total(&reference_metrics),
+        distinct_valid as f64,
+        "every distinct event applied once"
+    );
+    assert_eq!(
+        processed_total(&crashed_metrics),
+        distinct_valid as f64,
+        "crashes count no event twice nor lose one"
+    );
     for reason in ["negative_amount", "unknown_currency"] {
         let labels = [("tenant", "crashco"), ("reason", reason)];
-        assert_eq!(metric_value(&crashed_metrics, "kpi_events_rejected_total", &labels), Some(1.0), "{reason}");
+        assert_eq!(
+            metric_value(&crashed_metrics, "kpi_events_rejected_total", &labels),
+            Some(1.0),
+            "{reason}"
+        );
     }
     let js = async_nats::jetstream::new(client.clone());
     let mut rejected = js.get_stream("KPI_REJECTED").await.unwrap();
     // Both engines dead-letter each bad message once (the same Nats-Msg-Id: JetStream keeps one).
     assert_eq!(rejected.info().await.unwrap().state.messages, 2);
 }
-

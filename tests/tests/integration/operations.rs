@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use kpi_tests::{drained, event, free_port, kpi_binary, metric_value, publish, wait_until, Engine, NatsServer};
+use kpi_tests::{
+    drained, event, free_port, kpi_binary, metric_value, publish, wait_until, Engine, NatsServer,
+};
 use serde_json::json;
 
 #[tokio::test]
@@ -10,16 +12,34 @@ async fn a_bad_configuration_stops_start_up_naming_every_key() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("bad.toml");
     std::fs::write(&config, "[http]\nlisten = \"nowhere\"\n[tenants.acme]\ntimezone = \"Mars/Olympus\"\nfx = { usd = 1.1 }\n").unwrap();
-    let output = std::process::Command::new(kpi_binary()).arg("serve").arg("--config").arg(&config).output().unwrap();
+    let output = std::process::Command::new(kpi_binary())
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    for key in ["http.listen", "tenants.acme.timezone", "tenants.acme.fx.usd"] {
+    for key in [
+        "http.listen",
+        "tenants.acme.timezone",
+        "tenants.acme.fx.usd",
+    ] {
         assert!(stderr.contains(key), "{key} not named in:\n{stderr}");
     }
     std::fs::write(&config, "[nats]\nurll = \"nats://x\"\n").unwrap();
-    let output = std::process::Command::new(kpi_binary()).arg("serve").arg("--config").arg(&config).output().unwrap();
+    let output = std::process::Command::new(kpi_binary())
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
     assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("urll"), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("urll"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 #[tokio::test]
@@ -27,7 +47,9 @@ async fn readiness_waits_for_nats_and_the_engine_follows_broker_restarts() {
     let port = free_port();
     let mut engine = Engine::start(&format!("nats://127.0.0.1:{port}"), "");
     wait_until("healthz answers", Duration::from_secs(30), || async {
-        reqwest::get(format!("{}/healthz", engine.base())).await.is_ok_and(|r| r.status() == 200)
+        reqwest::get(format!("{}/healthz", engine.base()))
+            .await
+            .is_ok_and(|r| r.status() == 200)
     })
     .await;
     let (status, _) = engine.get("/readyz").await;
@@ -36,23 +58,63 @@ async fn readiness_waits_for_nats_and_the_engine_follows_broker_restarts() {
     let mut nats = NatsServer::start_on(Some(port));
     engine.wait_ready().await;
     let client = nats.client().await;
-    let first: Vec<_> = (0..200).map(|n| event(&format!("a{n}"), "lead.created", "2025-01-10T10:00:00Z", "acme", json!({"lead_id": format!("L{n}")}))).collect();
+    let first: Vec<_> = (0..200)
+        .map(|n| {
+            event(
+                &format!("a{n}"),
+                "lead.created",
+                "2025-01-10T10:00:00Z",
+                "acme",
+                json!({"lead_id": format!("L{n}")}),
+            )
+        })
+        .collect();
     publish(&client, &first).await;
-    wait_until("first half applied", Duration::from_secs(30), || drained(&client, "kpi-engine")).await;
+    wait_until("first half applied", Duration::from_secs(30), || {
+        drained(&client, "kpi-engine")
+    })
+    .await;
 
     nats.restart();
     let client = nats.client().await;
-    let second: Vec<_> = (200..400).map(|n| event(&format!("a{n}"), "lead.created", "2025-01-10T10:00:00Z", "acme", json!({"lead_id": format!("L{n}")}))).collect();
+    let second: Vec<_> = (200..400)
+        .map(|n| {
+            event(
+                &format!("a{n}"),
+                "lead.created",
+                "2025-01-10T10:00:00Z",
+                "acme",
+                json!({"lead_id": format!("L{n}")}),
+            )
+        })
+        .collect();
     publish(&client, &second).await;
-    wait_until("second half applied after the broker restart", Duration::from_secs(60), || async {
-        let (_, body) = engine.get("/api/v1/kpis?tenant=acme&period=all").await;
-        body["total"]["leads"] == 400
+    wait_until(
+        "second half applied after the broker restart",
+        Duration::from_secs(60),
+        || async {
+            let (_, body) = engine.get("/api/v1/kpis?tenant=acme&period=all").await;
+            body["total"]["leads"] == 400
+        },
+    )
+    .await;
+    wait_until("drained", Duration::from_secs(30), || {
+        drained(&client, "kpi-engine")
     })
     .await;
-    wait_until("drained", Duration::from_secs(30), || drained(&client, "kpi-engine")).await;
     let metrics = engine.metrics().await;
-    assert_eq!(metric_value(&metrics, "kpi_engine_nats_connected", &[]), Some(1.0));
-    assert_eq!(metric_value(&metrics, "kpi_events_processed_total", &[("tenant", "acme"), ("type", "lead.created")]), Some(400.0));
+    assert_eq!(
+        metric_value(&metrics, "kpi_engine_nats_connected", &[]),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "kpi_events_processed_total",
+            &[("tenant", "acme"), ("type", "lead.created")]
+        ),
+        Some(400.0)
+    );
 }
 
 #[tokio::test]
@@ -70,12 +132,22 @@ async fn a_clean_stop_and_restart_keeps_every_kpi() {
         })
         .collect();
     publish(&client, &events).await;
-    wait_until("drained", Duration::from_secs(30), || drained(&client, "kpi-engine")).await;
+    wait_until("drained", Duration::from_secs(30), || {
+        drained(&client, "kpi-engine")
+    })
+    .await;
     let (_, before) = engine.get("/api/v1/kpis?tenant=acme&period=2025-05").await;
     assert_eq!(before["total"]["revenue"], "500.50");
     assert_eq!(before["total"]["new_customers"], 7);
-    assert!(engine.stop().success(), "SIGTERM ends the engine cleanly:\n{}", engine.log());
+    assert!(
+        engine.stop().success(),
+        "SIGTERM ends the engine cleanly:\n{}",
+        engine.log()
+    );
     engine.restart().await;
     let (_, after) = engine.get("/api/v1/kpis?tenant=acme&period=2025-05").await;
-    assert_eq!(before, after, "aggregates rebuilt from the store are the same");
+    assert_eq!(
+        before, after,
+        "aggregates rebuilt from the store are the same"
+    );
 }
