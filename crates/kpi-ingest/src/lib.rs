@@ -269,6 +269,7 @@ impl Ingest {
             .map_err(js_error)?;
         let batch_wait = Duration::from_millis(self.config.ingest.batch_max_wait_ms);
         loop {
+            let fetch_started = Instant::now();
             let first = tokio::select! {
                 next = messages.next() => next,
                 _ = shutdown.changed() => return Ok(()),
@@ -290,6 +291,11 @@ impl Ingest {
                 }
             }
 
+            self.state
+                .metrics
+                .batch_stage_seconds
+                .with_label_values(&["fetch"])
+                .observe(fetch_started.elapsed().as_secs_f64());
             let mut items = Vec::with_capacity(batch.len());
             let mut hole = false;
             for message in &batch {
@@ -314,7 +320,13 @@ impl Ingest {
             }
             if let Some(last) = batch.last() {
                 // Acknowledges every message up to this one (AckPolicy::All).
+                let ack_started = Instant::now();
                 last.ack().await.map_err(js_error)?;
+                self.state
+                    .metrics
+                    .batch_stage_seconds
+                    .with_label_values(&["ack"])
+                    .observe(ack_started.elapsed().as_secs_f64());
             }
         }
     }
@@ -428,6 +440,15 @@ impl Ingest {
         .await
         .map_err(|error| IngestError::Join(error.to_string()))?;
         let prepared = prepared?;
+        let stage = |name: &str, since: Instant| {
+            self.state
+                .metrics
+                .batch_stage_seconds
+                .with_label_values(&[name])
+                .observe(since.elapsed().as_secs_f64());
+        };
+        stage("apply", started);
+        let dead_letter_started = Instant::now();
 
         for (incoming, tenant, rejection) in &prepared.dead_letters {
             warn!(subject = %incoming.subject, sequence = incoming.stream_sequence, reason = %rejection, "event rejected");
@@ -453,11 +474,16 @@ impl Ingest {
             .map_err(js_error)?;
         }
 
+        if !prepared.dead_letters.is_empty() {
+            stage("dead_letter", dead_letter_started);
+        }
+        let commit_started = Instant::now();
         let store = self.store.clone();
         let commit = prepared.commit;
         let commit = tokio::task::spawn_blocking(move || store.commit(&commit).map(|()| commit))
             .await
             .map_err(|error| IngestError::Join(error.to_string()))??;
+        stage("commit", commit_started);
         let metrics = &self.state.metrics;
         metrics
             .batch_commit_seconds

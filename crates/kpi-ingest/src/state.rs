@@ -6,12 +6,18 @@ use std::sync::{RwLock, RwLockReadGuard};
 
 use kpi_model::{Aggregates, Tenants};
 use kpi_store::CounterKey;
-use prometheus::{Gauge, Histogram, HistogramOpts, IntCounter, IntGauge, Opts, Registry};
+use prometheus::{
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntGauge, Opts, Registry,
+};
 
 /// Engine health metrics (`kpi_engine_*`).
 pub struct EngineMetrics {
     pub batch_commit_seconds: Histogram,
     pub batch_events: Histogram,
+    /// Time per batch in each stage: `fetch` (waiting for and collecting messages), `apply`
+    /// (decode and apply in memory), `dead_letter`
+    /// (republish rejected messages), `commit` (sled write and flush), `ack`.
+    pub batch_stage_seconds: HistogramVec,
     pub event_latency_seconds: Histogram,
     pub consumer_pending: IntGauge,
     pub consumer_ack_pending: IntGauge,
@@ -50,6 +56,17 @@ impl EngineMetrics {
                 Histogram::with_opts(
                     HistogramOpts::new("kpi_engine_batch_events", "Messages per committed batch")
                         .buckets(vec![1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0]),
+                )?,
+            ),
+            batch_stage_seconds: register(
+                registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "kpi_engine_batch_stage_seconds",
+                        "Time per batch spent in each stage of the ingest",
+                    )
+                    .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]),
+                    &["stage"],
                 )?,
             ),
             event_latency_seconds: register(

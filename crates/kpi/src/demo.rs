@@ -7,6 +7,8 @@
 //! customers coming back the following years; and two invalid events that land in the
 //! dead-letter stream.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::io::Write;
 use std::path::Path;
 
@@ -100,24 +102,49 @@ const CHANNELS: &[Channel] = &[
     },
 ];
 
-struct Builder {
+/// Collects events and releases them in time order once the generation passes their time,
+/// so a long history streams with bounded memory.
+struct Builder<'s> {
     tenant: String,
     count: u64,
-    events: Vec<Value>,
+    pending: BinaryHeap<Reverse<(DateTime<Utc>, u64, String)>>,
+    sink: &'s mut dyn FnMut(Outgoing),
 }
 
-impl Builder {
+impl Builder<'_> {
     fn emit(&mut self, event_type: &str, time: DateTime<Utc>, data: Value) {
         self.count += 1;
-        self.events.push(json!({
+        let line = json!({
             "specversion": "1.0",
-            "id": format!("demo-{}-{:07}", self.tenant, self.count),
+            "id": format!("demo-{}-{:08}", self.tenant, self.count),
             "source": "kpi-demo",
             "type": event_type,
             "time": time.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
             "tenant": self.tenant,
             "data": data,
-        }));
+        })
+        .to_string();
+        self.pending.push(Reverse((time, self.count, line)));
+    }
+
+    /// Hands over every event strictly before `until`, oldest first.
+    fn release(&mut self, until: DateTime<Utc>) {
+        while self
+            .pending
+            .peek()
+            .is_some_and(|Reverse((time, _, _))| *time < until)
+        {
+            let Some(Reverse((_, _, line))) = self.pending.pop() else {
+                break;
+            };
+            let event = crate::publish::outgoing_from_line(&line, &self.tenant, 0)
+                .unwrap_or_else(|_| Outgoing {
+                    subject: format!("kpi.events.{}.invalid", self.tenant),
+                    id: None,
+                    payload: line.into(),
+                });
+            (self.sink)(event);
+        }
     }
 }
 
@@ -128,11 +155,28 @@ fn at(date: NaiveDate, seconds: u64) -> DateTime<Utc> {
 
 /// The history, oldest first, ending before `now`.
 pub fn history(tenant: &str, seed: u64, leads_per_day: u32, now: DateTime<Utc>) -> Vec<Outgoing> {
+    let mut events = Vec::new();
+    stream_history(tenant, seed, leads_per_day, now, &mut |event| {
+        events.push(event)
+    });
+    events
+}
+
+/// The history, handed to `sink` oldest first; memory stays bounded by the events still to
+/// come within a few weeks (a deal comes at most 45 days after its lead).
+pub fn stream_history(
+    tenant: &str,
+    seed: u64,
+    leads_per_day: u32,
+    now: DateTime<Utc>,
+    sink: &mut dyn FnMut(Outgoing),
+) {
     let mut random = Random(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let mut out = Builder {
         tenant: tenant.to_string(),
         count: 0,
-        events: Vec::new(),
+        pending: BinaryHeap::new(),
+        sink,
     };
     let today = now.date_naive();
     let start = NaiveDate::from_ymd_opt(today.year() - 2, today.month(), 1).unwrap_or(today);
@@ -274,6 +318,8 @@ pub fn history(tenant: &str, seed: u64, leads_per_day: u32, now: DateTime<Utc>) 
                     "lead_id": lead_id, "amount": random.money(15_000, 150_000), "currency": "EUR"}));
             }
         }
+        // Everything generated from now on is dated from this day on.
+        out.release(at(day, 0));
         day = day.succ_opt().unwrap_or(today + Duration::days(1));
     }
 
@@ -286,19 +332,7 @@ pub fn history(tenant: &str, seed: u64, leads_per_day: u32, now: DateTime<Utc>) 
     );
     out.emit("spend.reported", yesterday, json!({"date": yesterday.date_naive().to_string(), "amount": "12000", "currency": "JPY", "channel": "social"}));
 
-    out.events
-        .sort_by(|a, b| a["time"].as_str().cmp(&b["time"].as_str()));
-    out.events
-        .into_iter()
-        .map(|event| {
-            let line = event.to_string();
-            crate::publish::outgoing_from_line(&line, tenant, 0).unwrap_or_else(|_| Outgoing {
-                subject: format!("kpi.events.{tenant}.invalid"),
-                id: None,
-                payload: line.into(),
-            })
-        })
-        .collect()
+    out.release(now + Duration::days(2));
 }
 
 pub fn write(events: &[Outgoing], path: &Path) -> anyhow::Result<()> {

@@ -5,10 +5,16 @@
 //! - `kpi report` prints a tenant's KPI table from a running engine;
 //! - `kpi demo` publishes a realistic two-year SME history.
 
-mod demo;
-mod publish;
 mod report;
 mod serve;
+
+use kpi::{demo, publish};
+
+// The engine allocates many small, short-lived objects per event (sled nodes, records,
+// aggregate keys); mimalloc serves them markedly faster than glibc's allocator (see
+// BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::path::PathBuf;
 
