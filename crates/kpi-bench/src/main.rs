@@ -63,20 +63,34 @@ impl Drop for Nats {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn start_nats(binary: &str, dir: &Path) -> anyhow::Result<Nats> {
     let port = free_port();
     let child = Command::new(binary)
-        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "--store_dir"])
+        .args([
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "--store_dir",
+        ])
         .arg(dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .with_context(|| format!("starting {binary}"))?;
     std::thread::sleep(Duration::from_millis(500));
-    Ok(Nats { child, url: format!("nats://127.0.0.1:{port}") })
+    Ok(Nats {
+        child,
+        url: format!("nats://127.0.0.1:{port}"),
+    })
 }
 
 struct Engine {
@@ -118,7 +132,8 @@ impl Engine {
 
     /// Peak resident memory (VmHWM) in MiB.
     fn peak_rss_mib(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
         status
             .lines()
             .find_map(|line| line.strip_prefix("VmHWM:"))
@@ -128,13 +143,19 @@ impl Engine {
     }
 
     fn stop(mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         let _ = self.child.wait();
     }
 }
 
 /// Publishes with a window of outstanding acknowledgements; returns events/s.
-async fn publish(js: &jetstream::Context, events: impl Iterator<Item = Outgoing>) -> anyhow::Result<(u64, f64)> {
+async fn publish(
+    js: &jetstream::Context,
+    events: impl Iterator<Item = Outgoing>,
+) -> anyhow::Result<(u64, f64)> {
     let started = Instant::now();
     let mut pending = std::collections::VecDeque::new();
     let mut count = 0;
@@ -143,7 +164,10 @@ async fn publish(js: &jetstream::Context, events: impl Iterator<Item = Outgoing>
         if let Some(id) = &event.id {
             headers.insert("Nats-Msg-Id", id.as_str());
         }
-        pending.push_back(js.publish_with_headers(event.subject, headers, event.payload).await?);
+        pending.push_back(
+            js.publish_with_headers(event.subject, headers, event.payload)
+                .await?,
+        );
         count += 1;
         if pending.len() >= 4096 {
             for _ in 0..2048 {
@@ -162,9 +186,15 @@ fn history(tenant: &str, seed: u64, leads_per_day: u32) -> std::sync::mpsc::Into
     let (sender, receiver) = std::sync::mpsc::sync_channel(100_000);
     let tenant = tenant.to_string();
     std::thread::spawn(move || {
-        kpi::demo::stream_history(&tenant, seed, leads_per_day, chrono::Utc::now(), &mut |event| {
-            let _ = sender.send(event);
-        });
+        kpi::demo::stream_history(
+            &tenant,
+            seed,
+            leads_per_day,
+            chrono::Utc::now(),
+            &mut |event| {
+                let _ = sender.send(event);
+            },
+        );
     });
     receiver.into_iter()
 }
@@ -186,7 +216,11 @@ async fn bare_consumer(js: &jetstream::Context, name: &str, expected: u64) -> an
             ..Default::default()
         })
         .await?;
-    let mut messages = consumer.stream().max_messages_per_batch(1000).messages().await?;
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(1000)
+        .messages()
+        .await?;
     let started = Instant::now();
     let mut seen = 0u64;
     while seen < expected {
@@ -222,7 +256,11 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// Times `count` answers of `/api/v1/kpis` for the current month; (p50, p99, max) in ms.
-async fn api_latency(engine: &Engine, tenant: &str, count: usize) -> anyhow::Result<(f64, f64, f64)> {
+async fn api_latency(
+    engine: &Engine,
+    tenant: &str,
+    count: usize,
+) -> anyhow::Result<(f64, f64, f64)> {
     let client = reqwest::Client::new();
     let month = chrono::Utc::now().format("%Y-%m").to_string();
     let url = engine.url(&format!("/api/v1/kpis?tenant={tenant}&period={month}"));
@@ -230,12 +268,20 @@ async fn api_latency(engine: &Engine, tenant: &str, count: usize) -> anyhow::Res
     for _ in 0..count {
         let started = Instant::now();
         let response = client.get(&url).send().await?;
-        anyhow::ensure!(response.status() == 200, "API answered {}", response.status());
+        anyhow::ensure!(
+            response.status() == 200,
+            "API answered {}",
+            response.status()
+        );
         let _ = response.bytes().await?;
         times.push(started.elapsed().as_secs_f64() * 1000.0);
     }
     times.sort_by(f64::total_cmp);
-    Ok((percentile(&times, 0.5), percentile(&times, 0.99), *times.last().unwrap_or(&f64::NAN)))
+    Ok((
+        percentile(&times, 0.5),
+        percentile(&times, 0.99),
+        *times.last().unwrap_or(&f64::NAN),
+    ))
 }
 
 /// Sums of the engine's stage histograms (seconds) from /metrics.
@@ -256,19 +302,37 @@ fn probe_event(n: u64) -> Outgoing {
     let line = format!(
         r#"{{"specversion":"1.0","id":"probe-{n}","source":"bench","type":"lead.created","time":"{now}","data":{{"lead_id":"P{n}","channel":"probe"}}}}"#
     );
-    Outgoing { subject: "kpi.events.latency.lead.created".into(), id: Some(format!("probe-{n}")), payload: line.into() }
+    Outgoing {
+        subject: "kpi.events.latency.lead.created".into(),
+        id: Some(format!("probe-{n}")),
+        payload: line.into(),
+    }
 }
 
 async fn leads_of(client: &reqwest::Client, engine: &Engine) -> i64 {
-    match client.get(engine.url("/api/v1/kpis?tenant=latency&period=all")).send().await {
-        Ok(response) => response.json::<serde_json::Value>().await.ok().and_then(|v| v["total"]["leads"].as_i64()).unwrap_or(0),
+    match client
+        .get(engine.url("/api/v1/kpis?tenant=latency&period=all"))
+        .send()
+        .await
+    {
+        Ok(response) => response
+            .json::<serde_json::Value>()
+            .await
+            .ok()
+            .and_then(|v| v["total"]["leads"].as_i64())
+            .unwrap_or(0),
         Err(_) => 0,
     }
 }
 
 /// Publishes background load at `rate`/s and one probe every 100 ms; each probe is timed from
 /// its publish to the API showing it. (p50, p99, max) in ms.
-async fn steady_latency(js: &jetstream::Context, engine: &Engine, rate: u64, seconds: u64) -> anyhow::Result<(f64, f64, f64, usize)> {
+async fn steady_latency(
+    js: &jetstream::Context,
+    engine: &Engine,
+    rate: u64,
+    seconds: u64,
+) -> anyhow::Result<(f64, f64, f64, usize)> {
     let background = {
         let js = js.clone();
         tokio::spawn(async move {
@@ -284,7 +348,9 @@ async fn steady_latency(js: &jetstream::Context, engine: &Engine, rate: u64, sec
                         if let Some(id) = &event.id {
                             headers.insert("Nats-Msg-Id", id.as_str());
                         }
-                        let _ = js.publish_with_headers(event.subject, headers, event.payload).await;
+                        let _ = js
+                            .publish_with_headers(event.subject, headers, event.payload)
+                            .await;
                     }
                 }
             }
@@ -298,7 +364,13 @@ async fn steady_latency(js: &jetstream::Context, engine: &Engine, rate: u64, sec
     while Instant::now() < deadline {
         n += 1;
         let started = Instant::now();
-        js.publish_with_headers("kpi.events.latency.lead.created", async_nats::HeaderMap::new(), probe_event(n).payload).await?.await?;
+        js.publish_with_headers(
+            "kpi.events.latency.lead.created",
+            async_nats::HeaderMap::new(),
+            probe_event(n).payload,
+        )
+        .await?
+        .await?;
         while leads_of(&client, engine).await < baseline + n as i64 {
             tokio::time::sleep(Duration::from_micros(500)).await;
         }
@@ -307,33 +379,50 @@ async fn steady_latency(js: &jetstream::Context, engine: &Engine, rate: u64, sec
     }
     background.await?;
     latencies.sort_by(f64::total_cmp);
-    Ok((percentile(&latencies, 0.5), percentile(&latencies, 0.99), *latencies.last().unwrap_or(&f64::NAN), latencies.len()))
+    Ok((
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        *latencies.last().unwrap_or(&f64::NAN),
+        latencies.len(),
+    ))
 }
 
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     let memory = std::fs::read_to_string("/proc/meminfo")
         .unwrap_or_default()
         .lines()
         .find_map(|l| l.strip_prefix("MemTotal:").map(|v| v.trim().to_string()))
         .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     format!("{cores} cores ({cpu}), {memory} memory")
 }
 
 fn command_output(program: &str, args: &[&str]) -> String {
-    Command::new(program).args(args).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+    Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let temp = tempfile::tempdir()?;
-    let work = args.work_dir.clone().unwrap_or_else(|| temp.path().to_path_buf());
+    let work = args
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| temp.path().to_path_buf());
     std::fs::create_dir_all(&work)?;
     let mut report = String::new();
     let mut line = |text: String| {
@@ -354,7 +443,8 @@ async fn main() -> anyhow::Result<()> {
     .await?;
 
     eprintln!("pre-loading about {} events...", args.events);
-    let (loaded, publish_rate) = publish(&js, history("bench", 1, leads_per_day_for(args.events))).await?;
+    let (loaded, publish_rate) =
+        publish(&js, history("bench", 1, leads_per_day_for(args.events))).await?;
     eprintln!("loaded {loaded} events at {publish_rate:.0}/s");
 
     let bare_before = bare_consumer(&js, "bare-before", loaded).await?;
@@ -375,20 +465,28 @@ async fn main() -> anyhow::Result<()> {
     let (api_p50, api_p99, api_max) = api_latency(&engine, "bench", 2000).await?;
     let rss_after_ingest = engine.peak_rss_mib();
 
-    let (steady_p50, steady_p99, steady_max, probes) = steady_latency(&js, &engine, args.steady_rate, args.steady_seconds).await?;
+    let (steady_p50, steady_p99, steady_max, probes) =
+        steady_latency(&js, &engine, args.steady_rate, args.steady_seconds).await?;
     let rss_after_steady = engine.peak_rss_mib();
 
     let mut large = None;
     if args.large_events > loaded {
         let extra = args.large_events - loaded;
         eprintln!("growing the history by {extra} events...");
-        let (added, _) = publish(&js, history("bench", 2, leads_per_day_for(extra)).map(|mut event| {
-            // a second pass over the same two years, with its own ids
-            event.id = event.id.map(|id| format!("x{id}"));
-            let text = String::from_utf8_lossy(&event.payload).replacen("\"id\":\"demo-", "\"id\":\"xdemo-", 1).replace("\"lead_id\":\"L", "\"lead_id\":\"XL").replace("\"deal_id\":\"D", "\"deal_id\":\"XD").replace("\"customer_id\":\"C", "\"customer_id\":\"XC");
-            event.payload = text.into();
-            event
-        }))
+        let (added, _) = publish(
+            &js,
+            history("bench", 2, leads_per_day_for(extra)).map(|mut event| {
+                // a second pass over the same two years, with its own ids
+                event.id = event.id.map(|id| format!("x{id}"));
+                let text = String::from_utf8_lossy(&event.payload)
+                    .replacen("\"id\":\"demo-", "\"id\":\"xdemo-", 1)
+                    .replace("\"lead_id\":\"L", "\"lead_id\":\"XL")
+                    .replace("\"deal_id\":\"D", "\"deal_id\":\"XD")
+                    .replace("\"customer_id\":\"C", "\"customer_id\":\"XC");
+                event.payload = text.into();
+                event
+            }),
+        )
         .await?;
         let grown_started = Instant::now();
         wait_drained(&js).await?;
@@ -401,7 +499,18 @@ async fn main() -> anyhow::Result<()> {
         let (p50_restarted, _, _) = api_latency(&restarted, "bench", 500).await?;
         let rss_restarted = restarted.peak_rss_mib();
         let store_bytes = dir_size(&engine_dir.join("store"));
-        large = Some((loaded + added, grown_rate, p50, p99, max, rss_grown, rebuild, p50_restarted, rss_restarted, store_bytes));
+        large = Some((
+            loaded + added,
+            grown_rate,
+            p50,
+            p99,
+            max,
+            rss_grown,
+            rebuild,
+            p50_restarted,
+            rss_restarted,
+            store_bytes,
+        ));
         restarted.stop();
     } else {
         engine.stop();
@@ -421,7 +530,9 @@ async fn main() -> anyhow::Result<()> {
     line("| consumer | events/s | vs bare |".into());
     line("|---|---:|---:|".into());
     line(format!("| bare async-nats pull consumer, AckPolicy::All, ack every 1,000 (before the engine) | {bare_before:.0} | |"));
-    line(format!("| bare consumer again (after the engine) | {bare_after:.0} | |"));
+    line(format!(
+        "| bare consumer again (after the engine) | {bare_after:.0} | |"
+    ));
     line(format!("| **kpi engine**, empty store to drained (start-up included) | **{engine_rate:.0}** | **{:.2}** |", engine_rate / bare));
     line(String::new());
     line(format!("Where the engine's time goes over those {engine_seconds:.1} s (sums of `kpi_engine_batch_stage_seconds`):"));
@@ -429,34 +540,62 @@ async fn main() -> anyhow::Result<()> {
     line("| stage | seconds | share |".into());
     line("|---|---:|---:|".into());
     for (stage, seconds) in &stages {
-        line(format!("| {stage} | {seconds:.2} | {:.0} % |", seconds / engine_seconds * 100.0));
+        line(format!(
+            "| {stage} | {seconds:.2} | {:.0} % |",
+            seconds / engine_seconds * 100.0
+        ));
     }
-    line(format!("| other (scheduling, metrics) | {:.2} | {:.0} % |", engine_seconds - stages.iter().map(|s| s.1).sum::<f64>(), (engine_seconds - stages.iter().map(|s| s.1).sum::<f64>()) / engine_seconds * 100.0));
+    line(format!(
+        "| other (scheduling, metrics) | {:.2} | {:.0} % |",
+        engine_seconds - stages.iter().map(|s| s.1).sum::<f64>(),
+        (engine_seconds - stages.iter().map(|s| s.1).sum::<f64>()) / engine_seconds * 100.0
+    ));
     line(String::new());
     line("## `/api/v1/kpis` for the current month".into());
     line(String::new());
     line("| history | p50 | p99 | max |".into());
     line("|---|---:|---:|---:|".into());
-    line(format!("| {loaded} events | {api_p50:.2} ms | {api_p99:.2} ms | {api_max:.2} ms |"));
+    line(format!(
+        "| {loaded} events | {api_p50:.2} ms | {api_p99:.2} ms | {api_max:.2} ms |"
+    ));
     if let Some((total, _, p50, p99, max, ..)) = &large {
-        line(format!("| {total} events | {p50:.2} ms | {p99:.2} ms | {max:.2} ms |"));
+        line(format!(
+            "| {total} events | {p50:.2} ms | {p99:.2} ms | {max:.2} ms |"
+        ));
     }
     line(String::new());
     line("Sequential requests over loopback with reqwest, 2,000 each; the time includes HTTP and JSON.".into());
     line(String::new());
-    line(format!("## Event-to-gauge latency at {} events/s", args.steady_rate));
+    line(format!(
+        "## Event-to-gauge latency at {} events/s",
+        args.steady_rate
+    ));
     line(String::new());
     line(format!("{probes} probe events, one every 100 ms for {} s, each timed from `publish` to the API showing it (the API and /metrics read the same in-memory aggregates), under a background load of {} events/s: p50 **{steady_p50:.1} ms**, p99 **{steady_p99:.1} ms**, max {steady_max:.1} ms.", args.steady_seconds, args.steady_rate));
     line(String::new());
     line("## Memory and start-up".into());
     line(String::new());
     line(format!("- Peak RSS (VmHWM) after ingesting {loaded} events: **{rss_after_ingest:.0} MiB**; after the steady-rate run: {rss_after_steady:.0} MiB."));
-    if let Some((total, grown_rate, _, _, _, rss_grown, rebuild, p50_restarted, rss_restarted, store_bytes)) = &large {
+    if let Some((
+        total,
+        grown_rate,
+        _,
+        _,
+        _,
+        rss_grown,
+        rebuild,
+        p50_restarted,
+        rss_restarted,
+        store_bytes,
+    )) = &large
+    {
         line(format!("- Growing the history to {total} events: ingest at {grown_rate:.0} events/s; peak RSS **{rss_grown:.0} MiB**."));
         line(format!("- Restart with {total} events of history: ready (aggregates rebuilt from the records) in **{:.1} s**, peak RSS {rss_restarted:.0} MiB; API p50 afterwards {p50_restarted:.2} ms.", rebuild.as_secs_f64()));
-        line(format!("- sled store on disk: {:.0} MiB.", *store_bytes as f64 / 1048576.0));
+        line(format!(
+            "- sled store on disk: {:.0} MiB.",
+            *store_bytes as f64 / 1048576.0
+        ));
     }
-    drop(line);
     match &args.out {
         Some(path) => std::fs::write(path, report)?,
         None => println!("{report}"),

@@ -21,7 +21,7 @@
 pub mod state;
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer, stream};
@@ -30,8 +30,8 @@ use chrono::Utc;
 use futures_util::StreamExt;
 use kpi_config::Config;
 use kpi_model::event::{tenant_of_subject, INVALID_TENANT, REJECTED_SUBJECT_PREFIX};
-use kpi_model::{decode_event, Batch, DecodeLimits, Outcome, Rejection, Tenants};
-use kpi_store::{Commit, CounterKey, Store, StoreError};
+use kpi_model::{decode_event, Batch, DecodeLimits, Outcome, RecordSource, Rejection, Tenants};
+use kpi_store::{Commit, CounterKey, KeyFilter, Store, StoreError};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -177,16 +177,20 @@ pub struct Ingest {
     store: Store,
     state: Arc<EngineState>,
     limits: DecodeLimits,
+    /// Every key in the store: lets a batch skip sled for entities it has never seen.
+    filter: Arc<Mutex<KeyFilter>>,
 }
 
 impl Ingest {
-    pub fn new(config: Config, store: Store, state: Arc<EngineState>) -> Ingest {
+    /// `filter` holds every key in `store` (from [`load_state`]).
+    pub fn new(config: Config, store: Store, state: Arc<EngineState>, filter: KeyFilter) -> Ingest {
         let limits = config.decode_limits();
         Ingest {
             config,
             store,
             state,
             limits,
+            filter: Arc::new(Mutex::new(filter)),
         }
     }
 
@@ -433,8 +437,22 @@ impl Ingest {
         let store = self.store.clone();
         let state = self.state.clone();
         let limits = self.limits.clone();
+        let filter = self.filter.clone();
         let (prepared, items) = tokio::task::spawn_blocking(move || {
-            let prepared = prepare(&items, &store, &state.tenants, &limits, &state.counters());
+            let mut filter = filter.lock().unwrap_or_else(|e| e.into_inner());
+            let source = Filtered {
+                store: &store,
+                filter: &filter,
+            };
+            let prepared = prepare(&items, &source, &state.tenants, &limits, &state.counters());
+            if let Ok(prepared) = &prepared {
+                // Before the commit: if it fails, a key too many only costs a sled read.
+                for (key, record) in &prepared.commit.records {
+                    if record.is_some() {
+                        filter.insert(&key.encode());
+                    }
+                }
+            }
             (prepared, items)
         })
         .await
@@ -507,7 +525,7 @@ impl Ingest {
 /// Decodes and applies a batch against the store (blocking: it reads sled).
 fn prepare(
     items: &[Incoming],
-    store: &Store,
+    store: &Filtered<'_>,
     tenants: &Tenants,
     limits: &DecodeLimits,
     counters: &BTreeMap<CounterKey, u64>,
@@ -556,7 +574,7 @@ fn prepare(
         // A message dead-lettered by an earlier (crashed or unacknowledged) run is not
         // republished or counted again.
         if !seen_rejected.insert(incoming.stream_sequence)
-            || store.is_rejected(incoming.stream_sequence)?
+            || store.store.is_rejected(incoming.stream_sequence)?
         {
             continue;
         }
@@ -592,6 +610,24 @@ fn prepare(
     })
 }
 
+/// The store, read through the key filter.
+struct Filtered<'a> {
+    store: &'a Store,
+    filter: &'a KeyFilter,
+}
+
+impl RecordSource for Filtered<'_> {
+    type Error = StoreError;
+
+    fn load(&self, key: &kpi_model::RecordKey) -> Result<Option<kpi_model::Record>, StoreError> {
+        if self.filter.may_contain(&key.encode()) {
+            self.store.record(key)
+        } else {
+            Ok(None)
+        }
+    }
+}
+
 /// Refreshes the consumer's pending counts every few seconds (also while idle).
 async fn poll_consumer_info(
     events_stream: stream::Stream,
@@ -621,15 +657,16 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Loads the store into the live state: counters, and aggregates rebuilt from the records.
-pub fn load_state(store: &Store, state: &EngineState) -> Result<(), StoreError> {
+/// Loads the store into the live state (counters, and aggregates rebuilt from the records);
+/// returns the filter of stored keys for [`Ingest::new`].
+pub fn load_state(store: &Store, state: &EngineState) -> Result<KeyFilter, StoreError> {
     let started = Instant::now();
-    let (aggregates, records) = store.rebuild_aggregates(&state.tenants)?;
+    let (aggregates, filter, records) = store.rebuild(&state.tenants)?;
     let counters = store.counters()?;
     state.reset(aggregates, counters);
     let seconds = started.elapsed().as_secs_f64();
     state.metrics.rebuild_seconds.set(seconds);
     state.metrics.store_records.set(records as i64);
     info!(records, seconds, "aggregates rebuilt from the store");
-    Ok(())
+    Ok(filter)
 }

@@ -232,6 +232,9 @@ pub fn contribute(
     into: &mut Aggregates,
 ) {
     let signed = Decimal::from(sign);
+    // Every record makes its tenant known, whatever it contributes: a tenant is known once any
+    // of its events was applied, in any order (an API question about it is then not a 404).
+    into.tenant_mut(tenant);
     match record {
         Record::Lead(lead) => {
             let (Some(created), Some(attribution)) = (&lead.created, lead.attribution()) else {

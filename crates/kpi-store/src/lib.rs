@@ -13,8 +13,12 @@
 //! acknowledged batch completely and no unacknowledged one partially. Aggregates are not
 //! stored: they are a function of the records ([`Store::rebuild_aggregates`]).
 
+pub mod key_filter;
+
 use std::collections::BTreeMap;
 use std::path::Path;
+
+pub use key_filter::KeyFilter;
 
 use kpi_model::record::Record;
 use kpi_model::{aggregate_records, Aggregates, RecordKey, RecordSource, Tenants};
@@ -163,17 +167,35 @@ impl Store {
 
     /// Writes a batch atomically and waits until it is on disk.
     pub fn commit(&self, commit: &Commit) -> Result<(), StoreError> {
+        self.commit_parts(
+            commit
+                .records
+                .iter()
+                .map(|(key, record)| (key, record.as_ref())),
+            &commit.counters,
+            &commit.rejected_sequences,
+        )
+    }
+
+    /// As [`Store::commit`], from borrowed parts: records (`None` deletes), the new absolute
+    /// values of counters, and the stream sequences of dead-lettered messages.
+    pub fn commit_parts<'a>(
+        &self,
+        records: impl IntoIterator<Item = (&'a RecordKey, Option<&'a Record>)>,
+        counters: &BTreeMap<CounterKey, u64>,
+        rejected_sequences: &[u64],
+    ) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
-        for (key, record) in &commit.records {
+        for (key, record) in records {
             match record {
                 Some(record) => batch.insert(record_key(key), record.encode()),
                 None => batch.remove(record_key(key)),
             }
         }
-        for (key, value) in &commit.counters {
+        for (key, value) in counters {
             batch.insert(key.encode(), &value.to_be_bytes());
         }
-        for sequence in &commit.rejected_sequences {
+        for sequence in rejected_sequences {
             batch.insert(&rejected_key(*sequence), &[]);
         }
         self.db.apply_batch(batch)?;
@@ -201,10 +223,12 @@ impl Store {
         Ok(counters)
     }
 
-    /// Sums the contributions of every stored record: the aggregates, rebuilt.
-    pub fn rebuild_aggregates(&self, tenants: &Tenants) -> Result<(Aggregates, u64), StoreError> {
+    /// Sums the contributions of every stored record (the aggregates, rebuilt), and fills a
+    /// [`KeyFilter`] with every record key. Returns the number of records too.
+    pub fn rebuild(&self, tenants: &Tenants) -> Result<(Aggregates, KeyFilter, u64), StoreError> {
         let mut records = Vec::new();
         let mut aggregates = Aggregates::default();
+        let mut filter = KeyFilter::new();
         let mut count = 0u64;
         // Sum in chunks so memory stays bounded whatever the number of records.
         for entry in self.db.scan_prefix([RECORD_PREFIX]) {
@@ -214,6 +238,7 @@ impl Store {
                 source,
             })?;
             if let Some(key) = RecordKey::decode(&stored_key[1..]) {
+                filter.insert(&stored_key[1..]);
                 records.push((key, record));
                 count += 1;
             }
@@ -229,7 +254,7 @@ impl Store {
             records.iter().map(|(k, r)| (k, r)),
             tenants,
         ));
-        Ok((aggregates, count))
+        Ok((aggregates, filter, count))
     }
 
     /// Flushes everything to disk (commits already do; this is for shutdown).

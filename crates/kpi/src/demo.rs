@@ -137,11 +137,13 @@ impl Builder<'_> {
             let Some(Reverse((_, _, line))) = self.pending.pop() else {
                 break;
             };
-            let event = crate::publish::outgoing_from_line(&line, &self.tenant, 0)
-                .unwrap_or_else(|_| Outgoing {
-                    subject: format!("kpi.events.{}.invalid", self.tenant),
-                    id: None,
-                    payload: line.into(),
+            let event =
+                crate::publish::outgoing_from_line(&line, &self.tenant, 0).unwrap_or_else(|_| {
+                    Outgoing {
+                        subject: format!("kpi.events.{}.invalid", self.tenant),
+                        id: None,
+                        payload: line.into(),
+                    }
                 });
             (self.sink)(event);
         }

@@ -36,14 +36,14 @@ pub async fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
         .with_context(|| format!("http.listen: cannot listen on {}", config.http.listen))?;
     info!(%address, "HTTP server listening (/metrics, /api/v1/kpis, /api/v1/retention, /healthz, /readyz)");
 
-    {
+    let filter = {
         let store = store.clone();
         let state = state.clone();
-        tokio::task::spawn_blocking(move || kpi_ingest::load_state(&store, &state)).await??;
-    }
+        tokio::task::spawn_blocking(move || kpi_ingest::load_state(&store, &state)).await??
+    };
 
     let client = kpi_ingest::connect(&config, Some(state.clone())).await?;
-    let ingest = Ingest::new(config, store.clone(), state);
+    let ingest = Ingest::new(config, store.clone(), state, filter);
     let mut ingest_task = tokio::spawn(ingest.run(client, stopped));
 
     let outcome = tokio::select! {
