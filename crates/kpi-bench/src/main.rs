@@ -151,33 +151,14 @@ impl Engine {
     }
 }
 
-/// Publishes with a window of outstanding acknowledgements; returns events/s.
+/// Publishes through the engine's own publisher; returns the count and events/s.
 async fn publish(
     js: &jetstream::Context,
     events: impl Iterator<Item = Outgoing>,
 ) -> anyhow::Result<(u64, f64)> {
     let started = Instant::now();
-    let mut pending = std::collections::VecDeque::new();
-    let mut count = 0;
-    for event in events {
-        let mut headers = async_nats::HeaderMap::new();
-        if let Some(id) = &event.id {
-            headers.insert("Nats-Msg-Id", id.as_str());
-        }
-        pending.push_back(
-            js.publish_with_headers(event.subject, headers, event.payload)
-                .await?,
-        );
-        count += 1;
-        if pending.len() >= 4096 {
-            for _ in 0..2048 {
-                pending.pop_front().unwrap().await?;
-            }
-        }
-    }
-    for ack in pending {
-        ack.await?;
-    }
+    let mut count = 0u64;
+    kpi::publish::publish_all(js, events, |_| count += 1).await?;
     Ok((count, count as f64 / started.elapsed().as_secs_f64()))
 }
 

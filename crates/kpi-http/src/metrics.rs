@@ -94,8 +94,9 @@ impl Families {
         }
     }
 
-    fn collectors(&self) -> Vec<&dyn Collector> {
-        vec![
+    /// The KPI gauge families (all but the counters and the omission gauge).
+    fn gauges(&self) -> [&GaugeVec; 19] {
+        [
             &self.cac,
             &self.conversion,
             &self.stage_conversion,
@@ -115,36 +116,28 @@ impl Families {
             &self.active_customers,
             &self.retained_customers,
             &self.cac_threshold,
-            &self.processed,
-            &self.duplicate,
-            &self.rejected,
-            &self.omitted,
         ]
     }
 
+    fn collectors(&self) -> Vec<&dyn Collector> {
+        let mut collectors: Vec<&dyn Collector> = self
+            .gauges()
+            .into_iter()
+            .map(|gauge| gauge as &dyn Collector)
+            .collect();
+        collectors.extend([
+            &self.processed as &dyn Collector,
+            &self.duplicate,
+            &self.rejected,
+            &self.omitted,
+        ]);
+        collectors
+    }
+
+    /// Drops every series, before a scrape fills them again from the current state.
     fn reset(&self) {
-        for family in [
-            &self.cac,
-            &self.conversion,
-            &self.stage_conversion,
-            &self.qualified_ratio,
-            &self.roi,
-            &self.roas,
-            &self.campaign_roi,
-            &self.campaign_roas,
-            &self.retention,
-            &self.loyalty,
-            &self.spend,
-            &self.revenue,
-            &self.new_customers,
-            &self.leads,
-            &self.qualified_leads,
-            &self.converted_leads,
-            &self.active_customers,
-            &self.retained_customers,
-            &self.cac_threshold,
-        ] {
-            family.reset();
+        for gauge in self.gauges() {
+            gauge.reset();
         }
         self.processed.reset();
         self.duplicate.reset();

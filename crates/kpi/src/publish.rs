@@ -107,39 +107,55 @@ pub async fn publish_events(
     );
     progress.set_message(what.to_string());
     let mut summary = PublishSummary::default();
-    let mut pending = Vec::with_capacity(2048);
-    for event in events {
-        let mut headers = async_nats::HeaderMap::new();
-        if let Some(id) = &event.id {
-            headers.insert("Nats-Msg-Id", id.as_str());
-        }
-        pending.push(
-            js.publish_with_headers(event.subject, headers, event.payload)
-                .await?,
-        );
-        if pending.len() == 2048 {
-            settle(&mut pending, &mut summary, &progress).await?;
-        }
-    }
-    settle(&mut pending, &mut summary, &progress).await?;
-    progress.finish_and_clear();
-    client.flush().await?;
-    Ok(summary)
-}
-
-async fn settle(
-    pending: &mut Vec<jetstream::context::PublishAckFuture>,
-    summary: &mut PublishSummary,
-    progress: &ProgressBar,
-) -> anyhow::Result<()> {
-    for ack in pending.drain(..) {
-        let ack = ack.await.context("JetStream did not store an event")?;
-        if ack.duplicate {
+    publish_all(&js, events, |duplicate| {
+        if duplicate {
             summary.duplicates += 1;
         } else {
             summary.stored += 1;
         }
         progress.inc(1);
+    })
+    .await?;
+    progress.finish_and_clear();
+    client.flush().await?;
+    Ok(summary)
+}
+
+/// Publishes `events` with `Nats-Msg-Id` set to their ids, keeping a window of a few thousand
+/// acknowledgements outstanding; `on_ack` learns, for each event in order, whether JetStream
+/// found it a duplicate.
+pub async fn publish_all(
+    js: &jetstream::Context,
+    events: impl IntoIterator<Item = Outgoing>,
+    mut on_ack: impl FnMut(bool),
+) -> anyhow::Result<()> {
+    const WINDOW: usize = 4096;
+    let mut pending = std::collections::VecDeque::with_capacity(WINDOW);
+    for event in events {
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some(id) = &event.id {
+            headers.insert("Nats-Msg-Id", id.as_str());
+        }
+        pending.push_back(
+            js.publish_with_headers(event.subject, headers, event.payload)
+                .await?,
+        );
+        if pending.len() >= WINDOW {
+            for ack in pending.drain(..WINDOW / 2) {
+                on_ack(
+                    ack.await
+                        .context("JetStream did not store an event")?
+                        .duplicate,
+                );
+            }
+        }
+    }
+    for ack in pending {
+        on_ack(
+            ack.await
+                .context("JetStream did not store an event")?
+                .duplicate,
+        );
     }
     Ok(())
 }

@@ -254,3 +254,85 @@ async fn api_errors_are_json_with_400_and_404() {
     let (status, _) = engine.get("/healthz").await;
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn metrics_keep_the_most_active_channels_within_the_bound() {
+    let nats = NatsServer::start();
+    let mut engine = Engine::start(
+        &nats.url(),
+        "[metrics]\nmax_channels_per_tenant = 1\nmax_campaigns_per_tenant = 1\n",
+    );
+    engine.wait_ready().await;
+    let client = nats.client().await;
+    let spend = |id: &str, channel: &str, campaign: &str, amount: &str| {
+        event(
+            id,
+            "spend.reported",
+            "2025-03-02T23:00:00Z",
+            "acme",
+            json!({"date": "2025-03-02", "amount": amount, "currency": "EUR", "channel": channel, "campaign": campaign}),
+        )
+    };
+    publish(
+        &client,
+        &[
+            spend("a", "social", "small", "10"),
+            spend("b", "paid_search", "big", "500"),
+        ],
+    )
+    .await;
+    wait_until("drained", Duration::from_secs(30), || {
+        drained(&client, "kpi-engine")
+    })
+    .await;
+
+    let metrics = engine.metrics().await;
+    let spend_of = |channel| {
+        metric_value(
+            &metrics,
+            "kpi_spend",
+            &[
+                ("tenant", "acme"),
+                ("window", "all"),
+                ("channel", channel),
+                ("currency", "EUR"),
+            ],
+        )
+    };
+    assert_eq!(
+        spend_of("paid_search"),
+        Some(500.0),
+        "the most active channel is kept"
+    );
+    assert_eq!(
+        spend_of("social"),
+        None,
+        "past the bound, a channel is left out of /metrics"
+    );
+    assert_eq!(
+        spend_of("all"),
+        Some(510.0),
+        "the blended figure still counts everything"
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "kpi_engine_series_omitted",
+            &[("tenant", "acme"), ("kind", "channel")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "kpi_engine_series_omitted",
+            &[("tenant", "acme"), ("kind", "campaign")]
+        ),
+        Some(1.0)
+    );
+    let (_, body) = engine.get("/api/v1/kpis?tenant=acme&period=all").await;
+    assert_eq!(
+        body["channels"]["social"]["spend"], "10.00",
+        "the API is not bounded"
+    );
+}

@@ -42,6 +42,21 @@ async fn a_bad_configuration_stops_start_up_naming_every_key() {
     );
 }
 
+/// `lead.created` events for leads `L{n}`, n in `range`.
+fn leads(range: std::ops::Range<u32>) -> Vec<(String, String, Option<String>)> {
+    range
+        .map(|n| {
+            event(
+                &format!("a{n}"),
+                "lead.created",
+                "2025-01-10T10:00:00Z",
+                "acme",
+                json!({"lead_id": format!("L{n}")}),
+            )
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn readiness_waits_for_nats_and_the_engine_follows_broker_restarts() {
     let port = free_port();
@@ -58,17 +73,7 @@ async fn readiness_waits_for_nats_and_the_engine_follows_broker_restarts() {
     let mut nats = NatsServer::start_on(Some(port));
     engine.wait_ready().await;
     let client = nats.client().await;
-    let first: Vec<_> = (0..200)
-        .map(|n| {
-            event(
-                &format!("a{n}"),
-                "lead.created",
-                "2025-01-10T10:00:00Z",
-                "acme",
-                json!({"lead_id": format!("L{n}")}),
-            )
-        })
-        .collect();
+    let first = leads(0..200);
     publish(&client, &first).await;
     wait_until("first half applied", Duration::from_secs(30), || {
         drained(&client, "kpi-engine")
@@ -77,17 +82,7 @@ async fn readiness_waits_for_nats_and_the_engine_follows_broker_restarts() {
 
     nats.restart();
     let client = nats.client().await;
-    let second: Vec<_> = (200..400)
-        .map(|n| {
-            event(
-                &format!("a{n}"),
-                "lead.created",
-                "2025-01-10T10:00:00Z",
-                "acme",
-                json!({"lead_id": format!("L{n}")}),
-            )
-        })
-        .collect();
+    let second = leads(200..400);
     publish(&client, &second).await;
     wait_until(
         "second half applied after the broker restart",

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Runs the load benchmark against a private nats-server and writes BENCHMARKS.md.
+# Takes 15-20 minutes on a 2-core machine; arguments go to kpi-bench (see --help), e.g.
+#   scripts/bench.sh --events 200000 --large-events 0     # a quick run
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/setup.sh
+cargo build --release -q -p kpi -p kpi-bench
+NATS_BIN="$(command -v nats-server || echo /usr/sbin/nats-server)"
+target/release/kpi-bench --engine target/release/kpi --nats-server "$NATS_BIN" --out BENCHMARKS.md "$@"
+cat scripts/bench-notes.md >> BENCHMARKS.md
+echo "wrote BENCHMARKS.md"
