@@ -240,7 +240,8 @@ impl Ingest {
                     ack_policy: consumer::AckPolicy::All,
                     ack_wait: Duration::from_millis(nats.ack_wait_ms),
                     max_ack_pending: nats.max_ack_pending,
-                    filter_subject: "kpi.events.>".into(),
+                    // No filter: the stream holds only kpi.events.>, and a filtered consumer
+                    // reads the stream's last block slowly on nats-server 2.9 (BENCHMARKS.md).
                     ..Default::default()
                 },
             )
