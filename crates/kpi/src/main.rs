@@ -132,9 +132,15 @@ fn main() -> anyhow::Result<()> {
                 let events = demo::history(&tenant, seed, leads_per_day, chrono::Utc::now());
                 match out {
                     Some(path) => demo::write(&events, &path),
-                    None => publish::publish_events(&config, events, "demo history")
-                        .await
-                        .map(|_| ()),
+                    None => {
+                        let summary =
+                            publish::publish_events(&config, events, "demo history").await?;
+                        println!(
+                            "published the demo history of tenant `{tenant}`: {} events ({} already in the stream)",
+                            summary.stored, summary.duplicates
+                        );
+                        Ok(())
+                    }
                 }
             }
         }
