@@ -254,8 +254,11 @@ impl Ingest {
         self.state.set_ready(true);
         info!(stream = %nats.stream, consumer = %nats.consumer, pending = info.num_pending, "consuming");
 
-        self.recover(js, &events_stream).await?;
-        let mut expected_consumer_sequence = None;
+        // Every delivery after the one the consumer reported during recovery must reach us; a
+        // skipped sequence (e.g. messages the server handed to the pull request of a killed
+        // process) triggers another recovery before anything is acknowledged past it.
+        let delivered = self.recover(js, &events_stream).await?;
+        let mut expected_consumer_sequence = Some(delivered + 1);
 
         let poller = tokio::spawn(poll_consumer_info(
             events_stream.clone(),
@@ -338,19 +341,21 @@ impl Ingest {
 
     /// Re-reads from the stream the messages delivered to the consumer but not acknowledged,
     /// and applies them (idempotently), so that acknowledging later messages loses nothing.
+    /// Returns the consumer's delivered sequence at the time of the re-read.
     async fn recover(
         &self,
         js: &jetstream::Context,
         events_stream: &stream::Stream,
-    ) -> Result<(), IngestError> {
+    ) -> Result<u64, IngestError> {
         let info = events_stream
             .consumer_info(&self.config.nats.consumer)
             .await
             .map_err(js_error)?;
+        let delivered = info.delivered.consumer_sequence;
         let from = info.ack_floor.stream_sequence + 1;
         let to = info.delivered.stream_sequence;
         if from > to {
-            return Ok(());
+            return Ok(delivered);
         }
         info!(
             from,
@@ -378,7 +383,7 @@ impl Ingest {
             })
             .await
             .map_err(js_error)?;
-        let result = self.read_range(js, &reader, to).await;
+        let result = self.read_range(js, &reader, to).await.map(|()| delivered);
         if let Err(error) = events_stream.delete_consumer(&reader_name).await {
             debug!(%error, "recovery consumer not deleted; the server expires it");
         }
