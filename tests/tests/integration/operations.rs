@@ -7,19 +7,29 @@ use kpi_tests::{
 };
 use serde_json::json;
 
-#[tokio::test]
-async fn a_bad_configuration_stops_start_up_naming_every_key() {
+/// Runs `kpi serve` with `config` as its file; it must fail: returns what it printed.
+fn serve_must_fail(config: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("bad.toml");
-    std::fs::write(&config, "[http]\nlisten = \"nowhere\"\n[tenants.acme]\ntimezone = \"Mars/Olympus\"\nfx = { usd = 1.1 }\n").unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, config).unwrap();
     let output = std::process::Command::new(kpi_binary())
         .arg("serve")
         .arg("--config")
-        .arg(&config)
+        .arg(&path)
         .output()
         .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "start-up must fail with:\n{config}"
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn a_bad_configuration_stops_start_up_naming_every_key() {
+    let stderr = serve_must_fail(
+        "[http]\nlisten = \"nowhere\"\n[tenants.acme]\ntimezone = \"Mars/Olympus\"\nfx = { usd = 1.1 }\n",
+    );
     for key in [
         "http.listen",
         "tenants.acme.timezone",
@@ -27,19 +37,8 @@ async fn a_bad_configuration_stops_start_up_naming_every_key() {
     ] {
         assert!(stderr.contains(key), "{key} not named in:\n{stderr}");
     }
-    std::fs::write(&config, "[nats]\nurll = \"nats://x\"\n").unwrap();
-    let output = std::process::Command::new(kpi_binary())
-        .arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    assert!(
-        String::from_utf8_lossy(&output.stderr).contains("urll"),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stderr = serve_must_fail("[nats]\nurll = \"nats://x\"\n");
+    assert!(stderr.contains("urll"), "{stderr}");
 }
 
 /// `lead.created` events for leads `L{n}`, n in `range`.
