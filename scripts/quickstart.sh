@@ -31,8 +31,12 @@ for _ in $(seq 1 100); do
 done
 curl -fs "http://$HTTP/readyz" >/dev/null || { echo "the engine did not become ready; see var/engine.log"; tail -20 var/engine.log; exit 1; }
 
-"$KPI" demo --config config/demo.toml
-sleep 2
+if curl -fs "http://$HTTP/api/v1/kpis?tenant=default&period=all" >/dev/null 2>&1; then
+  echo "the demo history is already loaded (delete ./var to start over)"
+else
+  "$KPI" demo --config config/demo.toml
+  sleep 2
+fi
 "$KPI" report --config config/demo.toml --period "$(date +%Y)"
 cat <<INFO
 
