@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use kpi_model::event::{is_valid_tenant, CHANNEL_ALL};
+use kpi_model::event::is_valid_tenant;
 use kpi_model::money::{decimal_from_config_float, parse_amount_text, Decimal};
 use kpi_model::{DecodeLimits, TenantSettings, Tenants};
 use serde::Deserialize;
@@ -389,9 +389,6 @@ impl Config {
 fn is_currency_code(code: &str) -> bool {
     code.len() == 3 && code.bytes().all(|b| b.is_ascii_uppercase())
 }
-
-/// The reserved blended channel, accepted as a CAC threshold key.
-pub const BLENDED_CHANNEL: &str = CHANNEL_ALL;
 
 #[cfg(test)]
 mod tests {

@@ -11,7 +11,6 @@ use std::collections::{BTreeMap, HashMap};
 
 use rust_decimal::Decimal;
 
-use crate::event::Timestamp;
 use crate::period::Period;
 use crate::record::{Attribution, Record};
 use crate::settings::TenantSettings;
@@ -352,10 +351,4 @@ fn add_money(
             }
         }
     }
-}
-
-/// A timestamp's year in the tenant's zone (helper for callers computing the current year).
-pub fn local_year(settings: &TenantSettings, time: Timestamp) -> i32 {
-    use chrono::Datelike;
-    settings.local_date(time).year()
 }

@@ -94,17 +94,6 @@ impl Period {
     pub fn containing(date: NaiveDate) -> [Period; 6] {
         Window::ALL.map(|window| window.period_of(date))
     }
-
-    pub fn window(self) -> Window {
-        match self {
-            Period::Day(_) => Window::Day,
-            Period::Week { .. } => Window::Week,
-            Period::Month { .. } => Window::Month,
-            Period::Quarter { .. } => Window::Quarter,
-            Period::Year(_) => Window::Year,
-            Period::All => Window::All,
-        }
-    }
 }
 
 impl fmt::Display for Period {

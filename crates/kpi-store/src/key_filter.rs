@@ -113,11 +113,6 @@ impl KeyFilter {
                 .all(|(word, mask)| layer.bits[word] & mask != 0)
         })
     }
-
-    /// Memory held by the filter.
-    pub fn size_bytes(&self) -> usize {
-        self.layers.iter().map(|layer| layer.bits.len() * 8).sum()
-    }
 }
 
 #[cfg(test)]

@@ -167,35 +167,17 @@ impl Store {
 
     /// Writes a batch atomically and waits until it is on disk.
     pub fn commit(&self, commit: &Commit) -> Result<(), StoreError> {
-        self.commit_parts(
-            commit
-                .records
-                .iter()
-                .map(|(key, record)| (key, record.as_ref())),
-            &commit.counters,
-            &commit.rejected_sequences,
-        )
-    }
-
-    /// As [`Store::commit`], from borrowed parts: records (`None` deletes), the new absolute
-    /// values of counters, and the stream sequences of dead-lettered messages.
-    pub fn commit_parts<'a>(
-        &self,
-        records: impl IntoIterator<Item = (&'a RecordKey, Option<&'a Record>)>,
-        counters: &BTreeMap<CounterKey, u64>,
-        rejected_sequences: &[u64],
-    ) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
-        for (key, record) in records {
+        for (key, record) in &commit.records {
             match record {
                 Some(record) => batch.insert(record_key(key), record.encode()),
                 None => batch.remove(record_key(key)),
             }
         }
-        for (key, value) in counters {
+        for (key, value) in &commit.counters {
             batch.insert(key.encode(), &value.to_be_bytes());
         }
-        for sequence in rejected_sequences {
+        for sequence in &commit.rejected_sequences {
             batch.insert(&rejected_key(*sequence), &[]);
         }
         self.db.apply_batch(batch)?;
@@ -261,11 +243,6 @@ impl Store {
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         Ok(())
-    }
-
-    /// Bytes the store takes on disk.
-    pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
     }
 }
 
