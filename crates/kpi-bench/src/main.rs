@@ -158,7 +158,9 @@ async fn publish(
 ) -> anyhow::Result<(u64, f64)> {
     let started = Instant::now();
     let mut count = 0u64;
-    kpi::publish::publish_all(js, events, |_| count += 1).await?;
+    kpi::publish::publish_all(js, events, |_| count += 1)
+        .await
+        .map_err(anyhow::Error::msg)?;
     Ok((count, count as f64 / started.elapsed().as_secs_f64()))
 }
 

@@ -138,8 +138,8 @@ pub struct TenantConfig {
     pub cac_threshold: BTreeMap<String, Number>,
 }
 
-/// A connector declaration (SPEC section 4). Connectors themselves come with a later release;
-/// declarations are parsed so that their errors name the key.
+/// A connector declaration (SPEC section 4). The kind-specific `params` are checked by the
+/// connector kind itself when the engine builds it (`kpi-connect`), naming the key too.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectorConfig {
@@ -151,6 +151,47 @@ pub struct ConnectorConfig {
     pub lookback_days: u32,
     #[serde(default)]
     pub params: serde_json::Map<String, serde_json::Value>,
+}
+
+impl ConnectorConfig {
+    /// The poll interval (`every`), validated by [`Config::validate`].
+    pub fn interval(&self) -> Duration {
+        parse_duration(&self.every).unwrap_or(Duration::from_secs(3600))
+    }
+}
+
+/// Connector ids name metrics series and stored state: short and plain.
+pub fn is_valid_connector_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// Parses `90s`, `15m`, `1h`, `1d`, `1h30m`: whole numbers, each with a unit.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let mut total = 0u64;
+    let mut number = String::new();
+    let mut any = false;
+    for character in text.trim().chars() {
+        if character.is_ascii_digit() {
+            number.push(character);
+            continue;
+        }
+        let value: u64 = number.parse().ok()?;
+        number.clear();
+        let unit = match character {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            _ => return None,
+        };
+        total = total.checked_add(value.checked_mul(unit)?)?;
+        any = true;
+    }
+    (any && number.is_empty() && total > 0).then(|| Duration::from_secs(total))
 }
 
 /// The whole configuration.
@@ -168,8 +209,9 @@ pub struct Config {
     pub connectors: Vec<ConnectorConfig>,
 }
 
-/// Connector kinds this build knows.
-pub const CONNECTOR_KINDS: &[&str] = &[];
+/// Connector kinds this build knows (each implemented in `kpi-connect`, whose registry test
+/// checks the two lists agree).
+pub const CONNECTOR_KINDS: &[&str] = &["google_ads", "csv", "exec"];
 
 impl Config {
     /// Loads the layers (defaults, `file`, environment) and validates the result.
@@ -329,8 +371,27 @@ impl Config {
             }
             if !CONNECTOR_KINDS.contains(&connector.kind.as_str()) {
                 errors.push(format!(
-                    "connectors[{index}].kind: `{}` is not a connector kind of this build (it has none yet; publish events to kpi.events.<tenant>.<type> instead)",
-                    connector.kind
+                    "connectors[{index}].kind: `{}` is not a connector kind of this build (known: {})",
+                    connector.kind,
+                    CONNECTOR_KINDS.join(", ")
+                ));
+            }
+            if !is_valid_connector_id(&connector.id) {
+                errors.push(format!(
+                    "connectors[{index}].id: `{}` must be 1 to 64 characters [a-zA-Z0-9_-]",
+                    connector.id
+                ));
+            }
+            if parse_duration(&connector.every).is_none() {
+                errors.push(format!(
+                    "connectors[{index}].every: `{}` is not a duration such as 30s, 15m, 1h or 1d",
+                    connector.every
+                ));
+            }
+            if connector.lookback_days > 366 {
+                errors.push(format!(
+                    "connectors[{index}].lookback_days: {} is more than 366",
+                    connector.lookback_days
                 ));
             }
         }
@@ -434,6 +495,16 @@ mod tests {
         let error = load("[http]\nlisten_on = \"x\"\n", &[]).expect_err("unknown key");
         let message = error.to_string();
         assert!(message.contains("listen_on"), "{message}");
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("90s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1d"), Some(Duration::from_secs(86_400)));
+        for bad in ["", "10", "h", "1x", "0s", "-1h"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! | `r` | [`RecordKey::encode`] | a postcard [`Record`] |
 //! | `n` | counter kind, tenant, 0, label | `u64` big-endian (absolute value) |
 //! | `x` | stream sequence (`u64` big-endian) | empty: this message was dead-lettered |
+//! | `c` | connector id | the connector's state (cursor, versions of the spend lines it sent) |
 //!
 //! Invariant: one [`Store::commit`] writes the records, the counters and the dead-letter marks
 //! of a batch in a single atomic sled batch and flushes it to disk before returning. The ingest
@@ -28,6 +29,7 @@ const SCHEMA_VERSION: &[u8] = b"1";
 const RECORD_PREFIX: u8 = b'r';
 const COUNTER_PREFIX: u8 = b'n';
 const REJECTED_PREFIX: u8 = b'x';
+const CONNECTOR_PREFIX: u8 = b'c';
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -239,11 +241,32 @@ impl Store {
         Ok((aggregates, filter, count))
     }
 
+    /// The state a connector saved last (opaque to the store).
+    pub fn connector_state(&self, connector_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .db
+            .get(connector_key(connector_id))?
+            .map(|value| value.to_vec()))
+    }
+
+    /// Saves a connector's state durably (flushed before returning).
+    pub fn set_connector_state(&self, connector_id: &str, state: &[u8]) -> Result<(), StoreError> {
+        self.db.insert(connector_key(connector_id), state)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// Flushes everything to disk (commits already do; this is for shutdown).
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         Ok(())
     }
+}
+
+fn connector_key(connector_id: &str) -> Vec<u8> {
+    let mut key = vec![CONNECTOR_PREFIX];
+    key.extend_from_slice(connector_id.as_bytes());
+    key
 }
 
 impl RecordSource for Store {
@@ -284,6 +307,14 @@ mod tests {
         assert_eq!(store.counters().expect("counters").get(&counter), Some(&3));
         assert!(store.is_rejected(42).expect("read"));
         assert!(!store.is_rejected(43).expect("read"));
+        store
+            .set_connector_state("gads", b"{\"cursor\":1}")
+            .expect("save state");
+        assert_eq!(
+            store.connector_state("gads").expect("state").as_deref(),
+            Some(b"{\"cursor\":1}".as_slice())
+        );
+        assert_eq!(store.connector_state("other").expect("state"), None);
         let mut delete = Commit::default();
         delete.records.push((key.clone(), None));
         store.commit(&delete).expect("commit");

@@ -3,8 +3,10 @@
 //! - `kpi serve` runs the engine (JetStream consumer, store, HTTP server);
 //! - `kpi publish FILE.jsonl` publishes events;
 //! - `kpi report` prints a tenant's KPI table from a running engine;
-//! - `kpi demo` publishes a realistic two-year SME history.
+//! - `kpi demo` publishes a realistic two-year SME history;
+//! - `kpi connectors list|check|run` operates the connectors; `kpi import` publishes a CSV.
 
+mod connectors;
 mod report;
 mod serve;
 
@@ -65,6 +67,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Connector plugins: list the kinds and the configured connectors, check one, run one.
+    Connectors {
+        #[command(subcommand)]
+        command: ConnectorsCommand,
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+    },
+    /// Publish a CSV export (spend, leads or deals; columns in the README).
+    Import {
+        file: PathBuf,
+        /// What the file holds: spend, leads or deals.
+        #[arg(long)]
+        kind: String,
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Publish a realistic SME history: two years, six channels, campaigns, restated spend,
     /// repeat customers, cancelled deals and a few invalid events.
     Demo {
@@ -81,6 +101,22 @@ enum Command {
         /// Random seed (the same seed gives the same history).
         #[arg(long, default_value_t = 2026)]
         seed: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConnectorsCommand {
+    /// The connector kinds of this build and the configured connectors.
+    List,
+    /// Check a connector's credentials and reachability.
+    Check { id: String },
+    /// Run a connector once in the foreground (with the engine stopped: the connector state
+    /// lives in its store).
+    Run {
+        id: String,
+        /// Read from this day (YYYY-MM-DD) instead of the stored cursor: a backfill.
+        #[arg(long)]
+        since: Option<chrono::NaiveDate>,
     },
 }
 
@@ -120,6 +156,25 @@ fn main() -> anyhow::Result<()> {
                 let config = kpi_config::Config::load(config.as_deref())?;
                 let url = url.unwrap_or_else(|| format!("http://{}", config.http.listen));
                 report::print(&url, &tenant, period.as_deref(), json).await
+            }
+            Command::Connectors { command, config } => {
+                let config = kpi_config::Config::load(config.as_deref())?;
+                match command {
+                    ConnectorsCommand::List => connectors::list(&config),
+                    ConnectorsCommand::Check { id } => connectors::check(&config, &id).await,
+                    ConnectorsCommand::Run { id, since } => {
+                        connectors::run(&config, &id, since).await
+                    }
+                }
+            }
+            Command::Import {
+                file,
+                kind,
+                tenant,
+                config,
+            } => {
+                let config = kpi_config::Config::load(config.as_deref())?;
+                connectors::import(&config, &file, &kind, &tenant).await
             }
             Command::Demo {
                 config,

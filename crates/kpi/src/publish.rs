@@ -12,12 +12,7 @@ use kpi_config::Config;
 use kpi_model::event::{is_valid_tenant, EVENTS_SUBJECT_PREFIX};
 use serde_json::Value;
 
-/// An event ready to publish.
-pub struct Outgoing {
-    pub subject: String,
-    pub id: Option<String>,
-    pub payload: Bytes,
-}
+pub use kpi_connect::sink::{publish_all, Outgoing};
 
 /// What a publish did.
 #[derive(Debug, Default)]
@@ -115,47 +110,9 @@ pub async fn publish_events(
         }
         progress.inc(1);
     })
-    .await?;
+    .await
+    .map_err(anyhow::Error::msg)?;
     progress.finish_and_clear();
     client.flush().await?;
     Ok(summary)
-}
-
-/// Publishes `events` with `Nats-Msg-Id` set to their ids, keeping a window of a few thousand
-/// acknowledgements outstanding; `on_ack` learns, for each event in order, whether JetStream
-/// found it a duplicate.
-pub async fn publish_all(
-    js: &jetstream::Context,
-    events: impl IntoIterator<Item = Outgoing>,
-    mut on_ack: impl FnMut(bool),
-) -> anyhow::Result<()> {
-    const WINDOW: usize = 4096;
-    let mut pending = std::collections::VecDeque::with_capacity(WINDOW);
-    for event in events {
-        let mut headers = async_nats::HeaderMap::new();
-        if let Some(id) = &event.id {
-            headers.insert("Nats-Msg-Id", id.as_str());
-        }
-        pending.push_back(
-            js.publish_with_headers(event.subject, headers, event.payload)
-                .await?,
-        );
-        if pending.len() >= WINDOW {
-            for ack in pending.drain(..WINDOW / 2) {
-                on_ack(
-                    ack.await
-                        .context("JetStream did not store an event")?
-                        .duplicate,
-                );
-            }
-        }
-    }
-    for ack in pending {
-        on_ack(
-            ack.await
-                .context("JetStream did not store an event")?
-                .duplicate,
-        );
-    }
-    Ok(())
 }

@@ -16,7 +16,9 @@ use tracing::{error, info};
 
 pub async fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
-    info!(config = ?config, "configuration loaded");
+    // Connector params (`${ENV}` secrets included) are checked before anything starts.
+    let runners = crate::connectors::build_all(&config)?;
+    info!(connectors = runners.len(), "configuration loaded");
     let store_path = config.store.path.clone();
     let cache = config.store.cache_capacity_mb * 1024 * 1024;
     let store = tokio::task::spawn_blocking(move || Store::open(&store_path, cache)).await??;
@@ -43,6 +45,13 @@ pub async fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
     };
 
     let client = kpi_ingest::connect(&config, Some(state.clone())).await?;
+    let connector_metrics = kpi_connect::ConnectorMetrics::new(&state.registry)
+        .context("registering the connector metrics")?;
+    let connector_tasks = kpi_connect::Scheduler::new(runners, connector_metrics).spawn(
+        async_nats::jetstream::new(client.clone()),
+        store.clone(),
+        stopped.clone(),
+    );
     let ingest = Ingest::new(config, store.clone(), state, filter);
     let mut ingest_task = tokio::spawn(ingest.run(client, stopped));
 
@@ -59,6 +68,9 @@ pub async fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
         }
     };
     let _ = http.await;
+    for task in connector_tasks {
+        let _ = task.await;
+    }
     tokio::task::spawn_blocking(move || store.flush()).await??;
     match result {
         Ok(Ok(())) => {

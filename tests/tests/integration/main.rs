@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod api;
+mod connectors;
 mod crash;
 mod dead_letters;
 mod operations;

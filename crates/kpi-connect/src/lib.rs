@@ -1,0 +1,296 @@
+//! Connector plugins: they pull spend, leads and deals from the tools an SME uses and publish
+//! SPEC events into JetStream, like any other producer.
+//!
+//! ## Layout
+//!
+//! - [`Connector`] is the typed trait a kind implements: its `Params` (deserialised from
+//!   `[connectors.params]`, every field documented), `check` (credentials and reachability) and
+//!   `run` (one poll over a window of days, from a cursor). [`registry`] erases the kinds behind
+//!   [`DynConnector`] and lists them by hand.
+//! - [`http`]: the HTTP client every HTTP kind uses: retries with exponential back-off on
+//!   transient errors, `Retry-After` honoured, upstream error messages kept.
+//! - [`runner`]: one run of one connector: window, cursor, spend versions, publication, state.
+//! - [`scheduler`]: the connectors of `kpi serve`, each every `every`, never two runs of one
+//!   connector at once, with back-off after failures, and the `kpi_connector_*` metrics.
+//!
+//! ## Invariants
+//!
+//! - Connectors never touch the store or the consumer: what they produce goes through
+//!   JetStream, so the engine's ingest stays the one path to keep correct.
+//! - Event ids are deterministic: the same upstream row in the same version gives the same id
+//!   (and `Nats-Msg-Id`), so re-reads, retries and crashes between publishing and saving the
+//!   cursor never count anything twice.
+//! - A connector's state (cursor, versions of the spend lines it sent) is saved only after
+//!   JetStream stored every event of the run.
+//! - Secrets (`${ENV}` values) never appear in logs or errors: [`secrets::Redactor`].
+
+pub mod http;
+pub mod kinds;
+pub mod registry;
+pub mod runner;
+pub mod scheduler;
+pub mod secrets;
+pub mod sink;
+
+use std::future::Future;
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+pub use registry::{build, kinds, DynConnector, KindInfo};
+pub use runner::{RunReport, Runner};
+pub use scheduler::{ConnectorMetrics, Scheduler};
+
+/// Why a connector could not be built, checked or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// A bad `params` value; `key` is the full configuration key.
+    #[error("{key}: {message}")]
+    Config { key: String, message: String },
+    /// The upstream refused the credentials.
+    #[error("{service} refused the credentials: {message}")]
+    Unauthorized { service: String, message: String },
+    /// The upstream asked to slow down and the retries ran out.
+    #[error("{service} rate limit: {message}")]
+    RateLimited {
+        service: String,
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    /// The upstream failed in a way that may pass (5xx, network); the retries ran out.
+    #[error("{service} unavailable: {message}")]
+    Transient { service: String, message: String },
+    /// The upstream answered with an error that retrying will not change.
+    #[error("{service} error: {message}")]
+    Upstream { service: String, message: String },
+    /// The upstream answered something this connector cannot read.
+    #[error("{service} answered unexpectedly: {message}")]
+    Protocol { service: String, message: String },
+    /// A local failure (file, process).
+    #[error("{0}")]
+    Local(String),
+    /// JetStream did not store the events.
+    #[error("publishing to JetStream: {0}")]
+    Publish(String),
+    /// The connector state could not be read or saved.
+    #[error("connector state: {0}")]
+    State(String),
+}
+
+impl ConnectError {
+    /// The same error with its messages passed through `map` (to mask secrets).
+    pub fn map_messages(self, map: impl Fn(String) -> String) -> ConnectError {
+        match self {
+            ConnectError::Config { key, message } => ConnectError::Config {
+                key,
+                message: map(message),
+            },
+            ConnectError::Unauthorized { service, message } => ConnectError::Unauthorized {
+                service,
+                message: map(message),
+            },
+            ConnectError::RateLimited {
+                service,
+                message,
+                retry_after,
+            } => ConnectError::RateLimited {
+                service,
+                message: map(message),
+                retry_after,
+            },
+            ConnectError::Transient { service, message } => ConnectError::Transient {
+                service,
+                message: map(message),
+            },
+            ConnectError::Upstream { service, message } => ConnectError::Upstream {
+                service,
+                message: map(message),
+            },
+            ConnectError::Protocol { service, message } => ConnectError::Protocol {
+                service,
+                message: map(message),
+            },
+            ConnectError::Local(message) => ConnectError::Local(map(message)),
+            ConnectError::Publish(message) => ConnectError::Publish(map(message)),
+            ConnectError::State(message) => ConnectError::State(map(message)),
+        }
+    }
+
+    /// Worth running again soon (the scheduler backs off exponentially).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            ConnectError::RateLimited { .. }
+                | ConnectError::Transient { .. }
+                | ConnectError::Publish(_)
+        )
+    }
+}
+
+/// The days a run reads, in the connector's upstream calendar: `since` to `until` inclusive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub since: NaiveDate,
+    pub until: NaiveDate,
+}
+
+/// What a run is given.
+#[derive(Clone, Debug)]
+pub struct RunContext {
+    pub connector_id: String,
+    pub tenant: String,
+    pub window: Window,
+    /// The cursor the previous successful run returned (kind-specific), if any.
+    pub cursor: Option<Value>,
+    /// When the run started.
+    pub now: DateTime<Utc>,
+}
+
+/// One fact a connector read.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Emit {
+    /// The amount spent on one spend line (SPEC key: source, account, channel, campaign,
+    /// category, date). The runner turns it into a `spend.reported` event only when the amount
+    /// differs from the one it sent last, with a newer `time`, so a restated day replaces the
+    /// earlier value.
+    Spend(SpendLine),
+    /// Another SPEC event. `upstream_key` names the upstream row *and its version* (e.g. a
+    /// contact id and its modification time): the event id is derived from it.
+    Event {
+        event_type: &'static str,
+        time: DateTime<Utc>,
+        upstream_key: String,
+        data: Value,
+    },
+    /// A complete SPEC envelope from an external plugin, published as it is (its `id` is the
+    /// plugin's deterministic id).
+    Envelope(Value),
+}
+
+/// A spend line as a connector reads it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct SpendLine {
+    pub date: NaiveDate,
+    /// Decimal text, e.g. `"12.34"`.
+    pub amount: String,
+    pub currency: String,
+    pub channel: Option<String>,
+    pub campaign: Option<String>,
+    /// `media` when absent.
+    pub category: Option<String>,
+    pub source: String,
+    pub account: Option<String>,
+}
+
+impl SpendLine {
+    /// The `data` of the `spend.reported` event for this line.
+    pub fn data(&self) -> Value {
+        let mut data = serde_json::json!({
+            "date": self.date.to_string(),
+            "amount": self.amount,
+            "currency": self.currency,
+            "source": self.source,
+        });
+        for (name, value) in [
+            ("channel", &self.channel),
+            ("campaign", &self.campaign),
+            ("category", &self.category),
+            ("account", &self.account),
+        ] {
+            if let Some(value) = value {
+                data[name] = serde_json::json!(value);
+            }
+        }
+        data
+    }
+
+    /// The SPEC identity of the line (source, account, channel, campaign, category, date), as
+    /// text.
+    pub fn key(&self) -> String {
+        serde_json::json!([
+            self.source,
+            self.account,
+            self.channel,
+            self.campaign,
+            self.category.as_deref().unwrap_or("media"),
+            self.date.to_string()
+        ])
+        .to_string()
+    }
+}
+
+/// A deterministic event id: `{namespace}-{24 hex digits of SHA-256(namespace, parts)}`.
+pub fn event_id(namespace: &str, parts: &[&str]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(namespace.as_bytes());
+    for part in parts {
+        hasher.update([0]);
+        hasher.update(part.as_bytes());
+    }
+    let digest = hasher.finalize();
+    let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{namespace}-{hex}")
+}
+
+/// What a run returns.
+#[derive(Debug, Default)]
+pub struct RunOutput {
+    pub emits: Vec<Emit>,
+    /// The cursor the next run starts from; `None` keeps the previous one.
+    pub cursor: Option<Value>,
+}
+
+/// A connector kind, typed. Implementations are listed in [`registry`].
+pub trait Connector: Sized + Send + Sync + 'static {
+    /// The `[connectors.params]` table.
+    type Params: DeserializeOwned;
+    /// The `kind` value.
+    const KIND: &'static str;
+    /// One line for `kpi connectors list`.
+    const DESCRIPTION: &'static str;
+
+    /// Builds the connector from its params (after `${ENV}` expansion); errors name the key
+    /// under `params.`.
+    fn new(params: Self::Params) -> Result<Self, ConnectError>;
+
+    /// Checks credentials and reachability; returns what it found, for the operator.
+    fn check(
+        &self,
+        context: &RunContext,
+    ) -> impl Future<Output = Result<String, ConnectError>> + Send;
+
+    /// Reads the window (and whatever the cursor says is new).
+    fn run(
+        &self,
+        context: &RunContext,
+    ) -> impl Future<Output = Result<RunOutput, ConnectError>> + Send;
+}
+
+/// The decimal text of `micros / 1_000_000` (Google Ads' `cost_micros`), exact.
+pub fn micros_to_decimal(micros: i64) -> String {
+    let sign = if micros < 0 { "-" } else { "" };
+    let micros = micros.unsigned_abs();
+    let units = micros / 1_000_000;
+    let fraction = micros % 1_000_000;
+    if fraction == 0 {
+        return format!("{sign}{units}");
+    }
+    let digits = format!("{fraction:06}");
+    format!("{sign}{units}.{}", digits.trim_end_matches('0'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn micros_convert_exactly() {
+        assert_eq!(micros_to_decimal(12_340_000), "12.34");
+        assert_eq!(micros_to_decimal(5_000_000), "5");
+        assert_eq!(micros_to_decimal(1), "0.000001");
+        assert_eq!(micros_to_decimal(0), "0");
+    }
+}

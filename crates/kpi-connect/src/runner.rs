@@ -1,0 +1,395 @@
+//! One run of one connector: the window of days, the cursor, turning what the connector read
+//! into SPEC events with deterministic ids, publishing them, and saving the state.
+//!
+//! The window starts `lookback_days` before today, or earlier where the previous run stopped
+//! (a connector that was down for a week catches up), or at `--since` for a backfill; it ends
+//! today (UTC).
+//!
+//! Spend lines are versioned here: the state remembers, for each spend line of the window, the
+//! amount sent last. An unchanged amount is not sent again; a changed one (a restated day) is
+//! sent as a new event with a newer `time`, which replaces the earlier value in the engine
+//! (SPEC: last writer wins). The id of that event is derived from the line, the amount and the
+//! time, so an amount that goes back to an earlier value is still a new event.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use chrono::{DateTime, Days, NaiveDate, SecondsFormat, Utc};
+use kpi_config::ConnectorConfig;
+use kpi_store::Store;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::registry::DynConnector;
+use crate::secrets::Redactor;
+use crate::sink::{publish_all, Outgoing};
+use crate::{ConnectError, Emit, RunContext, SpendLine, Window};
+
+/// A configured connector, ready to run.
+pub struct Runner {
+    pub id: String,
+    pub kind: String,
+    pub tenant: String,
+    pub lookback_days: u32,
+    pub interval: Duration,
+    connector: Box<dyn DynConnector>,
+    redactor: Redactor,
+}
+
+/// What a run did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunReport {
+    pub window: Window,
+    /// Events JetStream stored.
+    pub published: u64,
+    /// Events JetStream already had (same id within its duplicate window).
+    pub duplicates: u64,
+    /// Spend lines read with the amount already sent.
+    pub unchanged: u64,
+}
+
+/// The durable state of a connector.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct ConnectorState {
+    /// The kind's own cursor.
+    cursor: Option<Value>,
+    /// The last day the last successful run read.
+    until: Option<NaiveDate>,
+    /// Spend lines of the recent window, by line key: what was sent last.
+    spend: BTreeMap<String, SentSpend>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct SentSpend {
+    date: NaiveDate,
+    amount: String,
+    currency: String,
+    time: DateTime<Utc>,
+}
+
+impl Runner {
+    /// Builds connector `index` of the configuration: params expanded (`${ENV}`) and checked
+    /// by its kind, errors naming the key.
+    pub fn from_config(
+        config: &ConnectorConfig,
+        index: usize,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Runner, ConnectError> {
+        let key = format!("connectors[{index}].params");
+        let (params, secrets) = crate::secrets::expand(&config.params, &key, env)?;
+        let connector = crate::registry::build(&config.kind, params, &key)?;
+        Ok(Runner {
+            id: config.id.clone(),
+            kind: config.kind.clone(),
+            tenant: config.tenant.clone(),
+            lookback_days: config.lookback_days,
+            interval: config.interval(),
+            connector,
+            redactor: Redactor::new(secrets),
+        })
+    }
+
+    /// Masks this connector's secrets.
+    pub fn redact(&self, text: &str) -> String {
+        self.redactor.redact(text)
+    }
+
+    fn context(&self, window: Window, cursor: Option<Value>, now: DateTime<Utc>) -> RunContext {
+        RunContext {
+            connector_id: self.id.clone(),
+            tenant: self.tenant.clone(),
+            window,
+            cursor,
+            now,
+        }
+    }
+
+    /// Checks credentials and reachability (reads nothing durable, publishes nothing).
+    pub async fn check(&self) -> Result<String, String> {
+        let now = Utc::now();
+        let today = now.date_naive();
+        let window = Window {
+            since: today,
+            until: today,
+        };
+        self.connector
+            .check(&self.context(window, None, now))
+            .await
+            .map_err(|error| self.redact(&error.to_string()))
+    }
+
+    /// One run: read, publish, save the state. `since` overrides the start of the window.
+    pub async fn run(
+        &self,
+        js: &jetstream::Context,
+        store: &Store,
+        since: Option<NaiveDate>,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<RunReport, ConnectError> {
+        let now = Utc::now();
+        let mut state = load_state(store, &self.id).await?;
+        let window = self.window(&state, now.date_naive(), since);
+        let context = self.context(window, state.cursor.clone(), now);
+        let output = self
+            .connector
+            .run(&context)
+            .await
+            .map_err(|error| self.redacted(error))?;
+
+        let mut report = RunReport {
+            window,
+            published: 0,
+            duplicates: 0,
+            unchanged: 0,
+        };
+        let mut outgoing = Vec::with_capacity(output.emits.len());
+        for emit in output.emits {
+            match emit {
+                Emit::Spend(line) => {
+                    let key = line.key();
+                    if let Some(sent) = state.spend.get(&key) {
+                        if sent.amount == line.amount && sent.currency == line.currency {
+                            report.unchanged += 1;
+                            continue;
+                        }
+                    }
+                    // Strictly newer than what was sent, whatever the clock did.
+                    let time = match state.spend.get(&key) {
+                        Some(sent) if sent.time >= now => {
+                            sent.time + chrono::Duration::milliseconds(1)
+                        }
+                        _ => now,
+                    };
+                    outgoing.push(self.spend_event(&key, &line, time));
+                    state.spend.insert(
+                        key,
+                        SentSpend {
+                            date: line.date,
+                            amount: line.amount,
+                            currency: line.currency,
+                            time,
+                        },
+                    );
+                }
+                Emit::Event {
+                    event_type,
+                    time,
+                    upstream_key,
+                    data,
+                } => {
+                    let id = self.event_id(&[event_type, &upstream_key]);
+                    outgoing.push(self.envelope(&id, event_type, time, data));
+                }
+                Emit::Envelope(envelope) => outgoing.push(self.external(envelope)?),
+            }
+        }
+
+        let total = outgoing.len() as u64;
+        let mut done = 0;
+        publish_all(js, outgoing, |duplicate| {
+            done += 1;
+            if duplicate {
+                report.duplicates += 1;
+            } else {
+                report.published += 1;
+            }
+            progress(done, total);
+        })
+        .await
+        .map_err(ConnectError::Publish)?;
+
+        // Only now that JetStream holds every event: the next run starts from here.
+        if output.cursor.is_some() {
+            state.cursor = output.cursor;
+        }
+        state.until = Some(window.until);
+        state.spend.retain(|_, sent| sent.date >= window.since);
+        save_state(store, &self.id, &state).await?;
+        Ok(report)
+    }
+
+    fn redacted(&self, error: ConnectError) -> ConnectError {
+        error.map_messages(|message| self.redact(&message))
+    }
+
+    fn window(&self, state: &ConnectorState, today: NaiveDate, since: Option<NaiveDate>) -> Window {
+        let lookback = today
+            .checked_sub_days(Days::new(u64::from(self.lookback_days)))
+            .unwrap_or(today);
+        let since = match (since, state.until) {
+            (Some(since), _) => since,
+            (None, Some(until)) => until.min(lookback),
+            (None, None) => lookback,
+        };
+        Window {
+            since: since.min(today),
+            until: today,
+        }
+    }
+
+    fn event_id(&self, parts: &[&str]) -> String {
+        crate::event_id(&self.id, parts)
+    }
+
+    fn spend_event(&self, key: &str, line: &SpendLine, time: DateTime<Utc>) -> Outgoing {
+        let time_text = time.to_rfc3339_opts(SecondsFormat::Millis, true);
+        let id = self.event_id(&[
+            "spend.reported",
+            key,
+            &line.amount,
+            &line.currency,
+            &time_text,
+        ]);
+        envelope(
+            &id,
+            &format!("kpi-connector/{}", self.id),
+            &self.tenant,
+            "spend.reported",
+            time,
+            line.data(),
+        )
+    }
+
+    fn envelope(&self, id: &str, event_type: &str, time: DateTime<Utc>, data: Value) -> Outgoing {
+        envelope(
+            id,
+            &format!("kpi-connector/{}", self.id),
+            &self.tenant,
+            event_type,
+            time,
+            data,
+        )
+    }
+
+    /// An external plugin's envelope: published as it is, to this connector's tenant.
+    fn external(&self, envelope: Value) -> Result<Outgoing, ConnectError> {
+        let invalid = |message: String| ConnectError::Protocol {
+            service: self.kind.clone(),
+            message,
+        };
+        let id = envelope
+            .get("id")
+            .and_then(Value::as_str)
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| invalid("an event has no `id`".into()))?;
+        let event_type = envelope
+            .get("type")
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty() && !t.contains(['*', '>', ' ']))
+            .ok_or_else(|| invalid(format!("event `{id}` has no usable `type`")))?;
+        if let Some(tenant) = envelope.get("tenant").and_then(Value::as_str) {
+            if tenant != self.tenant {
+                return Err(invalid(format!(
+                    "event `{id}` is for tenant `{tenant}`, the connector's tenant is `{}`",
+                    self.tenant
+                )));
+            }
+        }
+        Ok(Outgoing {
+            subject: format!("kpi.events.{}.{event_type}", self.tenant),
+            id: Some(id.to_string()),
+            payload: Bytes::from(envelope.to_string()),
+        })
+    }
+}
+
+/// A SPEC envelope for `tenant`, ready to publish with `Nats-Msg-Id` = `id`.
+pub fn envelope(
+    id: &str,
+    source: &str,
+    tenant: &str,
+    event_type: &str,
+    time: DateTime<Utc>,
+    data: Value,
+) -> Outgoing {
+    let envelope = json!({
+        "specversion": "1.0",
+        "id": id,
+        "source": source,
+        "type": event_type,
+        "time": time.to_rfc3339_opts(SecondsFormat::Millis, true),
+        "tenant": tenant,
+        "data": data,
+    });
+    Outgoing {
+        subject: format!("kpi.events.{tenant}.{event_type}"),
+        id: Some(id.to_string()),
+        payload: Bytes::from(envelope.to_string()),
+    }
+}
+
+/// The events of a CSV file for `kpi import`: ids from the rows' content, so importing a file
+/// again sends nothing new; spend rows without `reported_at` are dated now.
+pub fn import_events(
+    kind: crate::kinds::csv_folder::CsvKind,
+    path: &std::path::Path,
+    tenant: &str,
+    now: DateTime<Utc>,
+) -> Result<Vec<Outgoing>, ConnectError> {
+    let file = std::fs::File::open(path)
+        .map_err(|error| ConnectError::Local(format!("cannot open {}: {error}", path.display())))?;
+    let emits = crate::kinds::csv_folder::parse(kind, file, &path.display().to_string())?;
+    let source = "kpi-import";
+    Ok(emits
+        .into_iter()
+        .filter_map(|emit| match emit {
+            Emit::Spend(line) => {
+                let id = crate::event_id(
+                    "csv",
+                    &[
+                        tenant,
+                        "spend.reported",
+                        &line.key(),
+                        &line.amount,
+                        &line.currency,
+                    ],
+                );
+                Some(envelope(
+                    &id,
+                    source,
+                    tenant,
+                    "spend.reported",
+                    now,
+                    line.data(),
+                ))
+            }
+            Emit::Event {
+                event_type,
+                time,
+                upstream_key,
+                data,
+            } => {
+                let id = crate::event_id("csv", &[tenant, event_type, &upstream_key]);
+                Some(envelope(&id, source, tenant, event_type, time, data))
+            }
+            Emit::Envelope(_) => None,
+        })
+        .collect())
+}
+
+async fn load_state(store: &Store, id: &str) -> Result<ConnectorState, ConnectError> {
+    let store = store.clone();
+    let id = id.to_string();
+    let bytes = tokio::task::spawn_blocking(move || store.connector_state(&id))
+        .await
+        .map_err(|error| ConnectError::State(error.to_string()))?
+        .map_err(|error| ConnectError::State(error.to_string()))?;
+    match bytes {
+        None => Ok(ConnectorState::default()),
+        Some(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|error| ConnectError::State(format!("unreadable, {error}"))),
+    }
+}
+
+async fn save_state(store: &Store, id: &str, state: &ConnectorState) -> Result<(), ConnectError> {
+    let bytes =
+        serde_json::to_vec(state).map_err(|error| ConnectError::State(error.to_string()))?;
+    let store = store.clone();
+    let id = id.to_string();
+    tokio::task::spawn_blocking(move || store.set_connector_state(&id, &bytes))
+        .await
+        .map_err(|error| ConnectError::State(error.to_string()))?
+        .map_err(|error| ConnectError::State(error.to_string()))
+}

@@ -1,0 +1,138 @@
+//! `kpi connectors list|check|run` and `kpi import`.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use chrono::NaiveDate;
+use indicatif::{ProgressBar, ProgressStyle};
+use kpi_config::Config;
+use kpi_connect::kinds::csv_folder::CsvKind;
+use kpi_connect::Runner;
+use kpi_store::Store;
+
+/// Builds every configured connector, failing on the first bad one with its key.
+pub fn build_all(config: &Config) -> anyhow::Result<Vec<Runner>> {
+    let env = |name: &str| std::env::var(name).ok();
+    config
+        .connectors
+        .iter()
+        .enumerate()
+        .map(|(index, connector)| Runner::from_config(connector, index, &env).map_err(Into::into))
+        .collect()
+}
+
+fn find(config: &Config, id: &str) -> anyhow::Result<Runner> {
+    let env = |name: &str| std::env::var(name).ok();
+    let Some((index, connector)) = config
+        .connectors
+        .iter()
+        .enumerate()
+        .find(|(_, connector)| connector.id == id)
+    else {
+        let known: Vec<&str> = config.connectors.iter().map(|c| c.id.as_str()).collect();
+        bail!(
+            "no connector `{id}` in the configuration (configured: {})",
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        );
+    };
+    Ok(Runner::from_config(connector, index, &env)?)
+}
+
+pub fn list(config: &Config) -> anyhow::Result<()> {
+    println!("Connector kinds of this build:");
+    for kind in kpi_connect::kinds() {
+        println!("  {:<14} {}", kind.name, kind.description);
+    }
+    println!();
+    if config.connectors.is_empty() {
+        println!("No connector configured ([[connectors]] in the configuration file).");
+        return Ok(());
+    }
+    println!("Configured connectors:");
+    println!(
+        "  {:<20} {:<14} {:<16} {:>6} {:>9}",
+        "id", "kind", "tenant", "every", "lookback"
+    );
+    for connector in &config.connectors {
+        println!(
+            "  {:<20} {:<14} {:<16} {:>6} {:>8}d",
+            connector.id,
+            connector.kind,
+            connector.tenant,
+            connector.every,
+            connector.lookback_days
+        );
+    }
+    Ok(())
+}
+
+pub async fn check(config: &Config, id: &str) -> anyhow::Result<()> {
+    let runner = find(config, id)?;
+    match runner.check().await {
+        Ok(found) => {
+            println!("{id}: ok, {found}");
+            Ok(())
+        }
+        Err(message) => bail!("{id}: {message}"),
+    }
+}
+
+pub async fn run(config: &Config, id: &str, since: Option<NaiveDate>) -> anyhow::Result<()> {
+    let runner = find(config, id)?;
+    let store_path = config.store.path.clone();
+    let cache = config.store.cache_capacity_mb * 1024 * 1024;
+    let store = tokio::task::spawn_blocking(move || Store::open(&store_path, cache))
+        .await?
+        .with_context(|| {
+            "the connector state lives in the engine's store, which `kpi serve` holds while it runs: \
+             stop the engine for a foreground run, or let its scheduler run the connector"
+        })?;
+    let client = kpi_ingest::connect(config, None).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    kpi_ingest::ensure_streams(&js, config).await?;
+    let progress = ProgressBar::new(0);
+    progress.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} events")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    progress.set_message(format!("{id}: publishing"));
+    let report = runner
+        .run(&js, &store, since, |done, total| {
+            progress.set_length(total);
+            progress.set_position(done);
+        })
+        .await
+        .map_err(|error| anyhow::anyhow!("{id}: {}", runner.redact(&error.to_string())))?;
+    progress.finish_and_clear();
+    client.flush().await?;
+    println!(
+        "{id}: read {} to {}; published {} events ({} already in the stream), {} spend lines unchanged",
+        report.window.since, report.window.until, report.published, report.duplicates, report.unchanged
+    );
+    Ok(())
+}
+
+pub async fn import(config: &Config, file: &Path, kind: &str, tenant: &str) -> anyhow::Result<()> {
+    let Some(kind) = CsvKind::parse(kind) else {
+        bail!("--kind must be spend, leads or deals");
+    };
+    anyhow::ensure!(
+        kpi_model::event::is_valid_tenant(tenant),
+        "--tenant `{tenant}` is not [a-z0-9_-]{{1,64}}"
+    );
+    let events = kpi_connect::runner::import_events(kind, file, tenant, chrono::Utc::now())?;
+    let summary =
+        crate::publish::publish_events(config, events, &file.display().to_string()).await?;
+    println!(
+        "imported {}: {} events published ({} already in the stream)",
+        file.display(),
+        summary.stored,
+        summary.duplicates
+    );
+    Ok(())
+}
