@@ -342,3 +342,221 @@ async fn google_ads_spend_is_refreshed_retried_restated_and_resumed() {
     );
     assert_eq!(paid_search_spend(&engine).await.as_deref(), Some("32.75"));
 }
+
+fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+async fn total(engine: &Engine, tenant: &str, field: &str) -> Value {
+    let (_, body) = engine
+        .get(&format!("/api/v1/kpis?tenant={tenant}&period=all"))
+        .await;
+    body["total"][field].clone()
+}
+
+#[tokio::test]
+async fn exec_plugin_publishes_events_spend_and_resumes_from_its_state() {
+    let nats = NatsServer::start();
+    let work = tempfile::tempdir().unwrap();
+    let orders = work.path().join("orders.jsonl");
+    let yesterday = Utc::now()
+        .date_naive()
+        .checked_sub_days(Days::new(1))
+        .unwrap();
+    let order = |id: u32, customer: &str, amount: &str, status: &str, updated: &str| {
+        json!({"order_id": id, "customer": customer, "amount": amount, "currency": "EUR",
+               "placed_at": format!("{yesterday}T10:0{id}:00Z"), "updated_at": updated, "status": status})
+        .to_string()
+            + "\n"
+    };
+    std::fs::write(
+        &orders,
+        order(1, "C1", "100.00", "paid", &format!("{yesterday}T10:01:00Z"))
+            + &order(2, "C2", "50.00", "paid", &format!("{yesterday}T10:02:00Z")),
+    )
+    .unwrap();
+    let plugin = repo_root().join("examples/plugins/shop_orders.py");
+    let config = format!(
+        r#"
+[[connectors]]
+id = "shop"
+kind = "exec"
+tenant = "shop"
+every = "1s"
+lookback_days = 2
+[connectors.params]
+command = "python3"
+args = ["{}"]
+timeout_s = 30
+[connectors.params.settings]
+orders_file = "{}"
+fee_rate = "0.10"
+"#,
+        plugin.display(),
+        orders.display()
+    );
+    let mut engine = Engine::start(&nats.url(), &config);
+    engine.wait_ready().await;
+    wait_until(
+        "the plugin's first orders",
+        Duration::from_secs(30),
+        || async { total(&engine, "shop", "revenue").await == "150.00" },
+    )
+    .await;
+    assert_eq!(total(&engine, "shop", "spend").await, "15.00");
+    assert_eq!(total(&engine, "shop", "new_customers").await, 2);
+
+    // Order 1 is refunded and order 3 comes in: only they are read (the cursor), and the
+    // commission of the day is restated, not added.
+    let now = Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&orders)
+        .unwrap();
+    std::io::Write::write_all(
+        &mut file,
+        (order(1, "C1", "100.00", "refunded", &now) + &order(3, "C3", "30.00", "paid", &now))
+            .as_bytes(),
+    )
+    .unwrap();
+    drop(file);
+    wait_until(
+        "the refund and the new order",
+        Duration::from_secs(30),
+        || async { total(&engine, "shop", "revenue").await == "80.00" },
+    )
+    .await;
+    wait_until(
+        "the restated commission",
+        Duration::from_secs(10),
+        || async { total(&engine, "shop", "spend").await == "8.00" },
+    )
+    .await;
+    let log = engine.log();
+    assert!(log.contains("resuming after the beginning"), "{log}");
+    assert!(
+        log.contains(&format!("resuming after {yesterday}T10:02:00Z")),
+        "the second run did not get the state of the first:\n{log}"
+    );
+    assert!(
+        log.contains("done, cursor at"),
+        "stderr is not logged:\n{log}"
+    );
+    assert_eq!(
+        metric_value(
+            &engine.metrics().await,
+            "kpi_connector_up",
+            &[("connector", "shop")]
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn csv_files_import_once_by_command_and_from_a_watched_folder() {
+    let nats = NatsServer::start();
+    let work = tempfile::tempdir().unwrap();
+    let inbox = work.path().join("inbox");
+    std::fs::create_dir(&inbox).unwrap();
+    let config = format!(
+        r#"
+[[connectors]]
+id = "crm-export"
+kind = "csv"
+tenant = "csvco"
+every = "1s"
+[connectors.params]
+dir = "{}"
+kind = "deals"
+"#,
+        inbox.display()
+    );
+    let mut engine = Engine::start(&nats.url(), &config);
+    engine.wait_ready().await;
+
+    let leads = work.path().join("leads.csv");
+    std::fs::write(
+        &leads,
+        "lead_id,created_at,channel,campaign,qualified\n\
+         L1,2026-01-05T09:00:00Z,seo,,yes\n\
+         L2,2026-01-06,paid_search,brand,no\n\
+         L3,2026-01-07T12:00:00+01:00,paid_search,brand,true\n",
+    )
+    .unwrap();
+    let import = |file: &std::path::Path| {
+        std::process::Command::new(kpi_tests::kpi_binary())
+            .args(["import", "--kind", "leads", "--tenant", "csvco", "--config"])
+            .arg(engine.config_path())
+            .arg(file)
+            .output()
+            .unwrap()
+    };
+    let first = import(&leads);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(String::from_utf8_lossy(&first.stdout)
+        .contains("3 events published (0 already in the stream)"));
+    let again = import(&leads);
+    assert!(String::from_utf8_lossy(&again.stdout)
+        .contains("0 events published (3 already in the stream)"));
+
+    std::fs::write(
+        inbox.join("deals-january.csv"),
+        "deal_id,status,closed_at,customer_id,amount,currency,lead_id\n\
+         D1,won,2026-01-20T10:00:00Z,C1,1000.00,EUR,L1\n\
+         D3,won,2026-01-21T10:00:00Z,C3,500.00,EUR,L3\n",
+    )
+    .unwrap();
+    wait_until(
+        "the watched folder's deals",
+        Duration::from_secs(20),
+        || async { total(&engine, "csvco", "revenue").await == "1500.00" },
+    )
+    .await;
+    assert_eq!(total(&engine, "csvco", "leads").await, 3);
+    assert_eq!(total(&engine, "csvco", "qualified_leads").await, 2);
+    assert_eq!(total(&engine, "csvco", "converted_leads").await, 2);
+    let (_, all) = engine.get("/api/v1/kpis?tenant=csvco&period=all").await;
+    assert_eq!(all["channels"]["paid_search"]["revenue"], "500.00");
+
+    // A file that changes is read again; its rows that did not change count once.
+    std::fs::write(
+        inbox.join("deals-january.csv"),
+        "deal_id,status,closed_at,customer_id,amount,currency,lead_id\n\
+         D1,won,2026-01-20T10:00:00Z,C1,1000.00,EUR,L1\n\
+         D3,won,2026-01-21T10:00:00Z,C3,500.00,EUR,L3\n\
+         D3,lost,2026-01-25T10:00:00Z,,,,L3\n",
+    )
+    .unwrap();
+    wait_until("the cancelled deal", Duration::from_secs(20), || async {
+        total(&engine, "csvco", "revenue").await == "1000.00"
+    })
+    .await;
+
+    // A bad file stops the run with the file, line and column, in the log and the metrics.
+    std::fs::write(
+        inbox.join("zz-bad.csv"),
+        "deal_id,status,closed_at\nD9,won,2026-02-01\n",
+    )
+    .unwrap();
+    wait_until("the bad file's error", Duration::from_secs(20), || async {
+        engine
+            .log()
+            .contains("zz-bad.csv, line 2: `customer_id` is empty")
+    })
+    .await;
+    assert_eq!(
+        metric_value(
+            &engine.metrics().await,
+            "kpi_connector_up",
+            &[("connector", "crm-export")]
+        ),
+        Some(0.0)
+    );
+}
