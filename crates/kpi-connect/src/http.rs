@@ -38,12 +38,25 @@ impl Default for RetryPolicy {
     }
 }
 
+/// What an error reply means, when a platform says it in the body rather than the status
+/// (Meta answers 400 with error code 17 for a rate limit and 190 for an expired token).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    RateLimited,
+    Unauthorized,
+    Transient,
+}
+
+/// Reads a platform's error reply: `None` leaves the status code to decide.
+pub type Classifier = fn(StatusCode, &str) -> Option<Verdict>;
+
 /// A client for one upstream service.
 #[derive(Clone, Debug)]
 pub struct Http {
     client: reqwest::Client,
     service: String,
     policy: RetryPolicy,
+    classifier: Option<Classifier>,
 }
 
 impl Http {
@@ -58,7 +71,13 @@ impl Http {
             client,
             service: service.to_string(),
             policy: RetryPolicy::default(),
+            classifier: None,
         })
+    }
+
+    pub fn with_classifier(mut self, classifier: Classifier) -> Http {
+        self.classifier = Some(classifier);
+        self
     }
 
     pub fn with_policy(mut self, policy: RetryPolicy) -> Http {
@@ -90,15 +109,19 @@ impl Http {
                     let body = response.text().await.unwrap_or_default();
                     let message = format!("HTTP {}: {}", status.as_u16(), upstream_message(&body));
                     let wait = header_wait.or_else(|| retry_delay_in_body(&body));
-                    if status == StatusCode::UNAUTHORIZED {
+                    let verdict = self.classifier.and_then(|classify| classify(status, &body));
+                    if verdict == Some(Verdict::Unauthorized) || status == StatusCode::UNAUTHORIZED
+                    {
                         return Err(ConnectError::Unauthorized {
                             service: self.service.clone(),
                             message,
                         });
                     }
-                    if status == StatusCode::TOO_MANY_REQUESTS {
+                    if verdict == Some(Verdict::RateLimited)
+                        || status == StatusCode::TOO_MANY_REQUESTS
+                    {
                         Failure::RateLimited { message, wait }
-                    } else if status.is_server_error() {
+                    } else if verdict == Some(Verdict::Transient) || status.is_server_error() {
                         Failure::Transient { message, wait }
                     } else {
                         return Err(ConnectError::Upstream {

@@ -5,7 +5,7 @@ use std::pin::Pin;
 
 use serde_json::{Map, Value};
 
-use crate::kinds::{csv_folder::CsvFolder, exec::Exec, google_ads::GoogleAds};
+use crate::kinds::{csv_folder::CsvFolder, exec::Exec, google_ads::GoogleAds, meta_ads::MetaAds};
 use crate::{ConnectError, Connector, RunContext, RunOutput};
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -68,7 +68,12 @@ fn entry<T: Connector>() -> KindInfo {
 
 /// Every built-in kind.
 pub fn kinds() -> Vec<KindInfo> {
-    vec![entry::<GoogleAds>(), entry::<CsvFolder>(), entry::<Exec>()]
+    vec![
+        entry::<GoogleAds>(),
+        entry::<MetaAds>(),
+        entry::<CsvFolder>(),
+        entry::<Exec>(),
+    ]
 }
 
 /// Builds a connector of `kind` from its (expanded) params; `key` prefixes error keys

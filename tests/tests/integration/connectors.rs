@@ -560,3 +560,148 @@ kind = "deals"
         Some(0.0)
     );
 }
+
+async fn social_channel(engine: &Engine) -> Value {
+    let (_, body) = engine.get("/api/v1/kpis?tenant=acme&period=all").await;
+    body["channels"]["social"].clone()
+}
+
+/// The Meta Marketing API's asynchronous insights, as documented: start a report run, poll it,
+/// read its pages through `paging.next`.
+#[derive(Default)]
+struct MetaMock {
+    base: String,
+    polls: u32,
+    restated: bool,
+    seen: Vec<(String, String)>,
+}
+
+type SharedMeta = Arc<Mutex<MetaMock>>;
+
+async fn meta_start(State(mock): State<SharedMeta>, body: String) -> Response {
+    mock.lock().unwrap().seen.push(("start".into(), body));
+    axum::Json(json!({"report_run_id": "6001"})).into_response()
+}
+
+async fn meta_poll(
+    State(mock): State<SharedMeta>,
+    axum::extract::Path(run): axum::extract::Path<String>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Response {
+    let mut mock = mock.lock().unwrap();
+    mock.seen.push(("poll".into(), query.unwrap_or_default()));
+    mock.polls += 1;
+    match mock.polls {
+        1 => axum::Json(json!({"id": run, "async_status": "Job Running", "async_percent_completion": 40})).into_response(),
+        2 => (
+            StatusCode::BAD_REQUEST,
+            axum::Json(json!({"error": {"message": "(#17) User request limit reached", "type": "OAuthException", "code": 17, "error_subcode": 2446079, "fbtrace_id": "A1b2"}})),
+        )
+            .into_response(),
+        _ => axum::Json(json!({"id": run, "async_status": "Job Completed", "async_percent_completion": 100})).into_response(),
+    }
+}
+
+async fn meta_rows(
+    State(mock): State<SharedMeta>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Response {
+    let mut mock = mock.lock().unwrap();
+    let query = query.unwrap_or_default();
+    mock.seen.push(("rows".into(), query.clone()));
+    let day1 = Utc::now()
+        .date_naive()
+        .checked_sub_days(Days::new(1))
+        .unwrap()
+        .to_string();
+    let row = |campaign_id: &str, name: &str, spend: &str, leads: &str| {
+        json!({"campaign_id": campaign_id, "campaign_name": name, "spend": spend, "account_currency": "EUR",
+               "actions": [{"action_type": "link_click", "value": "40"}, {"action_type": "lead", "value": leads}],
+               "date_start": day1, "date_stop": day1})
+    };
+    if query.contains("after=CURSOR1") {
+        return axum::Json(json!({"data": [row("c3", "lookalike", "3.00", "0")],
+            "paging": {"cursors": {"before": "CURSOR1", "after": "CURSOR2"}}}))
+        .into_response();
+    }
+    let retarget = if mock.restated { "9.50" } else { "8.25" };
+    axum::Json(json!({
+        "data": [row("c1", "retarget", retarget, "2"), row("c2", "prospecting", "10.00", "1")],
+        "paging": {"cursors": {"before": "CURSOR0", "after": "CURSOR1"},
+                   "next": format!("{}/v23.0/6001/insights?access_token=meta-token-5&limit=500&after=CURSOR1", mock.base)}
+    }))
+    .into_response()
+}
+
+#[tokio::test]
+async fn meta_ads_report_run_is_polled_paged_and_restated() {
+    let nats = NatsServer::start();
+    let mock: SharedMeta = Arc::default();
+    let app = Router::new()
+        .route("/v23.0/act_555/insights", post(meta_start))
+        .route("/v23.0/{run}", axum::routing::get(meta_poll))
+        .route("/v23.0/{run}/insights", axum::routing::get(meta_rows))
+        .with_state(mock.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    mock.lock().unwrap().base = base.clone();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let config = format!(
+        r#"
+[[connectors]]
+id = "meta"
+kind = "meta_ads"
+tenant = "acme"
+every = "1s"
+lookback_days = 2
+[connectors.params]
+ad_account_id = "act_555"
+access_token = "${{META_TOKEN}}"
+base_url = "{base}"
+poll_interval_s = 1
+"#
+    );
+    let mut engine =
+        Engine::start_with_env(&nats.url(), &config, &[("META_TOKEN", "meta-token-5")]);
+    engine.wait_ready().await;
+    wait_until("Meta spend and leads", Duration::from_secs(30), || async {
+        social_channel(&engine).await["spend"] == "21.25"
+    })
+    .await;
+    assert_eq!(social_channel(&engine).await["leads"], 3);
+    {
+        let mock = mock.lock().unwrap();
+        let start = &mock
+            .seen
+            .iter()
+            .find(|(what, _)| what == "start")
+            .unwrap()
+            .1;
+        for part in [
+            "level=campaign",
+            "time_increment=1",
+            "access_token=meta-token-5",
+            "time_range=%7B%22since%22",
+        ] {
+            assert!(start.contains(part), "{part} missing from {start}");
+        }
+        assert!(mock
+            .seen
+            .iter()
+            .any(|(what, query)| what == "rows" && query.contains("after=CURSOR1")));
+    }
+    assert!(engine.log().contains("(#17) User request limit reached"));
+    assert!(
+        !engine.log().contains("meta-token-5"),
+        "the token is in the log"
+    );
+
+    mock.lock().unwrap().restated = true;
+    wait_until(
+        "the restated Meta spend",
+        Duration::from_secs(30),
+        || async { social_channel(&engine).await["spend"] == "22.50" },
+    )
+    .await;
+    assert_eq!(social_channel(&engine).await["leads"], 3);
+}
