@@ -162,6 +162,10 @@ pub enum Emit {
         event_type: &'static str,
         time: DateTime<Utc>,
         upstream_key: String,
+        /// The upstream version (e.g. a modification time in milliseconds). SPEC breaks ties
+        /// between events of one entity with the same `time` by the greater id: with a
+        /// version, the id starts with it, zero-padded, so the latest version wins.
+        version: Option<u64>,
         data: Value,
     },
     /// A complete SPEC envelope from an external plugin, published as it is (its `id` is the

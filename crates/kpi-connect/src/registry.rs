@@ -5,7 +5,9 @@ use std::pin::Pin;
 
 use serde_json::{Map, Value};
 
-use crate::kinds::{csv_folder::CsvFolder, exec::Exec, google_ads::GoogleAds, meta_ads::MetaAds};
+use crate::kinds::{
+    csv_folder::CsvFolder, exec::Exec, google_ads::GoogleAds, hubspot::HubSpot, meta_ads::MetaAds,
+};
 use crate::{ConnectError, Connector, RunContext, RunOutput};
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -71,6 +73,7 @@ pub fn kinds() -> Vec<KindInfo> {
     vec![
         entry::<GoogleAds>(),
         entry::<MetaAds>(),
+        entry::<HubSpot>(),
         entry::<CsvFolder>(),
         entry::<Exec>(),
     ]

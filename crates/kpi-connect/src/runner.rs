@@ -177,9 +177,18 @@ impl Runner {
                     event_type,
                     time,
                     upstream_key,
+                    version,
                     data,
                 } => {
-                    let id = self.event_id(&[event_type, &upstream_key]);
+                    let hashed = self.event_id(&[event_type, &upstream_key]);
+                    let id = match version {
+                        Some(version) => hashed.replacen(
+                            &format!("{}-", self.id),
+                            &format!("{}-{version:016}-", self.id),
+                            1,
+                        ),
+                        None => hashed,
+                    };
                     outgoing.push(self.envelope(&id, event_type, time, data));
                 }
                 Emit::Envelope(envelope) => outgoing.push(self.external(envelope)?),
@@ -360,6 +369,7 @@ pub fn import_events(
                 time,
                 upstream_key,
                 data,
+                ..
             } => {
                 let id = crate::event_id("csv", &[tenant, event_type, &upstream_key]);
                 Some(envelope(&id, source, tenant, event_type, time, data))

@@ -705,3 +705,180 @@ poll_interval_s = 1
     .await;
     assert_eq!(social_channel(&engine).await["leads"], 3);
 }
+
+/// HubSpot's CRM search and associations APIs, as documented.
+#[derive(Default)]
+struct HubSpotMock {
+    corrected: bool,
+    contact_searches: Vec<Value>,
+    deal_searches: u32,
+    authorizations: Vec<String>,
+}
+
+type SharedHubSpot = Arc<Mutex<HubSpotMock>>;
+
+fn hubspot_object(id: &str, properties: Value) -> Value {
+    json!({"id": id, "properties": properties, "createdAt": "2026-01-01T00:00:00Z",
+           "updatedAt": "2026-03-01T00:00:00Z", "archived": false})
+}
+
+async fn hubspot_contacts(
+    State(mock): State<SharedHubSpot>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let mut mock = mock.lock().unwrap();
+    let request: Value = serde_json::from_str(&body).unwrap();
+    mock.authorizations
+        .push(headers["authorization"].to_str().unwrap().to_string());
+    mock.contact_searches.push(request.clone());
+    if mock.contact_searches.len() == 1 {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            axum::Json(json!({"status": "error", "message": "You have reached your secondly limit.", "errorType": "RATE_LIMIT", "correlationId": "c0ffee", "policyName": "SECONDLY"})),
+        )
+            .into_response();
+    }
+    let contact = |id: &str, created: &str, source: &str, campaign: Option<&str>, stage: &str| {
+        let mut properties = json!({"createdate": created, "lastmodifieddate": "2026-03-01T10:00:00.000Z",
+            "hs_analytics_source": source, "lifecyclestage": stage, "hs_object_id": id});
+        if let Some(campaign) = campaign {
+            properties["hs_analytics_source_data_1"] = json!(campaign);
+        }
+        hubspot_object(id, properties)
+    };
+    if request.get("after").is_none() {
+        axum::Json(json!({"total": 3, "results": [
+            contact("101", "2026-01-10T09:00:00.000Z", "PAID_SEARCH", Some("brand"), "salesqualifiedlead"),
+            contact("102", "2026-01-11T09:00:00.000Z", "ORGANIC_SEARCH", None, "lead"),
+        ], "paging": {"next": {"after": "2", "link": "https://api.hubapi.com/crm/v3/objects/contacts/search?after=2"}}}))
+        .into_response()
+    } else {
+        assert_eq!(request["after"], "2");
+        axum::Json(json!({"total": 3, "results": [
+            contact("103", "2026-01-12T09:00:00.000Z", "PAID_SEARCH", Some("brand"), "customer"),
+        ]}))
+        .into_response()
+    }
+}
+
+async fn hubspot_deals(State(mock): State<SharedHubSpot>) -> Response {
+    let mut mock = mock.lock().unwrap();
+    mock.deal_searches += 1;
+    if mock.deal_searches == 1 {
+        return (StatusCode::BAD_GATEWAY, "<html>502 Bad Gateway</html>").into_response();
+    }
+    let (amount, modified) = if mock.corrected {
+        ("1500", "2026-03-05T10:00:00.000Z")
+    } else {
+        ("1200", "2026-03-01T10:00:00.000Z")
+    };
+    let deal = |id: &str, amount: &str, closed: bool, won: bool, modified: &str| {
+        hubspot_object(
+            id,
+            json!({"amount": amount, "deal_currency_code": "EUR", "closedate": "2026-02-01T12:00:00.000Z",
+            "dealstage": if won { "closedwon" } else if closed { "closedlost" } else { "appointmentscheduled" },
+            "hs_is_closed": closed.to_string(), "hs_is_closed_won": won.to_string(), "hs_lastmodifieddate": modified}),
+        )
+    };
+    axum::Json(json!({"total": 4, "results": [
+        deal("d1", amount, true, true, modified),
+        deal("d2", "900", true, false, "2026-03-01T10:00:00.000Z"),
+        deal("d3", "700", false, false, "2026-03-01T10:00:00.000Z"),
+        deal("d4", "300", true, true, "2026-03-01T10:00:00.000Z"),
+    ]}))
+    .into_response()
+}
+
+async fn hubspot_associations(body: String) -> Response {
+    let request: Value = serde_json::from_str(&body).unwrap();
+    let results: Vec<Value> = request["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|input| {
+            let deal = input["id"].as_str().unwrap();
+            let contact = match deal {
+                "d1" => 101,
+                "d2" => 102,
+                _ => 103,
+            };
+            json!({"from": {"id": deal}, "to": [{"toObjectId": contact, "associationTypes": [{"category": "HUBSPOT_DEFINED", "typeId": 3, "label": null}]}]})
+        })
+        .collect();
+    axum::Json(json!({"status": "COMPLETE", "results": results, "startedAt": "2026-03-01T10:00:00Z", "completedAt": "2026-03-01T10:00:01Z"})).into_response()
+}
+
+#[tokio::test]
+async fn hubspot_contacts_and_deals_become_leads_and_deals_incrementally() {
+    let nats = NatsServer::start();
+    let mock: SharedHubSpot = Arc::default();
+    let app = Router::new()
+        .route("/crm/v3/objects/contacts/search", post(hubspot_contacts))
+        .route("/crm/v3/objects/deals/search", post(hubspot_deals))
+        .route(
+            "/crm/v4/associations/deals/contacts/batch/read",
+            post(hubspot_associations),
+        )
+        .with_state(mock.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let config = format!(
+        r#"
+[[connectors]]
+id = "crm"
+kind = "hubspot"
+tenant = "crmco"
+every = "1s"
+lookback_days = 7
+[connectors.params]
+access_token = "${{HUBSPOT_TOKEN}}"
+base_url = "{base}"
+"#
+    );
+    let mut engine =
+        Engine::start_with_env(&nats.url(), &config, &[("HUBSPOT_TOKEN", "pat-eu1-secret")]);
+    engine.wait_ready().await;
+    wait_until(
+        "HubSpot deals in the API",
+        Duration::from_secs(30),
+        || async { total(&engine, "crmco", "revenue").await == "1500.00" },
+    )
+    .await;
+    let (_, all) = engine.get("/api/v1/kpis?tenant=crmco&period=all").await;
+    assert_eq!(all["total"]["leads"], 3);
+    assert_eq!(all["total"]["qualified_leads"], 2);
+    assert_eq!(all["total"]["converted_leads"], 2);
+    assert_eq!(all["total"]["new_customers"], 2);
+    assert_eq!(all["channels"]["paid_search"]["revenue"], "1500.00");
+    assert_eq!(all["campaigns"]["brand"]["revenue"], "1500.00");
+    assert_eq!(all["channels"]["seo"]["leads"], 1);
+
+    // A corrected amount at the same close date: the later version wins.
+    mock.lock().unwrap().corrected = true;
+    wait_until("the corrected deal", Duration::from_secs(20), || async {
+        total(&engine, "crmco", "revenue").await == "1800.00"
+    })
+    .await;
+    let mock = mock.lock().unwrap();
+    assert!(mock
+        .authorizations
+        .iter()
+        .all(|a| a == "Bearer pat-eu1-secret"));
+    let first_filter = &mock.contact_searches[1]["filterGroups"][0]["filters"][0];
+    assert_eq!(first_filter["propertyName"], "lastmodifieddate");
+    assert_eq!(first_filter["value"], "0", "the first run reads everything");
+    let later_filter = &mock.contact_searches.last().unwrap()["filterGroups"][0]["filters"][0];
+    let later: i64 = later_filter["value"].as_str().unwrap().parse().unwrap();
+    // cursor 2026-03-01T10:00Z minus the 7-day lookback
+    assert_eq!(
+        later,
+        chrono::DateTime::parse_from_rfc3339("2026-02-22T10:00:00Z")
+            .unwrap()
+            .timestamp_millis()
+    );
+    assert!(engine
+        .log()
+        .contains("You have reached your secondly limit."));
+}

@@ -165,6 +165,7 @@ pub fn parse(kind: CsvKind, reader: impl Read, name: &str) -> Result<Vec<Emit>, 
                         event_type: "spend.reported",
                         time: reported_at,
                         upstream_key: row_key,
+                        version: None,
                         data: line_data.data(),
                     }),
                     None => emits.push(Emit::Spend(line_data)),
@@ -194,6 +195,7 @@ pub fn parse(kind: CsvKind, reader: impl Read, name: &str) -> Result<Vec<Emit>, 
                     event_type: "lead.created",
                     time: created_at,
                     upstream_key: row_key.clone(),
+                    version: None,
                     data,
                 });
                 if let Some(at) = qualified_at {
@@ -201,6 +203,7 @@ pub fn parse(kind: CsvKind, reader: impl Read, name: &str) -> Result<Vec<Emit>, 
                         event_type: "lead.qualified",
                         time: at,
                         upstream_key: row_key.clone(),
+                        version: None,
                         data: json!({"lead_id": lead_id, "qualified": qualified.unwrap_or(true)}),
                     });
                 }
@@ -209,6 +212,7 @@ pub fn parse(kind: CsvKind, reader: impl Read, name: &str) -> Result<Vec<Emit>, 
                         event_type: "lead.stage_changed",
                         time: time("stage_at")?.unwrap_or(created_at),
                         upstream_key: row_key,
+                        version: None,
                         data: json!({"lead_id": lead_id, "stage": stage}),
                     });
                 }
@@ -245,6 +249,7 @@ pub fn parse(kind: CsvKind, reader: impl Read, name: &str) -> Result<Vec<Emit>, 
                     event_type,
                     time: closed_at,
                     upstream_key: row_key,
+                    version: None,
                     data,
                 });
             }

@@ -267,6 +267,7 @@ impl Connector for MetaAds {
                     event_type: "lead.created",
                     time,
                     upstream_key: lead_id.clone(),
+                    version: None,
                     data: json!({"lead_id": lead_id, "channel": self.params.channel, "campaign": campaign}),
                 });
             }

@@ -3,6 +3,7 @@
 pub mod csv_folder;
 pub mod exec;
 pub mod google_ads;
+pub mod hubspot;
 pub mod meta_ads;
 pub mod oauth;
 
