@@ -211,7 +211,14 @@ pub struct Config {
 
 /// Connector kinds this build knows (each implemented in `kpi-connect`, whose registry test
 /// checks the two lists agree).
-pub const CONNECTOR_KINDS: &[&str] = &["google_ads", "meta_ads", "hubspot", "csv", "exec"];
+pub const CONNECTOR_KINDS: &[&str] = &[
+    "google_ads",
+    "meta_ads",
+    "hubspot",
+    "pipedrive",
+    "csv",
+    "exec",
+];
 
 impl Config {
     /// Loads the layers (defaults, `file`, environment) and validates the result.

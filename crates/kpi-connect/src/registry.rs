@@ -7,6 +7,7 @@ use serde_json::{Map, Value};
 
 use crate::kinds::{
     csv_folder::CsvFolder, exec::Exec, google_ads::GoogleAds, hubspot::HubSpot, meta_ads::MetaAds,
+    pipedrive::Pipedrive,
 };
 use crate::{ConnectError, Connector, RunContext, RunOutput};
 
@@ -74,6 +75,7 @@ pub fn kinds() -> Vec<KindInfo> {
         entry::<GoogleAds>(),
         entry::<MetaAds>(),
         entry::<HubSpot>(),
+        entry::<Pipedrive>(),
         entry::<CsvFolder>(),
         entry::<Exec>(),
     ]

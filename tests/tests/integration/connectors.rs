@@ -882,3 +882,146 @@ base_url = "{base}"
         .log()
         .contains("You have reached your secondly limit."));
 }
+
+/// Pipedrive's v1 leads (offset paging) and v2 deals (cursor paging), as documented.
+#[derive(Default)]
+struct PipedriveMock {
+    deal_requests: Vec<(Instant, String, u16)>,
+    tokens: Vec<String>,
+}
+
+type SharedPipedrive = Arc<Mutex<PipedriveMock>>;
+
+async fn pipedrive_leads(
+    State(mock): State<SharedPipedrive>,
+    headers: HeaderMap,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Response {
+    mock.lock()
+        .unwrap()
+        .tokens
+        .push(headers["x-api-token"].to_str().unwrap().to_string());
+    let lead = |id: &str, person: Option<u32>, source: &str, added: &str| {
+        json!({"id": id, "title": format!("{id} lead"), "person_id": person, "organization_id": null,
+               "source_name": source, "origin": "API", "add_time": added, "update_time": added, "is_archived": false})
+    };
+    if query.unwrap_or_default().contains("start=2") {
+        axum::Json(json!({"success": true, "data": [lead("c3b1", None, "Manually created", "2026-01-07T09:00:00.000Z")],
+            "additional_data": {"pagination": {"start": 2, "limit": 500, "more_items_in_collection": false}}}))
+        .into_response()
+    } else {
+        axum::Json(json!({"success": true, "data": [
+            lead("a1f0", Some(7), "Web forms", "2026-01-05T09:00:00.000Z"),
+            lead("b2e9", Some(8), "Prospector", "2026-01-06T09:00:00.000Z")],
+            "additional_data": {"pagination": {"start": 0, "limit": 2, "more_items_in_collection": true, "next_start": 2}}}))
+        .into_response()
+    }
+}
+
+async fn pipedrive_deals(
+    State(mock): State<SharedPipedrive>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Response {
+    let mut mock = mock.lock().unwrap();
+    let query = query.unwrap_or_default();
+    let first = mock.deal_requests.is_empty();
+    mock.deal_requests
+        .push((Instant::now(), query.clone(), if first { 429 } else { 200 }));
+    if first {
+        let mut response = (
+            StatusCode::TOO_MANY_REQUESTS,
+            axum::Json(json!({"success": false, "error": "Request over limit", "errorCode": 429})),
+        )
+            .into_response();
+        response
+            .headers_mut()
+            .insert("retry-after", "1".parse().unwrap());
+        return response;
+    }
+    let deal = |id: u32, person: u32, status: &str, stage: u32, value: u32| {
+        json!({"id": id, "title": format!("deal {id}"), "person_id": person, "org_id": null, "stage_id": stage,
+               "pipeline_id": 1, "value": value, "currency": "EUR", "status": status,
+               "add_time": "2026-01-10T10:00:00Z", "update_time": "2026-02-01T10:00:00Z",
+               "won_time": if status == "won" { json!("2026-02-01T10:00:00Z") } else { Value::Null },
+               "lost_time": if status == "lost" { json!("2026-02-01T11:00:00Z") } else { Value::Null }})
+    };
+    if query.contains("cursor=c2") {
+        axum::Json(json!({"success": true, "data": [deal(2, 8, "lost", 1, 900), deal(3, 8, "open", 2, 400)],
+            "additional_data": {"next_cursor": null}}))
+        .into_response()
+    } else {
+        axum::Json(
+            json!({"success": true, "data": [deal(1, 7, "won", 2, 2500)],
+            "additional_data": {"next_cursor": "c2"}}),
+        )
+        .into_response()
+    }
+}
+
+async fn pipedrive_stages() -> Response {
+    axum::Json(json!({"success": true, "data": [
+        {"id": 1, "name": "Qualified", "pipeline_id": 1, "order_nr": 1},
+        {"id": 2, "name": "Proposal Made", "pipeline_id": 1, "order_nr": 2}],
+        "additional_data": {"next_cursor": null}}))
+    .into_response()
+}
+
+#[tokio::test]
+async fn pipedrive_leads_and_deals_are_paged_and_linked_by_person() {
+    let nats = NatsServer::start();
+    let mock: SharedPipedrive = Arc::default();
+    let app = Router::new()
+        .route("/v1/leads", axum::routing::get(pipedrive_leads))
+        .route("/api/v2/deals", axum::routing::get(pipedrive_deals))
+        .route("/api/v2/stages", axum::routing::get(pipedrive_stages))
+        .with_state(mock.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let config = format!(
+        r#"
+[[connectors]]
+id = "pipedrive"
+kind = "pipedrive"
+tenant = "pdco"
+every = "1s"
+lookback_days = 3
+[connectors.params]
+api_token = "${{PIPEDRIVE_TOKEN}}"
+base_url = "{base}"
+channel = {{ "Manually created" = "outbound" }}
+"#
+    );
+    let mut engine =
+        Engine::start_with_env(&nats.url(), &config, &[("PIPEDRIVE_TOKEN", "pd-token-3")]);
+    engine.wait_ready().await;
+    wait_until(
+        "Pipedrive deals in the API",
+        Duration::from_secs(30),
+        || async { total(&engine, "pdco", "revenue").await == "2500.00" },
+    )
+    .await;
+    let (_, all) = engine.get("/api/v1/kpis?tenant=pdco&period=all").await;
+    assert_eq!(all["total"]["leads"], 3);
+    assert_eq!(all["total"]["qualified_leads"], 2);
+    assert_eq!(all["total"]["converted_leads"], 1);
+    assert_eq!(all["channels"]["web_forms"]["revenue"], "2500.00");
+    assert_eq!(all["channels"]["outbound"]["leads"], 1);
+    assert_eq!(
+        all["channels"]["prospector"]["stages"]["proposal_made"],
+        1.0
+    );
+    let mock = mock.lock().unwrap();
+    assert!(mock.tokens.iter().all(|token| token == "pd-token-3"));
+    let (rate_limited, _, _) = mock.deal_requests[0];
+    let (retried, first_query, _) = &mock.deal_requests[1];
+    assert!(retried.duration_since(rate_limited) >= Duration::from_millis(950));
+    assert!(
+        first_query.contains("updated_since=1970-01-01T00%3A00%3A00Z"),
+        "{first_query}"
+    );
+    assert!(mock
+        .deal_requests
+        .iter()
+        .any(|(_, query, _)| query.contains("cursor=c2")));
+}

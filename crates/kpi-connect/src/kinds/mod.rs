@@ -6,6 +6,7 @@ pub mod google_ads;
 pub mod hubspot;
 pub mod meta_ads;
 pub mod oauth;
+pub mod pipedrive;
 
 use serde_json::Value;
 

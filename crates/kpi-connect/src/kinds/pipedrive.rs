@@ -1,0 +1,367 @@
+//! `pipedrive`: leads and deals from Pipedrive.
+//!
+//! - Leads (Leads Inbox): `GET /v1/leads`, paged with `start` / `limit` until
+//!   `additional_data.pagination.more_items_in_collection` is false. A lead becomes
+//!   `lead.created` at its `add_time`; its id is the lead's person (`P{person_id}`) when it has
+//!   one, so that the person's deals find it; its channel is its `source_name` (`Web forms` →
+//!   `web_forms`) unless `channel` maps it.
+//! - Deals: `GET /api/v2/deals?updated_since=...`, paged with `cursor` /
+//!   `additional_data.next_cursor`. A won deal is `deal.won` (`value`, `currency`, `won_time`,
+//!   customer = person or organization), a lost one `deal.lost`; the deal's person is the lead,
+//!   qualified (it reached a deal) and at the deal's stage (`GET /api/v2/stages`, names as
+//!   `lead.stage_changed`).
+//! - Authentication: an API token in the `x-api-token` header; 429 replies are retried after
+//!   their `Retry-After`.
+//!
+//! Deals are read incrementally: the first run reads all, later ones from the latest
+//! `update_time` seen minus the window (`lookback_days`). Leads are few for an SME and have no
+//! modification filter: every run reads them all (unchanged ones are duplicates and cost
+//! nothing downstream).
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Days, NaiveDateTime, Utc};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::{base, text};
+use crate::http::Http;
+use crate::{ConnectError, Connector, Emit, RunContext, RunOutput};
+
+/// `[connectors.params]` of `pipedrive`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipedriveParams {
+    /// A personal API token (Settings → Personal preferences → API).
+    pub api_token: String,
+    /// `https://{company}.pipedrive.com`.
+    pub base_url: String,
+    /// Lead `source_name` → channel, for names that should not be used as they are.
+    #[serde(default)]
+    pub channel: Map<String, Value>,
+}
+
+pub struct Pipedrive {
+    params: PipedriveParams,
+    http: Http,
+}
+
+/// Pipedrive writes times as RFC 3339 (v2, leads) or `YYYY-MM-DD HH:MM:SS` in UTC (v1).
+fn time(value: &Value, pointer: &str) -> Option<DateTime<Utc>> {
+    let text = text(value, pointer)?;
+    DateTime::parse_from_rfc3339(text)
+        .map(|time| time.with_timezone(&Utc))
+        .ok()
+        .or_else(|| {
+            NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S")
+                .ok()
+                .map(|time| time.and_utc())
+        })
+}
+
+fn id_text(value: &Value, pointer: &str) -> Option<String> {
+    match value.pointer(pointer)? {
+        Value::Number(number) => Some(number.to_string()),
+        Value::String(text) if !text.is_empty() => Some(text.clone()),
+        // v1 sometimes nests the related object: {"value": 7, "name": "..."}.
+        Value::Object(object) => object.get("value").and_then(|v| id_text(v, "")),
+        _ => None,
+    }
+}
+
+/// A name as a SPEC identifier: `Web forms` → `web_forms`.
+fn identifier(name: &str) -> String {
+    let mut out = String::new();
+    for character in name.trim().chars() {
+        if character.is_ascii_alphanumeric() {
+            out.push(character.to_ascii_lowercase());
+        } else if !out.ends_with('_') && !out.is_empty() {
+            out.push('_');
+        }
+    }
+    out.trim_end_matches('_').to_string()
+}
+
+#[derive(Deserialize)]
+struct Reply {
+    #[serde(default)]
+    data: Option<Value>,
+    #[serde(default)]
+    additional_data: Option<Value>,
+}
+
+impl Pipedrive {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", base(&self.params.base_url))
+    }
+
+    async fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Reply, ConnectError> {
+        let url = self.url(path);
+        self.http
+            .json(|client| {
+                client
+                    .get(&url)
+                    .header("x-api-token", &self.params.api_token)
+                    .query(query)
+            })
+            .await
+    }
+
+    async fn leads(&self) -> Result<Vec<Value>, ConnectError> {
+        let mut leads = Vec::new();
+        let mut start = 0u64;
+        loop {
+            let reply = self
+                .get(
+                    "/v1/leads",
+                    &[("start", start.to_string()), ("limit", "500".into())],
+                )
+                .await?;
+            if let Some(Value::Array(data)) = reply.data {
+                leads.extend(data);
+            }
+            let pagination = reply
+                .additional_data
+                .as_ref()
+                .and_then(|data| data.get("pagination"));
+            let more = pagination
+                .and_then(|p| p.get("more_items_in_collection"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            match pagination
+                .and_then(|p| p.get("next_start"))
+                .and_then(Value::as_u64)
+            {
+                Some(next) if more => start = next,
+                _ => return Ok(leads),
+            }
+        }
+    }
+
+    async fn deals(&self, since: DateTime<Utc>) -> Result<Vec<Value>, ConnectError> {
+        let mut deals = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut query = vec![
+                (
+                    "updated_since",
+                    since.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                ),
+                ("limit", "500".to_string()),
+            ];
+            if let Some(cursor) = &cursor {
+                query.push(("cursor", cursor.clone()));
+            }
+            let reply = self.get("/api/v2/deals", &query).await?;
+            if let Some(Value::Array(data)) = reply.data {
+                deals.extend(data);
+            }
+            cursor = reply
+                .additional_data
+                .as_ref()
+                .and_then(|data| text(data, "/next_cursor"))
+                .map(str::to_string);
+            if cursor.is_none() {
+                return Ok(deals);
+            }
+        }
+    }
+
+    async fn stage_names(&self) -> Result<HashMap<String, String>, ConnectError> {
+        let reply = self
+            .get("/api/v2/stages", &[("limit", "500".into())])
+            .await?;
+        Ok(reply
+            .data
+            .as_ref()
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|stage| Some((id_text(stage, "/id")?, identifier(text(stage, "/name")?))))
+            .collect())
+    }
+
+    fn channel(&self, source: &str) -> String {
+        self.params
+            .channel
+            .get(source)
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| identifier(source))
+    }
+}
+
+impl Connector for Pipedrive {
+    type Params = PipedriveParams;
+    const KIND: &'static str = "pipedrive";
+    const DESCRIPTION: &'static str =
+        "Pipedrive CRM: leads -> lead.created, deals -> deal.won/lost, stages and qualification of their person";
+
+    fn new(params: PipedriveParams) -> Result<Pipedrive, ConnectError> {
+        if params.api_token.trim().is_empty() {
+            return Err(ConnectError::Config {
+                key: "api_token".into(),
+                message: "is empty".into(),
+            });
+        }
+        Ok(Pipedrive {
+            http: Http::new("pipedrive")?,
+            params,
+        })
+    }
+
+    async fn check(&self, _context: &RunContext) -> Result<String, ConnectError> {
+        let reply = self.get("/v1/users/me", &[]).await?;
+        let user = reply.data.unwrap_or_default();
+        Ok(format!(
+            "signed in as {} ({})",
+            text(&user, "/name").unwrap_or("?"),
+            text(&user, "/company_name").unwrap_or("?")
+        ))
+    }
+
+    async fn run(&self, context: &RunContext) -> Result<RunOutput, ConnectError> {
+        let mut output = RunOutput::default();
+        for lead in self.leads().await? {
+            let Some(id) = id_text(&lead, "/id") else {
+                continue;
+            };
+            let Some(created) = time(&lead, "/add_time") else {
+                continue;
+            };
+            let lead_id = id_text(&lead, "/person_id")
+                .map(|person| format!("P{person}"))
+                .unwrap_or(id.clone());
+            let mut data = json!({"lead_id": lead_id});
+            if let Some(source) = text(&lead, "/source_name") {
+                data["channel"] = json!(self.channel(source));
+            }
+            output.emits.push(Emit::Event {
+                event_type: "lead.created",
+                time: created,
+                upstream_key: format!("lead:{id}:{data}"),
+                version: None,
+                data,
+            });
+        }
+
+        let cursor = context
+            .cursor
+            .as_ref()
+            .and_then(|cursor| time(cursor, "/updated_after"));
+        let window_days = (context.window.until - context.window.since)
+            .num_days()
+            .max(0) as u64;
+        let since = match cursor {
+            Some(cursor) => cursor
+                .checked_sub_days(Days::new(window_days))
+                .unwrap_or(cursor),
+            None => DateTime::<Utc>::UNIX_EPOCH,
+        };
+        let deals = self.deals(since).await?;
+        let stages = if deals.is_empty() {
+            HashMap::new()
+        } else {
+            self.stage_names().await?
+        };
+        let mut latest = cursor.unwrap_or(since);
+        for deal in &deals {
+            let Some(id) = id_text(deal, "/id") else {
+                continue;
+            };
+            let updated = time(deal, "/update_time");
+            if let Some(updated) = updated {
+                latest = latest.max(updated);
+            }
+            let version = updated.map(|time| time.timestamp_millis().max(0) as u64);
+            let person = id_text(deal, "/person_id").map(|person| format!("P{person}"));
+            if let Some(lead_id) = &person {
+                let reached = updated
+                    .or_else(|| time(deal, "/add_time"))
+                    .unwrap_or(context.now);
+                output.emits.push(Emit::Event {
+                    event_type: "lead.qualified",
+                    time: reached,
+                    upstream_key: format!("person:{lead_id}:qualified"),
+                    version: None,
+                    data: json!({"lead_id": lead_id, "qualified": true}),
+                });
+                if let Some(stage) = id_text(deal, "/stage_id").and_then(|stage| stages.get(&stage))
+                {
+                    output.emits.push(Emit::Event {
+                        event_type: "lead.stage_changed",
+                        time: reached,
+                        upstream_key: format!("person:{lead_id}:stage:{stage}"),
+                        version: None,
+                        data: json!({"lead_id": lead_id, "stage": stage}),
+                    });
+                }
+            }
+            let deal_id = format!("pd-{id}");
+            match text(deal, "/status") {
+                Some("won") => {
+                    let customer = person
+                        .clone()
+                        .or_else(|| id_text(deal, "/org_id").map(|org| format!("O{org}")));
+                    let (Some(customer), Some(won_at)) = (customer, time(deal, "/won_time")) else {
+                        tracing::warn!(connector = %context.connector_id, deal = %id, "won deal without a person, organization or won_time: skipped");
+                        continue;
+                    };
+                    let value = match deal.get("value") {
+                        Some(Value::Number(number)) => number.to_string(),
+                        Some(Value::String(text)) => text.clone(),
+                        _ => "0".into(),
+                    };
+                    let mut data = json!({"deal_id": deal_id, "customer_id": customer,
+                        "amount": value, "currency": text(deal, "/currency").unwrap_or("EUR")});
+                    if let Some(lead_id) = &person {
+                        data["lead_id"] = json!(lead_id);
+                    }
+                    output.emits.push(Emit::Event {
+                        event_type: "deal.won",
+                        time: won_at,
+                        upstream_key: format!("deal:{id}:{data}"),
+                        version,
+                        data,
+                    });
+                }
+                Some("lost") | Some("deleted") => {
+                    let lost_at = time(deal, "/lost_time").or(updated).unwrap_or(context.now);
+                    let mut data = json!({"deal_id": deal_id});
+                    if let Some(lead_id) = &person {
+                        data["lead_id"] = json!(lead_id);
+                    }
+                    output.emits.push(Emit::Event {
+                        event_type: "deal.lost",
+                        time: lost_at,
+                        upstream_key: format!("deal:{id}:lost"),
+                        version,
+                        data,
+                    });
+                }
+                _ => {}
+            }
+        }
+        output.cursor = Some(json!({"updated_after": latest.to_rfc3339()}));
+        Ok(output)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_become_identifiers() {
+        assert_eq!(identifier("Web forms"), "web_forms");
+        assert_eq!(identifier("  Proposal Made! "), "proposal_made");
+        assert_eq!(identifier("LeadBooster"), "leadbooster");
+    }
+
+    #[test]
+    fn both_time_formats_parse() {
+        let value = json!({"a": "2026-01-04T10:44:11Z", "b": "2026-01-04 10:44:11"});
+        assert_eq!(time(&value, "/a"), time(&value, "/b"));
+        assert!(time(&value, "/a").is_some());
+    }
+}
