@@ -217,6 +217,7 @@ pub const CONNECTOR_KINDS: &[&str] = &[
     "hubspot",
     "pipedrive",
     "csv",
+    "webhook",
     "exec",
 ];
 

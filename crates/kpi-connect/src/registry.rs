@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 
 use crate::kinds::{
     csv_folder::CsvFolder, exec::Exec, google_ads::GoogleAds, hubspot::HubSpot, meta_ads::MetaAds,
-    pipedrive::Pipedrive,
+    pipedrive::Pipedrive, webhook::Webhook,
 };
 use crate::{ConnectError, Connector, RunContext, RunOutput};
 
@@ -78,6 +78,7 @@ pub fn kinds() -> Vec<KindInfo> {
         entry::<Pipedrive>(),
         entry::<CsvFolder>(),
         entry::<Exec>(),
+        entry::<Webhook>(),
     ]
 }
 

@@ -158,9 +158,45 @@ async fn not_found() -> ApiError {
     )
 }
 
+/// What [`Webhooks::receive`] returns: events accepted, or a status and a message.
+pub type WebhookReply<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<usize, (u16, String)>> + Send + 'a>>;
+
+/// Receives `POST /webhooks/{connector_id}` (implemented by the connectors crate).
+pub trait Webhooks: Send + Sync + 'static {
+    /// Verifies and publishes one request.
+    fn receive<'a>(
+        &'a self,
+        connector_id: &'a str,
+        signature: Option<&'a str>,
+        body: &'a [u8],
+    ) -> WebhookReply<'a>;
+}
+
+async fn webhook(
+    State(webhooks): State<Arc<dyn Webhooks>>,
+    axum::extract::Path(connector_id): axum::extract::Path<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let signature = headers
+        .get("x-kpi-signature")
+        .and_then(|value| value.to_str().ok());
+    match webhooks.receive(&connector_id, signature, &body).await {
+        Ok(accepted) => {
+            (StatusCode::ACCEPTED, Json(json!({ "accepted": accepted }))).into_response()
+        }
+        Err((status, message)) => ApiError {
+            status: StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+            message,
+        }
+        .into_response(),
+    }
+}
+
 /// The routes, over the shared state.
-pub fn router(state: Arc<EngineState>) -> Router {
-    Router::new()
+pub fn router(state: Arc<EngineState>, webhooks: Option<Arc<dyn Webhooks>>) -> Router {
+    let api = Router::new()
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -168,18 +204,27 @@ pub fn router(state: Arc<EngineState>) -> Router {
         .route("/api/v1/retention", get(retention))
         .route("/api/v1/tenants", get(tenants))
         .fallback(not_found)
-        .with_state(state)
+        .with_state(state);
+    match webhooks {
+        Some(webhooks) => api.merge(
+            Router::new()
+                .route("/webhooks/{connector_id}", axum::routing::post(webhook))
+                .with_state(webhooks),
+        ),
+        None => api,
+    }
 }
 
 /// Binds `addr` (port 0 picks a free port) and returns the bound address and the server task.
 pub async fn serve(
     addr: SocketAddr,
     state: Arc<EngineState>,
+    webhooks: Option<Arc<dyn Webhooks>>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let app = router(state);
+    let app = router(state, webhooks);
     let task = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {

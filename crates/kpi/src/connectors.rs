@@ -1,12 +1,14 @@
 //! `kpi connectors list|check|run` and `kpi import`.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use chrono::NaiveDate;
 use indicatif::{ProgressBar, ProgressStyle};
 use kpi_config::Config;
 use kpi_connect::kinds::csv_folder::CsvKind;
+use kpi_connect::kinds::webhook::WebhookReceiver;
 use kpi_connect::Runner;
 use kpi_store::Store;
 
@@ -40,6 +42,34 @@ fn find(config: &Config, id: &str) -> anyhow::Result<Runner> {
         );
     };
     Ok(Runner::from_config(connector, index, &env)?)
+}
+
+/// The webhook connectors, for the HTTP server.
+pub fn webhooks(
+    config: &Config,
+    metrics: kpi_connect::ConnectorMetrics,
+) -> anyhow::Result<WebhookReceiver> {
+    let env = |name: &str| std::env::var(name).ok();
+    Ok(WebhookReceiver::from_config(config, &env, Some(metrics))?)
+}
+
+/// The connectors crate's receiver behind the HTTP server's trait.
+pub struct WebhookService(pub Arc<WebhookReceiver>);
+
+impl kpi_http::Webhooks for WebhookService {
+    fn receive<'a>(
+        &'a self,
+        connector_id: &'a str,
+        signature: Option<&'a str>,
+        body: &'a [u8],
+    ) -> kpi_http::WebhookReply<'a> {
+        Box::pin(async move {
+            self.0
+                .receive(connector_id, signature, body, chrono::Utc::now())
+                .await
+                .map_err(|refusal| (refusal.status, refusal.message))
+        })
+    }
 }
 
 pub fn list(config: &Config) -> anyhow::Result<()> {

@@ -33,9 +33,27 @@ pub async fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
         .context("registering the KPI collector")?;
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let (address, http) = kpi_http::serve(config.listen_addr(), state.clone(), stopped.clone())
-        .await
-        .with_context(|| format!("http.listen: cannot listen on {}", config.http.listen))?;
+    let connector_metrics = kpi_connect::ConnectorMetrics::new(&state.registry)
+        .context("registering the connector metrics")?;
+    let webhooks = Arc::new(crate::connectors::webhooks(
+        &config,
+        connector_metrics.clone(),
+    )?);
+    let http_webhooks: Option<Arc<dyn kpi_http::Webhooks>> = if webhooks.is_empty() {
+        None
+    } else {
+        Some(Arc::new(crate::connectors::WebhookService(
+            webhooks.clone(),
+        )))
+    };
+    let (address, http) = kpi_http::serve(
+        config.listen_addr(),
+        state.clone(),
+        http_webhooks,
+        stopped.clone(),
+    )
+    .await
+    .with_context(|| format!("http.listen: cannot listen on {}", config.http.listen))?;
     info!(%address, "HTTP server listening (/metrics, /api/v1/kpis, /api/v1/retention, /healthz, /readyz)");
 
     let filter = {
@@ -45,8 +63,7 @@ pub async fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
     };
 
     let client = kpi_ingest::connect(&config, Some(state.clone())).await?;
-    let connector_metrics = kpi_connect::ConnectorMetrics::new(&state.registry)
-        .context("registering the connector metrics")?;
+    webhooks.set_jetstream(async_nats::jetstream::new(client.clone()));
     let connector_tasks = kpi_connect::Scheduler::new(runners, connector_metrics).spawn(
         async_nats::jetstream::new(client.clone()),
         store.clone(),

@@ -1025,3 +1025,167 @@ channel = {{ "Manually created" = "outbound" }}
         .iter()
         .any(|(_, query, _)| query.contains("cursor=c2")));
 }
+
+#[tokio::test]
+async fn webhooks_accept_signed_bodies_and_refuse_unsigned_stale_or_forged_ones() {
+    use kpi_connect::kinds::webhook::sign;
+    let nats = NatsServer::start();
+    let config = r#"
+[[connectors]]
+id = "forms"
+kind = "webhook"
+tenant = "hooks"
+every = "1h"
+[connectors.params]
+secret = "${FORMS_SECRET}"
+tolerance_s = 300
+[connectors.params.mapping]
+event_type = "lead.created"
+items = "/submissions"
+id = "/submission_id"
+time = "/submitted_at"
+fields = { lead_id = "/submission_id", channel = "/utm/source", campaign = "/utm/campaign" }
+
+[[connectors]]
+id = "shop-events"
+kind = "webhook"
+tenant = "hooks"
+every = "1h"
+[connectors.params]
+secret = "another-secret-of-16+"
+"#;
+    let secret = "forms-secret-0123456789";
+    let mut engine = Engine::start_with_env(&nats.url(), config, &[("FORMS_SECRET", secret)]);
+    engine.wait_ready().await;
+    let client = reqwest::Client::new();
+    let post = |path: &str, signature: Option<String>, body: String| {
+        let mut request = client.post(format!("{}{path}", engine.base())).body(body);
+        if let Some(signature) = signature {
+            request = request.header("X-Kpi-Signature", signature);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    };
+    let now = Utc::now().timestamp();
+    let body = json!({"form": "contact", "submissions": [
+        {"submission_id": "s-1", "submitted_at": "2026-11-20T10:00:00Z", "utm": {"source": "social", "campaign": "autumn"}},
+        {"submission_id": "s-2", "submitted_at": 1_763_640_000, "utm": {"source": "seo", "campaign": null}}
+    ]})
+    .to_string();
+
+    let (status, reply) = post("/webhooks/forms", None, body.clone()).await;
+    assert_eq!(
+        (status, reply["error"].as_str().unwrap()),
+        (401, "unsigned: the X-Kpi-Signature header is missing")
+    );
+    let (status, reply) = post(
+        "/webhooks/forms",
+        Some(sign(secret, now - 400, body.as_bytes())),
+        body.clone(),
+    )
+    .await;
+    assert_eq!(status, 401);
+    assert!(
+        reply["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("stale signature"),
+        "{reply}"
+    );
+    let (status, reply) = post(
+        "/webhooks/forms",
+        Some(sign("not-the-secret-at-all", now, body.as_bytes())),
+        body.clone(),
+    )
+    .await;
+    assert_eq!(
+        (status, reply["error"].as_str().unwrap()),
+        (401, "signature mismatch")
+    );
+    let forged = body.replace("s-2", "s-3");
+    let (status, _) = post(
+        "/webhooks/forms",
+        Some(sign(secret, now, body.as_bytes())),
+        forged,
+    )
+    .await;
+    assert_eq!(status, 401, "a body changed after signing");
+    let (status, _) = post(
+        "/webhooks/nobody",
+        Some(sign(secret, now, body.as_bytes())),
+        body.clone(),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let no_id = json!({"submissions": [{"submitted_at": "2026-11-20T10:00:00Z"}]}).to_string();
+    let (status, reply) = post(
+        "/webhooks/forms",
+        Some(sign(secret, now, no_id.as_bytes())),
+        no_id,
+    )
+    .await;
+    assert_eq!(
+        (status, reply["error"].as_str().unwrap()),
+        (400, "/submission_id: missing")
+    );
+
+    let (status, reply) = post(
+        "/webhooks/forms",
+        Some(sign(secret, now, body.as_bytes())),
+        body.clone(),
+    )
+    .await;
+    assert_eq!((status, reply), (202, json!({"accepted": 2})));
+    // The same delivery again (webhook senders retry): nothing counts twice.
+    let (status, _) = post(
+        "/webhooks/forms",
+        Some(sign(secret, now, body.as_bytes())),
+        body.clone(),
+    )
+    .await;
+    assert_eq!(status, 202);
+
+    let envelopes = json!([{"specversion": "1.0", "id": "shop-9", "source": "shop", "type": "deal.won",
+        "time": "2026-11-21T10:00:00Z", "tenant": "hooks",
+        "data": {"deal_id": "D9", "customer_id": "C9", "lead_id": "s-1", "amount": "240.00", "currency": "EUR"}}])
+    .to_string();
+    let (status, reply) = post(
+        "/webhooks/shop-events",
+        Some(sign("another-secret-of-16+", now, envelopes.as_bytes())),
+        envelopes,
+    )
+    .await;
+    assert_eq!((status, reply), (202, json!({"accepted": 1})));
+
+    wait_until(
+        "the webhook events in the API",
+        Duration::from_secs(20),
+        || async { total(&engine, "hooks", "revenue").await == "240.00" },
+    )
+    .await;
+    let (_, all) = engine.get("/api/v1/kpis?tenant=hooks&period=all").await;
+    assert_eq!(all["total"]["leads"], 2);
+    assert_eq!(all["channels"]["social"]["revenue"], "240.00");
+    assert_eq!(all["campaigns"]["autumn"]["revenue"], "240.00");
+    let metrics = engine.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "kpi_connector_runs_total",
+            &[("connector", "forms"), ("outcome", "error")]
+        ),
+        Some(5.0)
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "kpi_connector_runs_total",
+            &[("connector", "forms"), ("outcome", "success")]
+        ),
+        Some(2.0)
+    );
+    assert!(!engine.log().contains(secret));
+}

@@ -7,6 +7,7 @@ pub mod hubspot;
 pub mod meta_ads;
 pub mod oauth;
 pub mod pipedrive;
+pub mod webhook;
 
 use serde_json::Value;
 
