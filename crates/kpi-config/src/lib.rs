@@ -214,6 +214,9 @@ pub struct Config {
 pub const CONNECTOR_KINDS: &[&str] = &[
     "google_ads",
     "meta_ads",
+    "linkedin_ads",
+    "mailchimp",
+    "brevo",
     "hubspot",
     "pipedrive",
     "csv",

@@ -199,11 +199,13 @@ enum Failure {
     },
 }
 
-/// `Retry-After: 30` or `Retry-After: Wed, 21 Oct 2026 07:28:00 GMT`.
+/// `Retry-After: 30` or `Retry-After: Wed, 21 Oct 2026 07:28:00 GMT`; Brevo says it as
+/// `x-sib-ratelimit-reset: 30`.
 fn retry_after(response: &Response) -> Option<Duration> {
-    let value = response
-        .headers()
-        .get(reqwest::header::RETRY_AFTER)?
+    let headers = response.headers();
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)
+        .or_else(|| headers.get("x-sib-ratelimit-reset"))?
         .to_str()
         .ok()?
         .trim();

@@ -273,6 +273,16 @@ pub trait Connector: Sized + Send + Sync + 'static {
     ) -> impl Future<Output = Result<RunOutput, ConnectError>> + Send;
 }
 
+/// The exact sum of decimal texts (`None` if one is not a decimal).
+pub fn sum_decimals(values: &[String]) -> Option<String> {
+    use std::str::FromStr;
+    let mut total = rust_decimal::Decimal::ZERO;
+    for value in values {
+        total = total.checked_add(rust_decimal::Decimal::from_str(value.trim()).ok()?)?;
+    }
+    Some(total.normalize().to_string())
+}
+
 /// The decimal text of `micros / 1_000_000` (Google Ads' `cost_micros`), exact.
 pub fn micros_to_decimal(micros: i64) -> String {
     let sign = if micros < 0 { "-" } else { "" };
@@ -296,5 +306,12 @@ mod tests {
         assert_eq!(micros_to_decimal(5_000_000), "5");
         assert_eq!(micros_to_decimal(1), "0.000001");
         assert_eq!(micros_to_decimal(0), "0");
+    }
+
+    #[test]
+    fn decimal_texts_add_exactly() {
+        let tenths: Vec<String> = (0..10).map(|_| "0.10".to_string()).collect();
+        assert_eq!(sum_decimals(&tenths).as_deref(), Some("1"));
+        assert_eq!(sum_decimals(&["12.5".into(), "x".into()]), None);
     }
 }

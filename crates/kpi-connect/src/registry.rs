@@ -6,8 +6,9 @@ use std::pin::Pin;
 use serde_json::{Map, Value};
 
 use crate::kinds::{
-    csv_folder::CsvFolder, exec::Exec, google_ads::GoogleAds, hubspot::HubSpot, meta_ads::MetaAds,
-    pipedrive::Pipedrive, webhook::Webhook,
+    brevo::Brevo, csv_folder::CsvFolder, exec::Exec, google_ads::GoogleAds, hubspot::HubSpot,
+    linkedin_ads::LinkedInAds, mailchimp::Mailchimp, meta_ads::MetaAds, pipedrive::Pipedrive,
+    webhook::Webhook,
 };
 use crate::{ConnectError, Connector, RunContext, RunOutput};
 
@@ -74,6 +75,9 @@ pub fn kinds() -> Vec<KindInfo> {
     vec![
         entry::<GoogleAds>(),
         entry::<MetaAds>(),
+        entry::<LinkedInAds>(),
+        entry::<Mailchimp>(),
+        entry::<Brevo>(),
         entry::<HubSpot>(),
         entry::<Pipedrive>(),
         entry::<CsvFolder>(),

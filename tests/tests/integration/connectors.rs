@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use chrono::{Days, Utc};
+use chrono::{Datelike, Days, Utc};
 use kpi_tests::{metric_value, wait_until, Engine, NatsServer};
 use serde_json::{json, Value};
 
@@ -1188,4 +1188,246 @@ secret = "another-secret-of-16+"
         Some(2.0)
     );
     assert!(!engine.log().contains(secret));
+}
+
+async fn serve_mock(app: Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    base
+}
+
+fn header(headers: &HeaderMap, name: &str) -> String {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+async fn email_channel(engine: &Engine, tenant: &str) -> Value {
+    let (_, body) = engine
+        .get(&format!("/api/v1/kpis?tenant={tenant}&period=all"))
+        .await;
+    body["channels"]["email"].clone()
+}
+
+#[tokio::test]
+async fn linkedin_ads_analytics_are_read_with_rest_li_parameters() {
+    let nats = NatsServer::start();
+    let seen: Arc<Mutex<Vec<(Instant, String, u16)>>> = Arc::default();
+    let today = Utc::now().date_naive();
+    let day = |back: u64| today.checked_sub_days(Days::new(back)).unwrap();
+    let date = |d: chrono::NaiveDate| json!({"year": chrono::Datelike::year(&d), "month": chrono::Datelike::month(&d), "day": chrono::Datelike::day(&d)});
+    let analytics = json!({"elements": [
+        {"costInLocalCurrency": "40.5", "dateRange": {"start": date(day(1)), "end": date(day(1))}, "pivotValues": ["urn:li:sponsoredCampaign:901"]},
+        {"costInLocalCurrency": "9.50", "dateRange": {"start": date(day(1)), "end": date(day(1))}, "pivotValues": ["urn:li:sponsoredCampaign:902"]},
+        {"costInLocalCurrency": "10", "dateRange": {"start": date(day(2)), "end": date(day(2))}, "pivotValues": ["urn:li:sponsoredCampaign:901"]}],
+        "paging": {"start": 0, "count": 10, "links": []}});
+    let app = Router::new()
+        .route("/oauth/v2/accessToken", post(|| async { axum::Json(json!({"access_token": "AQV-li-token", "expires_in": 5_184_000})) }))
+        .route("/rest/adAccounts/508", axum::routing::get(|headers: HeaderMap| async move {
+            assert_eq!(header(&headers, "authorization"), "Bearer AQV-li-token");
+            axum::Json(json!({"id": 508, "name": "Acme", "currency": "EUR", "status": "ACTIVE"}))
+        }))
+        .route("/rest/adAccounts/508/adCampaigns", axum::routing::get(|axum::extract::RawQuery(query): axum::extract::RawQuery| async move {
+            if query.unwrap_or_default().contains("pageToken=p2") {
+                axum::Json(json!({"elements": [{"id": 902, "name": "retarget-li"}], "metadata": {}}))
+            } else {
+                axum::Json(json!({"elements": [{"id": 901, "name": "b2b-awareness"}], "metadata": {"nextPageToken": "p2"}}))
+            }
+        }))
+        .route("/rest/adAnalytics", axum::routing::get({
+            let seen = seen.clone();
+            move |headers: HeaderMap, axum::extract::RawQuery(query): axum::extract::RawQuery| {
+                let seen = seen.clone();
+                let analytics = analytics.clone();
+                async move {
+                    let mut seen = seen.lock().unwrap();
+                    let query = format!("{} {} {}", query.unwrap_or_default(), header(&headers, "linkedin-version"), header(&headers, "x-restli-protocol-version"));
+                    let status = if seen.is_empty() { 429 } else { 200 };
+                    seen.push((Instant::now(), query, status));
+                    if status == 429 {
+                        let mut response = (StatusCode::TOO_MANY_REQUESTS, axum::Json(json!({"status": 429, "message": "Resource level throttle APPLICATION DAY limit for calls to this resource is reached."}))).into_response();
+                        response.headers_mut().insert("retry-after", "1".parse().unwrap());
+                        return response;
+                    }
+                    axum::Json(analytics).into_response()
+                }
+            }
+        }));
+    let base = serve_mock(app).await;
+    let config = format!(
+        r#"
+[[connectors]]
+id = "linkedin"
+kind = "linkedin_ads"
+tenant = "lico"
+every = "1h"
+lookback_days = 5
+[connectors.params]
+ad_account_id = "508"
+client_id = "li-client"
+client_secret = "${{LI_SECRET}}"
+refresh_token = "li-refresh"
+base_url = "{base}"
+token_url = "{base}/oauth/v2/accessToken"
+"#
+    );
+    let mut engine = Engine::start_with_env(&nats.url(), &config, &[("LI_SECRET", "li-secret-1")]);
+    engine.wait_ready().await;
+    wait_until("LinkedIn spend", Duration::from_secs(30), || async {
+        let (_, body) = engine.get("/api/v1/kpis?tenant=lico&period=all").await;
+        body["channels"]["social"]["spend"] == "60.00"
+    })
+    .await;
+    let (_, body) = engine.get("/api/v1/kpis?tenant=lico&period=all").await;
+    assert_eq!(body["campaigns"]["b2b-awareness"]["spend"], "50.50");
+    assert_eq!(body["campaigns"]["retarget-li"]["spend"], "9.50");
+    let seen = seen.lock().unwrap();
+    assert!(seen[1].0.duration_since(seen[0].0) >= Duration::from_millis(950));
+    let query = &seen[1].1;
+    for part in [
+        "q=analytics",
+        "pivot=CAMPAIGN",
+        "timeGranularity=DAILY",
+        &format!(
+            "dateRange=(start:(year:{},month:{},day:{}),end:(",
+            chrono::Datelike::year(&day(5)),
+            chrono::Datelike::month(&day(5)),
+            chrono::Datelike::day(&day(5))
+        ),
+        "accounts=List(urn%3Ali%3AsponsoredAccount%3A508)",
+        "costInLocalCurrency",
+        " 202510 2.0.0",
+    ] {
+        assert!(query.contains(part), "{part} missing from {query}");
+    }
+}
+
+#[tokio::test]
+async fn mailchimp_costs_and_subscribers_are_paged() {
+    let nats = NatsServer::start();
+    let yesterday = Utc::now() - chrono::Duration::days(1);
+    let sent = yesterday.to_rfc3339();
+    let app = Router::new()
+        .route("/3.0/reports", axum::routing::get(move |headers: HeaderMap, axum::extract::RawQuery(query): axum::extract::RawQuery| {
+            let sent = sent.clone();
+            async move {
+                // Basic auth, any user name, the API key as password: "kpi-engine:key-us21".
+                assert_eq!(header(&headers, "authorization"), "Basic a3BpLWVuZ2luZTprZXktdXMyMQ==");
+                let query = query.unwrap_or_default();
+                assert!(query.contains("since_send_time="), "{query}");
+                let title = if query.contains("offset=1") { "black-friday" } else { "november-news" };
+                axum::Json(json!({"reports": [{"id": title, "campaign_title": title, "type": "regular", "send_time": sent, "emails_sent": 1200}], "total_items": 2}))
+            }
+        }))
+        .route("/3.0/lists/{list}/members", axum::routing::get(|axum::extract::Path(list): axum::extract::Path<String>| async move {
+            assert_eq!(list, "aud-1");
+            let member = |id: &str| json!({"id": id, "email_address": format!("{id}@example.com"), "status": "subscribed",
+                "timestamp_opt": "2026-11-20T08:00:00+00:00", "source": "Hosted Signup Form"});
+            axum::Json(json!({"members": [member("m1"), member("m2"), member("m3")], "list_id": "aud-1", "total_items": 3}))
+        }));
+    let base = serve_mock(app).await;
+    let config = format!(
+        r#"
+[[connectors]]
+id = "mailchimp"
+kind = "mailchimp"
+tenant = "mailco"
+every = "1h"
+lookback_days = 40
+[connectors.params]
+api_key = "${{MAILCHIMP_KEY}}"
+list_id = "aud-1"
+lead_campaign = "newsletter"
+monthly_plan_price = "59.00"
+cost_per_campaign = "12.50"
+base_url = "{base}"
+"#
+    );
+    let mut engine = Engine::start_with_env(&nats.url(), &config, &[("MAILCHIMP_KEY", "key-us21")]);
+    engine.wait_ready().await;
+    // The plan on the 1st of this month (inside the 40-day window) and two campaigns.
+    let first_of_month = Utc::now().date_naive().with_day(1).unwrap();
+    let expected = if first_of_month
+        >= Utc::now()
+            .date_naive()
+            .checked_sub_days(Days::new(40))
+            .unwrap()
+    {
+        "84.00"
+    } else {
+        "25.00"
+    };
+    wait_until(
+        "Mailchimp spend and leads",
+        Duration::from_secs(30),
+        || async { email_channel(&engine, "mailco").await["spend"] == expected },
+    )
+    .await;
+    let email = email_channel(&engine, "mailco").await;
+    assert_eq!(email["leads"], 3);
+    let (_, body) = engine.get("/api/v1/kpis?tenant=mailco&period=all").await;
+    assert_eq!(body["campaigns"]["black-friday"]["spend"], "12.50");
+}
+
+#[tokio::test]
+async fn brevo_contacts_honour_its_rate_limit_header_and_list_filter() {
+    let nats = NatsServer::start();
+    let calls: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let sent = (Utc::now() - chrono::Duration::days(2))
+        .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+        .to_string();
+    let app = Router::new()
+        .route("/v3/emailCampaigns", axum::routing::get(move |headers: HeaderMap| {
+            let sent = sent.clone();
+            async move {
+                assert_eq!(header(&headers, "api-key"), "xkeysib-123");
+                axum::Json(json!({"campaigns": [{"id": 4, "name": "winter-promo", "status": "sent", "sentDate": sent}], "count": 1}))
+            }
+        }))
+        .route("/v3/contacts", axum::routing::get({
+            let calls = calls.clone();
+            move || {
+                let calls = calls.clone();
+                async move {
+                    let mut calls = calls.lock().unwrap();
+                    calls.push(Instant::now());
+                    if calls.len() == 1 {
+                        let mut response = (StatusCode::TOO_MANY_REQUESTS, axum::Json(json!({"code": "too_many_requests", "message": "The expected rate limit is exceeded."}))).into_response();
+                        response.headers_mut().insert("x-sib-ratelimit-reset", "1".parse().unwrap());
+                        return response;
+                    }
+                    let contact = |id: u64, list: u64| json!({"id": id, "email": format!("c{id}@example.com"), "emailBlacklisted": false,
+                        "createdAt": "2026-11-20T08:00:00.000+01:00", "modifiedAt": "2026-11-20T08:00:00.000+01:00", "listIds": [list], "attributes": {}});
+                    axum::Json(json!({"contacts": [contact(1, 2), contact(2, 7), contact(3, 2)], "count": 3})).into_response()
+                }
+            }
+        }));
+    let base = serve_mock(app).await;
+    let config = format!(
+        r#"
+[[connectors]]
+id = "brevo"
+kind = "brevo"
+tenant = "brevoco"
+every = "1h"
+lookback_days = 5
+[connectors.params]
+api_key = "${{BREVO_KEY}}"
+list_ids = [2]
+cost_per_campaign = "9.90"
+base_url = "{base}"
+"#
+    );
+    let mut engine = Engine::start_with_env(&nats.url(), &config, &[("BREVO_KEY", "xkeysib-123")]);
+    engine.wait_ready().await;
+    wait_until("Brevo leads", Duration::from_secs(30), || async {
+        email_channel(&engine, "brevoco").await["leads"] == 2
+    })
+    .await;
+    assert_eq!(email_channel(&engine, "brevoco").await["spend"], "9.90");
+    let calls = calls.lock().unwrap();
+    assert!(calls[1].duration_since(calls[0]) >= Duration::from_millis(950));
 }

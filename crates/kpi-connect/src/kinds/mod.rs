@@ -1,9 +1,13 @@
 //! The built-in connector kinds.
 
+pub mod brevo;
 pub mod csv_folder;
+pub mod emailing;
 pub mod exec;
 pub mod google_ads;
 pub mod hubspot;
+pub mod linkedin_ads;
+pub mod mailchimp;
 pub mod meta_ads;
 pub mod oauth;
 pub mod pipedrive;
