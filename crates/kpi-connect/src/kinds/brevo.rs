@@ -8,12 +8,11 @@
 //! - Authentication: the `api-key` header. Brevo's 429 replies say when to come back in
 //!   `x-sib-ratelimit-reset`, which is honoured.
 
-use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::emailing::EmailingCost;
-use super::{base, text};
+use super::{base, offset_pages, page_items, rfc3339, text};
 use crate::http::Http;
 use crate::{ConnectError, Connector, Emit, RunContext, RunOutput};
 
@@ -56,12 +55,6 @@ pub struct Brevo {
     http: Http,
 }
 
-fn time(value: &Value, pointer: &str) -> Option<DateTime<Utc>> {
-    text(value, pointer)
-        .and_then(|text| DateTime::parse_from_rfc3339(text).ok())
-        .map(|time| time.with_timezone(&Utc))
-}
-
 impl Brevo {
     async fn collect(
         &self,
@@ -70,35 +63,26 @@ impl Brevo {
         query: &[(&str, String)],
     ) -> Result<Vec<Value>, ConnectError> {
         let url = format!("{}/v3{path}", base(&self.params.base_url));
-        let mut items = Vec::new();
-        loop {
+        let limit = if field == "contacts" { "1000" } else { "100" };
+        offset_pages(|offset| {
             let mut page_query = query.to_vec();
-            page_query.push((
-                "limit",
-                if field == "contacts" { "1000" } else { "100" }.into(),
-            ));
-            page_query.push(("offset", items.len().to_string()));
-            let page: Value = self
-                .http
-                .json(|client| {
-                    client
-                        .get(&url)
-                        .header("api-key", &self.params.api_key)
-                        .query(&page_query)
-                })
-                .await?;
-            let batch = page
-                .get(field)
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
-            let total = page.get("count").and_then(Value::as_u64).unwrap_or(0) as usize;
-            let empty = batch.is_empty();
-            items.extend(batch);
-            if empty || items.len() >= total {
-                return Ok(items);
+            page_query.push(("limit", limit.into()));
+            page_query.push(("offset", offset.to_string()));
+            let url = &url;
+            async move {
+                let page: Value = self
+                    .http
+                    .json(|client| {
+                        client
+                            .get(url)
+                            .header("api-key", &self.params.api_key)
+                            .query(&page_query)
+                    })
+                    .await?;
+                Ok(page_items(&page, field, "count"))
             }
-        }
+        })
+        .await
     }
 }
 
@@ -178,7 +162,7 @@ impl Connector for Brevo {
                 .await?;
             for campaign in campaigns {
                 let (Some(sent), Some(name)) =
-                    (time(&campaign, "/sentDate"), text(&campaign, "/name"))
+                    (rfc3339(&campaign, "/sentDate"), text(&campaign, "/name"))
                 else {
                     continue;
                 };
@@ -205,7 +189,7 @@ impl Connector for Brevo {
                 Some(Value::Number(number)) => number.to_string(),
                 _ => continue,
             };
-            let Some(created) = time(&contact, "/createdAt") else {
+            let Some(created) = rfc3339(&contact, "/createdAt") else {
                 continue;
             };
             let lists: Vec<u64> = contact

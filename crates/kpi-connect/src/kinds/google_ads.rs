@@ -75,40 +75,34 @@ impl GoogleAds {
             self.params.api_version,
             self.customer_id
         );
-        let mut refreshed = false;
-        loop {
-            let token = self.oauth.access_token(&self.http).await?;
-            let reply: Result<Vec<Value>, _> = self
-                .http
-                .json(|client| {
-                    let mut request = client
-                        .post(&url)
-                        .bearer_auth(&token)
-                        .header("developer-token", &self.params.developer_token)
-                        .json(&json!({ "query": query }));
-                    if let Some(login) = &self.login_customer_id {
-                        request = request.header("login-customer-id", login);
-                    }
-                    request
-                })
-                .await;
-            match reply {
-                Err(ConnectError::Unauthorized { .. }) if !refreshed => {
-                    self.oauth.invalidate().await;
-                    refreshed = true;
+        let batches: Vec<Value> = self
+            .oauth
+            .call(&self.http, |token| {
+                let url = &url;
+                async move {
+                    self.http
+                        .json(|client| {
+                            let mut request = client
+                                .post(url)
+                                .bearer_auth(&token)
+                                .header("developer-token", &self.params.developer_token)
+                                .json(&json!({ "query": query }));
+                            if let Some(login) = &self.login_customer_id {
+                                request = request.header("login-customer-id", login);
+                            }
+                            request
+                        })
+                        .await
                 }
-                Err(error) => return Err(error),
-                Ok(batches) => {
-                    let mut rows = Vec::new();
-                    for batch in batches {
-                        if let Some(Value::Array(results)) = batch.get("results") {
-                            rows.extend(results.iter().cloned());
-                        }
-                    }
-                    return Ok(rows);
-                }
+            })
+            .await?;
+        let mut rows = Vec::new();
+        for batch in batches {
+            if let Some(Value::Array(results)) = batch.get("results") {
+                rows.extend(results.iter().cloned());
             }
         }
+        Ok(rows)
     }
 }
 

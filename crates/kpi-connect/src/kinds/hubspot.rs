@@ -23,7 +23,7 @@ use chrono::{DateTime, Days, Utc};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{base, text};
+use super::{base, rfc3339, text};
 use crate::http::Http;
 use crate::{ConnectError, Connector, Emit, RunContext, RunOutput};
 
@@ -95,12 +95,6 @@ fn channel_of_source(source: &str) -> &'static str {
 /// Stages before qualification; any other lifecycle stage means the lead is qualified.
 fn is_qualified_stage(stage: &str) -> bool {
     !matches!(stage, "subscriber" | "lead" | "other")
-}
-
-fn time(value: &Value, pointer: &str) -> Option<DateTime<Utc>> {
-    text(value, pointer)
-        .and_then(|text| DateTime::parse_from_rfc3339(text).ok())
-        .map(|time| time.with_timezone(&Utc))
 }
 
 impl HubSpot {
@@ -242,7 +236,7 @@ impl Connector for HubSpot {
         let cursor = context
             .cursor
             .as_ref()
-            .and_then(|cursor| time(cursor, "/modified_after"));
+            .and_then(|cursor| rfc3339(cursor, "/modified_after"));
         let lookback = context
             .window
             .until
@@ -266,14 +260,14 @@ impl Connector for HubSpot {
         {
             let id =
                 text(&contact, "/id").ok_or_else(|| self.http.protocol("a contact without id"))?;
-            let created = time(&contact, "/properties/createdate")
-                .or_else(|| time(&contact, "/createdAt"))
+            let created = rfc3339(&contact, "/properties/createdate")
+                .or_else(|| rfc3339(&contact, "/createdAt"))
                 .ok_or_else(|| {
                     self.http
                         .protocol(format!("contact {id} without createdate"))
                 })?;
-            let modified = time(&contact, "/properties/lastmodifieddate")
-                .or_else(|| time(&contact, "/updatedAt"))
+            let modified = rfc3339(&contact, "/properties/lastmodifieddate")
+                .or_else(|| rfc3339(&contact, "/updatedAt"))
                 .unwrap_or(created);
             latest = latest.max(modified);
             let version = Some(modified.timestamp_millis().max(0) as u64);
@@ -328,19 +322,19 @@ impl Connector for HubSpot {
             self.deal_contacts(&ids).await?
         };
         for deal in &deals {
-            let modified =
-                time(deal, "/properties/hs_lastmodifieddate").or_else(|| time(deal, "/updatedAt"));
+            let modified = rfc3339(deal, "/properties/hs_lastmodifieddate")
+                .or_else(|| rfc3339(deal, "/updatedAt"));
             if let Some(modified) = modified {
                 latest = latest.max(modified);
             }
         }
         for deal in closed {
             let id = text(deal, "/id").ok_or_else(|| self.http.protocol("a deal without id"))?;
-            let closed_at = time(deal, "/properties/closedate").ok_or_else(|| {
+            let closed_at = rfc3339(deal, "/properties/closedate").ok_or_else(|| {
                 self.http
                     .protocol(format!("closed deal {id} without closedate"))
             })?;
-            let modified = time(deal, "/properties/hs_lastmodifieddate").unwrap_or(closed_at);
+            let modified = rfc3339(deal, "/properties/hs_lastmodifieddate").unwrap_or(closed_at);
             let version = Some(modified.timestamp_millis().max(0) as u64);
             let contact = contacts.get(id);
             let won = text(deal, "/properties/hs_is_closed_won") == Some("true");

@@ -64,27 +64,22 @@ impl LinkedInAds {
     /// GET with the headers LinkedIn's versioned API needs; refreshes the token once on 401.
     async fn get(&self, path_and_query: &str) -> Result<Value, ConnectError> {
         let url = format!("{}{path_and_query}", base(&self.params.base_url));
-        let mut refreshed = false;
-        loop {
-            let token = self.oauth.access_token(&self.http).await?;
-            let reply = self
-                .http
-                .json(|client| {
-                    client
-                        .get(&url)
-                        .bearer_auth(&token)
-                        .header("LinkedIn-Version", &self.params.api_version)
-                        .header("X-Restli-Protocol-Version", "2.0.0")
-                })
-                .await;
-            match reply {
-                Err(ConnectError::Unauthorized { .. }) if !refreshed => {
-                    self.oauth.invalidate().await;
-                    refreshed = true;
+        self.oauth
+            .call(&self.http, |token| {
+                let url = &url;
+                async move {
+                    self.http
+                        .json(|client| {
+                            client
+                                .get(url)
+                                .bearer_auth(&token)
+                                .header("LinkedIn-Version", &self.params.api_version)
+                                .header("X-Restli-Protocol-Version", "2.0.0")
+                        })
+                        .await
                 }
-                other => return other,
-            }
-        }
+            })
+            .await
     }
 
     async fn campaign_names(&self) -> Result<HashMap<String, String>, ConnectError> {

@@ -9,12 +9,12 @@
 //! - Authentication: the API key with HTTP basic auth; the data centre is the key's suffix
 //!   (`...-us21` → `https://us21.api.mailchimp.com`).
 
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::NaiveDate;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::emailing::EmailingCost;
-use super::{base, text};
+use super::{base, offset_pages, page_items, rfc3339, text};
 use crate::http::Http;
 use crate::{ConnectError, Connector, Emit, RunContext, RunOutput};
 
@@ -55,12 +55,6 @@ pub struct Mailchimp {
     http: Http,
 }
 
-fn time(value: &Value, pointer: &str) -> Option<DateTime<Utc>> {
-    text(value, pointer)
-        .and_then(|text| DateTime::parse_from_rfc3339(text).ok())
-        .map(|time| time.with_timezone(&Utc))
-}
-
 impl Mailchimp {
     /// Every item of a paged collection (`count` / `offset`, `total_items`).
     async fn collect(
@@ -70,32 +64,25 @@ impl Mailchimp {
         query: &[(&str, String)],
     ) -> Result<Vec<Value>, ConnectError> {
         let url = format!("{}/3.0{path}", base(&self.base_url));
-        let mut items = Vec::new();
-        loop {
+        offset_pages(|offset| {
             let mut page_query = query.to_vec();
             page_query.push(("count", "1000".into()));
-            page_query.push(("offset", items.len().to_string()));
-            let page: Value = self
-                .http
-                .json(|client| {
-                    client
-                        .get(&url)
-                        .basic_auth("kpi-engine", Some(&self.params.api_key))
-                        .query(&page_query)
-                })
-                .await?;
-            let batch = page
-                .get(field)
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
-            let total = page.get("total_items").and_then(Value::as_u64).unwrap_or(0) as usize;
-            let empty = batch.is_empty();
-            items.extend(batch);
-            if empty || items.len() >= total {
-                return Ok(items);
+            page_query.push(("offset", offset.to_string()));
+            let url = &url;
+            async move {
+                let page: Value = self
+                    .http
+                    .json(|client| {
+                        client
+                            .get(url)
+                            .basic_auth("kpi-engine", Some(&self.params.api_key))
+                            .query(&page_query)
+                    })
+                    .await?;
+                Ok(page_items(&page, field, "total_items"))
             }
-        }
+        })
+        .await
     }
 }
 
@@ -184,7 +171,7 @@ impl Connector for Mailchimp {
                 .await?;
             for report in reports {
                 let (Some(sent), Some(title)) = (
-                    time(&report, "/send_time"),
+                    rfc3339(&report, "/send_time"),
                     text(&report, "/campaign_title"),
                 ) else {
                     continue;
@@ -210,8 +197,8 @@ impl Connector for Mailchimp {
                 let Some(id) = text(&member, "/id") else {
                     continue;
                 };
-                let Some(opted_in) =
-                    time(&member, "/timestamp_opt").or_else(|| time(&member, "/timestamp_signup"))
+                let Some(opted_in) = rfc3339(&member, "/timestamp_opt")
+                    .or_else(|| rfc3339(&member, "/timestamp_signup"))
                 else {
                     continue;
                 };

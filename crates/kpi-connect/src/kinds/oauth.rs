@@ -74,6 +74,26 @@ impl RefreshToken {
         Ok(reply.access_token)
     }
 
+    /// Runs `call` with a valid access token; if the API refuses the token (401), mints a new
+    /// one and runs it once more.
+    pub async fn call<T, F, Fut>(&self, http: &Http, call: F) -> Result<T, ConnectError>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ConnectError>>,
+    {
+        let mut refreshed = false;
+        loop {
+            let token = self.access_token(http).await?;
+            match call(token).await {
+                Err(ConnectError::Unauthorized { .. }) if !refreshed => {
+                    self.invalidate().await;
+                    refreshed = true;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Forgets the cached token (the API refused it).
     pub async fn invalidate(&self) {
         *self.cached.lock().await = None;
