@@ -509,6 +509,31 @@ mod tests {
     }
 
     #[test]
+    fn connector_declarations_are_checked_by_key() {
+        let error = load(
+            "[[connectors]]\nid = \"a b\"\nkind = \"fax\"\ntenant = \"Acme\"\nevery = \"often\"\nlookback_days = 400\n",
+            &[],
+        )
+        .expect_err("invalid");
+        let message = error.to_string();
+        for key in [
+            "connectors[0].id",
+            "connectors[0].kind",
+            "connectors[0].tenant",
+            "connectors[0].every",
+            "connectors[0].lookback_days",
+        ] {
+            assert!(message.contains(key), "{key} missing from: {message}");
+        }
+        let config = load(
+            "[[connectors]]\nid = \"gads\"\nkind = \"google_ads\"\ntenant = \"acme\"\nevery = \"1h30m\"\n",
+            &[],
+        )
+        .expect("valid");
+        assert_eq!(config.connectors[0].interval(), Duration::from_secs(5400));
+    }
+
+    #[test]
     fn durations_parse_with_units() {
         assert_eq!(parse_duration("90s"), Some(Duration::from_secs(90)));
         assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
