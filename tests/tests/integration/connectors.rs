@@ -1431,3 +1431,103 @@ base_url = "{base}"
     let calls = calls.lock().unwrap();
     assert!(calls[1].duration_since(calls[0]) >= Duration::from_millis(950));
 }
+
+#[tokio::test]
+async fn connector_commands_list_check_and_backfill_in_the_foreground() {
+    let nats = NatsServer::start();
+    let mock: Shared = Arc::default();
+    let address = start_google_mock(mock.clone()).await;
+    let base = format!("http://{address}");
+    // An engine to read the results, and a second configuration on its own store for the
+    // foreground runs (a running engine holds its store).
+    let mut engine = Engine::start(&nats.url(), "");
+    engine.wait_ready().await;
+    let work = tempfile::tempdir().unwrap();
+    let config_path = work.path().join("kpi.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "[nats]\nurl = \"{}\"\n[store]\npath = \"{}\"\n{}",
+            nats.url(),
+            work.path().join("store").display(),
+            connector_config("gads", &base, "client-1")
+        ),
+    )
+    .unwrap();
+    // Async: the mock serves on this test's runtime while the command runs.
+    let kpi = |args: &[&str]| {
+        tokio::process::Command::new(kpi_tests::kpi_binary())
+            .args(args)
+            .arg("--config")
+            .arg(&config_path)
+            .env("GADS_DEVELOPER_TOKEN", "dev-token-7")
+            .env("GADS_REFRESH_TOKEN", "rt-secret-99")
+            .env("RUST_BACKTRACE", "0")
+            .output()
+    };
+    let list = kpi(&["connectors", "list"]).await.unwrap();
+    let listed = String::from_utf8_lossy(&list.stdout);
+    for kind in [
+        "google_ads",
+        "meta_ads",
+        "linkedin_ads",
+        "mailchimp",
+        "brevo",
+        "hubspot",
+        "pipedrive",
+        "csv",
+        "webhook",
+        "exec",
+    ] {
+        assert!(listed.contains(kind), "{kind} missing from:\n{listed}");
+    }
+    assert!(listed.contains("gads "), "{listed}");
+
+    let check = kpi(&["connectors", "check", "gads"]).await.unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let missing = kpi(&["connectors", "check", "nope"]).await.unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr)
+        .contains("no connector `nope` in the configuration (configured: gads)"));
+
+    let since = Utc::now()
+        .date_naive()
+        .checked_sub_days(Days::new(30))
+        .unwrap();
+    let run = kpi(&["connectors", "run", "gads", "--since", &since.to_string()])
+        .await
+        .unwrap();
+    let out = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(out.contains(&format!("gads: read {since} to")), "{out}");
+    assert!(out.contains("published 4 events"), "{out}");
+    let query = mock
+        .lock()
+        .unwrap()
+        .seen
+        .iter()
+        .rev()
+        .find(|seen| seen.path == "searchStream" && seen.status == 200)
+        .map(|seen| seen.body.clone())
+        .unwrap();
+    assert!(query.contains(&format!("BETWEEN '{since}'")), "{query}");
+
+    // The state was saved: a second run sends nothing new.
+    let again = kpi(&["connectors", "run", "gads"]).await.unwrap();
+    let out = String::from_utf8_lossy(&again.stdout);
+    assert!(out.contains("published 0 events"), "{out}");
+    assert!(out.contains("4 spend lines unchanged"), "{out}");
+    wait_until("the backfilled spend", Duration::from_secs(20), || async {
+        let (status, body) = engine.get("/api/v1/kpis?tenant=acme&period=all").await;
+        status == 200 && body["channels"]["paid_search"]["spend"] == "25.09"
+    })
+    .await;
+}
