@@ -642,10 +642,8 @@ async fn meta_ads_report_run_is_polled_paged_and_restated() {
         .route("/v23.0/{run}", axum::routing::get(meta_poll))
         .route("/v23.0/{run}/insights", axum::routing::get(meta_rows))
         .with_state(mock.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
+    let base = serve_mock(flaky(app)).await;
     mock.lock().unwrap().base = base.clone();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     let config = format!(
         r#"
 [[connectors]]
@@ -704,6 +702,9 @@ poll_interval_s = 1
     )
     .await;
     assert_eq!(social_channel(&engine).await["leads"], 3);
+    assert!(engine.log().contains("HTTP 503: upstream connect error"));
+    restart_sends_nothing_new(&mut engine, "meta").await;
+    assert_eq!(social_channel(&engine).await["spend"], "22.50");
 }
 
 /// HubSpot's CRM search and associations APIs, as documented.
@@ -821,9 +822,7 @@ async fn hubspot_contacts_and_deals_become_leads_and_deals_incrementally() {
             post(hubspot_associations),
         )
         .with_state(mock.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let base = serve_mock(flaky(app)).await;
     let config = format!(
         r#"
 [[connectors]]
@@ -861,26 +860,43 @@ base_url = "{base}"
         total(&engine, "crmco", "revenue").await == "1800.00"
     })
     .await;
-    let mock = mock.lock().unwrap();
-    assert!(mock
-        .authorizations
-        .iter()
-        .all(|a| a == "Bearer pat-eu1-secret"));
-    let first_filter = &mock.contact_searches[1]["filterGroups"][0]["filters"][0];
-    assert_eq!(first_filter["propertyName"], "lastmodifieddate");
-    assert_eq!(first_filter["value"], "0", "the first run reads everything");
-    let later_filter = &mock.contact_searches.last().unwrap()["filterGroups"][0]["filters"][0];
-    let later: i64 = later_filter["value"].as_str().unwrap().parse().unwrap();
-    // cursor 2026-03-01T10:00Z minus the 7-day lookback
+    {
+        let mock = mock.lock().unwrap();
+        assert!(mock
+            .authorizations
+            .iter()
+            .all(|a| a == "Bearer pat-eu1-secret"));
+        let first_filter = &mock.contact_searches[1]["filterGroups"][0]["filters"][0];
+        assert_eq!(first_filter["propertyName"], "lastmodifieddate");
+        assert_eq!(first_filter["value"], "0", "the first run reads everything");
+        let later_filter = &mock.contact_searches.last().unwrap()["filterGroups"][0]["filters"][0];
+        let later: i64 = later_filter["value"].as_str().unwrap().parse().unwrap();
+        // cursor 2026-03-01T10:00Z minus the 7-day lookback
+        assert_eq!(
+            later,
+            chrono::DateTime::parse_from_rfc3339("2026-02-22T10:00:00Z")
+                .unwrap()
+                .timestamp_millis()
+        );
+        assert!(engine
+            .log()
+            .contains("You have reached your secondly limit."));
+    }
+    let searches_before = mock.lock().unwrap().contact_searches.len();
+    restart_sends_nothing_new(&mut engine, "crm").await;
+    assert_eq!(total(&engine, "crmco", "revenue").await, "1800.00");
+    let after_restart = mock.lock().unwrap().contact_searches[searches_before]["filterGroups"][0]
+        ["filters"][0]
+        .clone();
+    // From the stored cursor (the corrected deal, 2026-03-05T10:00Z) minus the lookback, not
+    // from the beginning.
     assert_eq!(
-        later,
-        chrono::DateTime::parse_from_rfc3339("2026-02-22T10:00:00Z")
+        after_restart["value"],
+        chrono::DateTime::parse_from_rfc3339("2026-02-26T10:00:00Z")
             .unwrap()
             .timestamp_millis()
+            .to_string()
     );
-    assert!(engine
-        .log()
-        .contains("You have reached your secondly limit."));
 }
 
 /// Pipedrive's v1 leads (offset paging) and v2 deals (cursor paging), as documented.
@@ -975,9 +991,7 @@ async fn pipedrive_leads_and_deals_are_paged_and_linked_by_person() {
         .route("/api/v2/deals", axum::routing::get(pipedrive_deals))
         .route("/api/v2/stages", axum::routing::get(pipedrive_stages))
         .with_state(mock.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let base = serve_mock(flaky(app)).await;
     let config = format!(
         r#"
 [[connectors]]
@@ -1024,6 +1038,9 @@ channel = {{ "Manually created" = "outbound" }}
         .deal_requests
         .iter()
         .any(|(_, query, _)| query.contains("cursor=c2")));
+    drop(mock);
+    restart_sends_nothing_new(&mut engine, "pipedrive").await;
+    assert_eq!(total(&engine, "pdco", "revenue").await, "2500.00");
 }
 
 #[tokio::test]
@@ -1190,6 +1207,75 @@ secret = "another-secret-of-16+"
     assert!(!engine.log().contains(secret));
 }
 
+/// Makes every path of a mock fail twice before it answers: first a 503, then a 429 with
+/// `Retry-After: 1`, as platforms do under load. The connector must retry through both.
+fn flaky(app: Router) -> Router {
+    let failures: Arc<Mutex<std::collections::HashMap<String, u32>>> = Arc::default();
+    app.layer(axum::middleware::from_fn(
+        move |request: axum::extract::Request, next: axum::middleware::Next| {
+            let failures = failures.clone();
+            async move {
+                let seen = {
+                    let mut failures = failures.lock().unwrap();
+                    let count = failures
+                        .entry(request.uri().path().to_string())
+                        .or_insert(0);
+                    *count += 1;
+                    *count
+                };
+                match seen {
+                    1 => {
+                        (StatusCode::SERVICE_UNAVAILABLE, "upstream connect error").into_response()
+                    }
+                    2 => {
+                        let mut response = (
+                            StatusCode::TOO_MANY_REQUESTS,
+                            axum::Json(json!({"message": "Too Many Requests"})),
+                        )
+                            .into_response();
+                        response
+                            .headers_mut()
+                            .insert("retry-after", "1".parse().unwrap());
+                        response
+                    }
+                    _ => next.run(request).await,
+                }
+            }
+        },
+    ))
+}
+
+/// Stops and restarts the engine, waits for the connector's first run, and checks that the
+/// stored state left nothing new to send.
+async fn restart_sends_nothing_new(engine: &mut Engine, connector: &str) {
+    assert!(engine.stop().success());
+    engine.restart().await;
+    wait_until(
+        "a run after the restart",
+        Duration::from_secs(30),
+        || async {
+            let metrics = engine.metrics().await;
+            metric_value(
+                &metrics,
+                "kpi_connector_runs_total",
+                &[("connector", connector), ("outcome", "success")],
+            )
+            .is_some_and(|runs| runs >= 1.0)
+        },
+    )
+    .await;
+    let metrics = engine.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "kpi_connector_events_total",
+            &[("connector", connector)]
+        ),
+        Some(0.0),
+        "the run after the restart sent events again"
+    );
+}
+
 async fn serve_mock(app: Router) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -1219,16 +1305,31 @@ async fn linkedin_ads_analytics_are_read_with_rest_li_parameters() {
     let today = Utc::now().date_naive();
     let day = |back: u64| today.checked_sub_days(Days::new(back)).unwrap();
     let date = |d: chrono::NaiveDate| json!({"year": chrono::Datelike::year(&d), "month": chrono::Datelike::month(&d), "day": chrono::Datelike::day(&d)});
+    let restated = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let tokens = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let analytics = json!({"elements": [
         {"costInLocalCurrency": "40.5", "dateRange": {"start": date(day(1)), "end": date(day(1))}, "pivotValues": ["urn:li:sponsoredCampaign:901"]},
         {"costInLocalCurrency": "9.50", "dateRange": {"start": date(day(1)), "end": date(day(1))}, "pivotValues": ["urn:li:sponsoredCampaign:902"]},
         {"costInLocalCurrency": "10", "dateRange": {"start": date(day(2)), "end": date(day(2))}, "pivotValues": ["urn:li:sponsoredCampaign:901"]}],
         "paging": {"start": 0, "count": 10, "links": []}});
     let app = Router::new()
-        .route("/oauth/v2/accessToken", post(|| async { axum::Json(json!({"access_token": "AQV-li-token", "expires_in": 5_184_000})) }))
+        .route("/oauth/v2/accessToken", post({
+            let tokens = tokens.clone();
+            move |body: String| {
+                let tokens = tokens.clone();
+                async move {
+                    assert!(body.contains("grant_type=refresh_token") && body.contains("client_secret=li-secret-1"), "{body}");
+                    let n = tokens.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                    axum::Json(json!({"access_token": format!("AQV-li-{n}"), "expires_in": 5_184_000, "refresh_token": "li-refresh", "refresh_token_expires_in": 31_536_000}))
+                }
+            }
+        }))
         .route("/rest/adAccounts/508", axum::routing::get(|headers: HeaderMap| async move {
-            assert_eq!(header(&headers, "authorization"), "Bearer AQV-li-token");
-            axum::Json(json!({"id": 508, "name": "Acme", "currency": "EUR", "status": "ACTIVE"}))
+            if header(&headers, "authorization") == "Bearer AQV-li-1" {
+                // The first token has expired: the connector must mint another one.
+                return (StatusCode::UNAUTHORIZED, axum::Json(json!({"status": 401, "serviceErrorCode": 65600, "code": "EXPIRED_ACCESS_TOKEN", "message": "The token used in the request has expired"}))).into_response();
+            }
+            axum::Json(json!({"id": 508, "name": "Acme", "currency": "EUR", "status": "ACTIVE"})).into_response()
         }))
         .route("/rest/adAccounts/508/adCampaigns", axum::routing::get(|axum::extract::RawQuery(query): axum::extract::RawQuery| async move {
             if query.unwrap_or_default().contains("pageToken=p2") {
@@ -1239,9 +1340,13 @@ async fn linkedin_ads_analytics_are_read_with_rest_li_parameters() {
         }))
         .route("/rest/adAnalytics", axum::routing::get({
             let seen = seen.clone();
+            let restated = restated.clone();
             move |headers: HeaderMap, axum::extract::RawQuery(query): axum::extract::RawQuery| {
                 let seen = seen.clone();
-                let analytics = analytics.clone();
+                let mut analytics = analytics.clone();
+                if restated.load(std::sync::atomic::Ordering::SeqCst) {
+                    analytics["elements"][0]["costInLocalCurrency"] = json!("45.00");
+                }
                 async move {
                     let mut seen = seen.lock().unwrap();
                     let query = format!("{} {} {}", query.unwrap_or_default(), header(&headers, "linkedin-version"), header(&headers, "x-restli-protocol-version"));
@@ -1256,14 +1361,14 @@ async fn linkedin_ads_analytics_are_read_with_rest_li_parameters() {
                 }
             }
         }));
-    let base = serve_mock(app).await;
+    let base = serve_mock(flaky(app)).await;
     let config = format!(
         r#"
 [[connectors]]
 id = "linkedin"
 kind = "linkedin_ads"
 tenant = "lico"
-every = "1h"
+every = "1s"
 lookback_days = 5
 [connectors.params]
 ad_account_id = "508"
@@ -1284,9 +1389,11 @@ token_url = "{base}/oauth/v2/accessToken"
     let (_, body) = engine.get("/api/v1/kpis?tenant=lico&period=all").await;
     assert_eq!(body["campaigns"]["b2b-awareness"]["spend"], "50.50");
     assert_eq!(body["campaigns"]["retarget-li"]["spend"], "9.50");
-    let seen = seen.lock().unwrap();
-    assert!(seen[1].0.duration_since(seen[0].0) >= Duration::from_millis(950));
-    let query = &seen[1].1;
+    let query = {
+        let seen = seen.lock().unwrap();
+        assert!(seen[1].0.duration_since(seen[0].0) >= Duration::from_millis(950));
+        seen[1].1.clone()
+    };
     for part in [
         "q=analytics",
         "pivot=CAMPAIGN",
@@ -1303,6 +1410,29 @@ token_url = "{base}/oauth/v2/accessToken"
     ] {
         assert!(query.contains(part), "{part} missing from {query}");
     }
+    let log = engine.log();
+    assert!(
+        log.contains("access token refused; minting a new one"),
+        "{log}"
+    );
+    assert_eq!(tokens.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert!(log.contains("HTTP 503: upstream connect error"), "{log}");
+    assert!(!log.contains("li-secret-1"));
+
+    // LinkedIn restates day 1 of b2b-awareness: replaced, not added.
+    restated.store(true, std::sync::atomic::Ordering::SeqCst);
+    wait_until(
+        "the restated LinkedIn spend",
+        Duration::from_secs(30),
+        || async {
+            let (_, body) = engine.get("/api/v1/kpis?tenant=lico&period=all").await;
+            body["channels"]["social"]["spend"] == "64.50"
+        },
+    )
+    .await;
+    restart_sends_nothing_new(&mut engine, "linkedin").await;
+    let (_, body) = engine.get("/api/v1/kpis?tenant=lico&period=all").await;
+    assert_eq!(body["campaigns"]["b2b-awareness"]["spend"], "55.00");
 }
 
 #[tokio::test]
@@ -1328,7 +1458,7 @@ async fn mailchimp_costs_and_subscribers_are_paged() {
                 "timestamp_opt": "2026-11-20T08:00:00+00:00", "source": "Hosted Signup Form"});
             axum::Json(json!({"members": [member("m1"), member("m2"), member("m3")], "list_id": "aud-1", "total_items": 3}))
         }));
-    let base = serve_mock(app).await;
+    let base = serve_mock(flaky(app)).await;
     let config = format!(
         r#"
 [[connectors]]
@@ -1370,6 +1500,8 @@ base_url = "{base}"
     assert_eq!(email["leads"], 3);
     let (_, body) = engine.get("/api/v1/kpis?tenant=mailco&period=all").await;
     assert_eq!(body["campaigns"]["black-friday"]["spend"], "12.50");
+    restart_sends_nothing_new(&mut engine, "mailchimp").await;
+    assert_eq!(email_channel(&engine, "mailco").await["leads"], 3);
 }
 
 #[tokio::test]
@@ -1405,7 +1537,7 @@ async fn brevo_contacts_honour_its_rate_limit_header_and_list_filter() {
                 }
             }
         }));
-    let base = serve_mock(app).await;
+    let base = serve_mock(flaky(app)).await;
     let config = format!(
         r#"
 [[connectors]]
@@ -1430,6 +1562,9 @@ base_url = "{base}"
     assert_eq!(email_channel(&engine, "brevoco").await["spend"], "9.90");
     let calls = calls.lock().unwrap();
     assert!(calls[1].duration_since(calls[0]) >= Duration::from_millis(950));
+    drop(calls);
+    restart_sends_nothing_new(&mut engine, "brevo").await;
+    assert_eq!(email_channel(&engine, "brevoco").await["spend"], "9.90");
 }
 
 #[tokio::test]

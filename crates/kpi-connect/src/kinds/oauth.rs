@@ -85,7 +85,8 @@ impl RefreshToken {
         loop {
             let token = self.access_token(http).await?;
             match call(token).await {
-                Err(ConnectError::Unauthorized { .. }) if !refreshed => {
+                Err(ConnectError::Unauthorized { service, message }) if !refreshed => {
+                    tracing::info!(%service, refused = %message, "access token refused; minting a new one");
                     self.invalidate().await;
                     refreshed = true;
                 }
