@@ -1025,20 +1025,21 @@ channel = {{ "Manually created" = "outbound" }}
         all["channels"]["prospector"]["stages"]["proposal_made"],
         1.0
     );
-    let mock = mock.lock().unwrap();
-    assert!(mock.tokens.iter().all(|token| token == "pd-token-3"));
-    let (rate_limited, _, _) = mock.deal_requests[0];
-    let (retried, first_query, _) = &mock.deal_requests[1];
-    assert!(retried.duration_since(rate_limited) >= Duration::from_millis(950));
-    assert!(
-        first_query.contains("updated_since=1970-01-01T00%3A00%3A00Z"),
-        "{first_query}"
-    );
-    assert!(mock
-        .deal_requests
-        .iter()
-        .any(|(_, query, _)| query.contains("cursor=c2")));
-    drop(mock);
+    {
+        let mock = mock.lock().unwrap();
+        assert!(mock.tokens.iter().all(|token| token == "pd-token-3"));
+        let (rate_limited, _, _) = mock.deal_requests[0];
+        let (retried, first_query, _) = &mock.deal_requests[1];
+        assert!(retried.duration_since(rate_limited) >= Duration::from_millis(950));
+        assert!(
+            first_query.contains("updated_since=1970-01-01T00%3A00%3A00Z"),
+            "{first_query}"
+        );
+        assert!(mock
+            .deal_requests
+            .iter()
+            .any(|(_, query, _)| query.contains("cursor=c2")));
+    }
     restart_sends_nothing_new(&mut engine, "pipedrive").await;
     assert_eq!(total(&engine, "pdco", "revenue").await, "2500.00");
 }
@@ -1560,9 +1561,11 @@ base_url = "{base}"
     })
     .await;
     assert_eq!(email_channel(&engine, "brevoco").await["spend"], "9.90");
-    let calls = calls.lock().unwrap();
-    assert!(calls[1].duration_since(calls[0]) >= Duration::from_millis(950));
-    drop(calls);
+    let (first, second) = {
+        let calls = calls.lock().unwrap();
+        (calls[0], calls[1])
+    };
+    assert!(second.duration_since(first) >= Duration::from_millis(950));
     restart_sends_nothing_new(&mut engine, "brevo").await;
     assert_eq!(email_channel(&engine, "brevoco").await["spend"], "9.90");
 }
