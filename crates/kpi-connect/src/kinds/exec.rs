@@ -269,3 +269,77 @@ impl Connector for Exec {
         self.invoke(context, false).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Window;
+
+    fn context() -> RunContext {
+        let today = chrono::Utc::now().date_naive();
+        RunContext {
+            connector_id: "plugin".into(),
+            tenant: "acme".into(),
+            window: Window {
+                since: today,
+                until: today,
+            },
+            cursor: Some(json!({"page": 3})),
+            now: chrono::Utc::now(),
+        }
+    }
+
+    fn shell(script: &str, timeout_s: u64) -> Exec {
+        Exec::new(ExecParams {
+            command: "sh".into(),
+            args: vec!["-c".into(), script.into()],
+            working_dir: None,
+            timeout_s,
+            settings: Map::new(),
+        })
+        .expect("valid params")
+    }
+
+    #[tokio::test]
+    async fn messages_are_read_and_the_request_carries_the_state() {
+        // The plugin echoes the state it was given as its new state.
+        let plugin = shell(
+            r#"read request; echo '{"type":"log","message":"hi"}'; echo '{"type":"spend","spend":{"date":"2026-11-25","amount":12.5,"currency":"EUR","source":"x"}}'; echo "{\"type\":\"state\",\"state\":$(echo "$request" | sed 's/.*"state":\({[^}]*}\).*/\1/')}""#,
+            10,
+        );
+        let output = Connector::run(&plugin, &context()).await.expect("ran");
+        assert_eq!(output.cursor, Some(json!({"page": 3})));
+        assert_eq!(output.emits.len(), 1);
+        let Emit::Spend(line) = &output.emits[0] else {
+            panic!("a spend line")
+        };
+        assert_eq!(line.amount, "12.5");
+    }
+
+    #[tokio::test]
+    async fn a_failing_slow_or_chatty_plugin_fails_the_run_with_why() {
+        let failing = Connector::run(&shell("echo 'no token' >&2; exit 3", 10), &context())
+            .await
+            .expect_err("exit 3");
+        assert!(
+            failing.to_string().contains("exit status: 3: no token"),
+            "{failing}"
+        );
+        let slow = Connector::run(&shell("sleep 5", 1), &context())
+            .await
+            .expect_err("timeout");
+        assert!(
+            slow.to_string().contains("timed out after 1 s; killed"),
+            "{slow}"
+        );
+        let chatty = Connector::run(&shell("echo hello", 10), &context())
+            .await
+            .expect_err("not a message");
+        assert!(
+            chatty
+                .to_string()
+                .contains("stdout line 1 is not a protocol message"),
+            "{chatty}"
+        );
+    }
+}
