@@ -1632,6 +1632,23 @@ async fn connector_commands_list_check_and_backfill_in_the_foreground() {
     assert!(String::from_utf8_lossy(&missing.stderr)
         .contains("no connector `nope` in the configuration (configured: gads)"));
 
+    let unset = tokio::process::Command::new(kpi_tests::kpi_binary())
+        .args(["connectors", "check", "gads", "--config"])
+        .arg(&config_path)
+        .env("GADS_DEVELOPER_TOKEN", "dev-token-7")
+        .env_remove("GADS_REFRESH_TOKEN")
+        .output()
+        .await
+        .unwrap();
+    assert!(!unset.status.success());
+    assert!(
+        String::from_utf8_lossy(&unset.stderr).contains(
+            "connectors[0].params.refresh_token: environment variable `GADS_REFRESH_TOKEN` is not set"
+        ),
+        "{}",
+        String::from_utf8_lossy(&unset.stderr)
+    );
+
     let since = Utc::now()
         .date_naive()
         .checked_sub_days(Days::new(30))
