@@ -406,3 +406,111 @@ pub fn event(
         Some(id.to_string()),
     )
 }
+
+/// The repository's root (for the files under `deploy/` and `examples/`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// A `prometheus` server (Debian's package, or `PROMETHEUS_BIN`), private to one test: its
+/// own port, a temporary TSDB, the given configuration; killed on `Drop`.
+pub struct Prometheus {
+    child: Child,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    /// Starts with `config` (YAML) written as `prometheus.yml` beside `files` (name, content),
+    /// and waits until it is ready.
+    pub async fn start(config: &str, files: &[(&str, String)]) -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
+        for (name, content) in files {
+            std::fs::write(dir.path().join(name), content).unwrap();
+        }
+        let port = free_port();
+        let binary = std::env::var_os("PROMETHEUS_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("prometheus"));
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+        let child = Command::new(&binary)
+            .arg(format!(
+                "--config.file={}",
+                dir.path().join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {}: {e} (apt-get install prometheus, or set PROMETHEUS_BIN)",
+                    binary.display()
+                )
+            });
+        let prometheus = Prometheus { child, port, dir };
+        let ready = format!("{}/-/ready", prometheus.base());
+        let log_path = prometheus.dir.path().join("prometheus.log");
+        wait_until("Prometheus ready", Duration::from_secs(30), || async {
+            reqwest::get(&ready).await.is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+        assert!(log_path.exists());
+        prometheus
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// `GET /api/v1/query?query=...`: the result vector.
+    pub async fn query(&self, query: &str) -> Vec<Value> {
+        let response: Value = reqwest::Client::new()
+            .get(format!("{}/api/v1/query", self.base()))
+            .query(&[("query", query)])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(response["status"], "success", "{query}: {response}");
+        response["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The alerts Prometheus holds (`/api/v1/alerts`), pending or firing.
+    pub async fn alerts(&self) -> Vec<Value> {
+        let response: Value = reqwest::get(format!("{}/api/v1/alerts", self.base()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        response["data"]["alerts"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -8,7 +8,8 @@
 //! - `kpi_connector_last_success_timestamp_seconds{connector}`;
 //! - `kpi_connector_last_run_duration_seconds{connector}`;
 //! - `kpi_connector_events_total{connector}`: events JetStream stored;
-//! - `kpi_connector_up{connector}`: 1 if the last run succeeded.
+//! - `kpi_connector_up{connector}`: 1 if the last run succeeded;
+//! - `kpi_connector_interval_seconds{connector}`: its `every` (for "gone silent" alerts).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +31,7 @@ pub struct ConnectorMetrics {
     pub last_duration: GaugeVec,
     pub events: IntCounterVec,
     pub up: IntGaugeVec,
+    pub interval: GaugeVec,
 }
 
 impl ConnectorMetrics {
@@ -70,18 +72,29 @@ impl ConnectorMetrics {
                 ),
                 &["connector"],
             )?,
+            interval: GaugeVec::new(
+                Opts::new(
+                    "kpi_connector_interval_seconds",
+                    "The connector's configured poll interval (every)",
+                ),
+                &["connector"],
+            )?,
         };
         registry.register(Box::new(metrics.runs.clone()))?;
         registry.register(Box::new(metrics.last_success.clone()))?;
         registry.register(Box::new(metrics.last_duration.clone()))?;
         registry.register(Box::new(metrics.events.clone()))?;
         registry.register(Box::new(metrics.up.clone()))?;
+        registry.register(Box::new(metrics.interval.clone()))?;
         Ok(metrics)
     }
 
     /// Makes every configured connector's series exist from the start (a connector that never
     /// succeeded shows `runs_total{outcome="success"} 0`, which alert rules can see).
-    fn declare(&self, connector: &str) {
+    fn declare(&self, connector: &str, interval: Duration) {
+        self.interval
+            .with_label_values(&[connector])
+            .set(interval.as_secs_f64());
         self.runs.with_label_values(&[connector, "success"]);
         self.runs.with_label_values(&[connector, "error"]);
         self.events.with_label_values(&[connector]);
@@ -99,7 +112,7 @@ impl Scheduler {
     /// Schedules every runner but the webhooks (they receive through the HTTP server).
     pub fn new(runners: Vec<Runner>, metrics: ConnectorMetrics) -> Scheduler {
         for runner in &runners {
-            metrics.declare(&runner.id);
+            metrics.declare(&runner.id, runner.interval);
         }
         let runners: Vec<Runner> = runners
             .into_iter()

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
 use chrono::{Datelike, Days, Utc};
-use kpi_tests::{metric_value, wait_until, Engine, NatsServer};
+use kpi_tests::{metric_value, repo_root, wait_until, Engine, NatsServer};
 use serde_json::{json, Value};
 
 /// A request the mock received.
@@ -341,13 +341,6 @@ async fn google_ads_spend_is_refreshed_retried_restated_and_resumed() {
         Some(0.0)
     );
     assert_eq!(paid_search_spend(&engine).await.as_deref(), Some("32.75"));
-}
-
-fn repo_root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
 }
 
 async fn total(engine: &Engine, tenant: &str, field: &str) -> Value {

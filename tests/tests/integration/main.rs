@@ -6,4 +6,5 @@ mod api;
 mod connectors;
 mod crash;
 mod dead_letters;
+mod deploy;
 mod operations;
