@@ -133,3 +133,128 @@ async fn cac_alert_fires_in_a_real_prometheus_only_once_cac_passes_its_threshold
         prometheus.log()
     );
 }
+
+/// Every query of a dashboard: (panel title, expression with the variables at their defaults).
+fn dashboard_queries(file: &str) -> Vec<(String, String)> {
+    let path = repo_root().join("deploy/grafana/dashboards").join(file);
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let defaults: Vec<(String, String)> = dashboard["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|variable| {
+            (
+                format!("${}", variable["name"].as_str().unwrap()),
+                variable["current"]["value"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let mut queries = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        assert_eq!(
+            panel["datasource"]["uid"], "prometheus",
+            "{file}: {}",
+            panel["title"]
+        );
+        for target in panel["targets"].as_array().unwrap() {
+            assert_eq!(target["datasource"]["uid"], "prometheus");
+            let mut expr = target["expr"].as_str().unwrap().to_string();
+            for (name, value) in &defaults {
+                expr = expr.replace(name.as_str(), value);
+            }
+            assert!(
+                !expr.contains('$'),
+                "{file}: a variable without a default in {expr}"
+            );
+            queries.push((panel["title"].as_str().unwrap().to_string(), expr));
+        }
+    }
+    queries
+}
+
+#[tokio::test]
+async fn every_dashboard_panel_returns_series_from_a_prometheus_scraping_the_demo() {
+    let nats = NatsServer::start();
+    let inbox = tempfile::tempdir().unwrap();
+    let mut engine = Engine::start(
+        &nats.url(),
+        &format!(
+            "[tenants.default]\ncac_threshold = {{ all = 250.0, paid_search = 300.0 }}\n\
+             [[connectors]]\nid = \"csv-inbox\"\nkind = \"csv\"\ntenant = \"default\"\nevery = \"1s\"\n\
+             [connectors.params]\ndir = \"{}\"\nkind = \"spend\"\n",
+            inbox.path().display()
+        ),
+    );
+    engine.wait_ready().await;
+    let prometheus = Prometheus::start(&scrape_config(&engine, false), &[]).await;
+    let demo = tokio::process::Command::new(kpi_tests::kpi_binary())
+        .args(["demo", "--leads-per-day", "4", "--config"])
+        .arg(engine.config_path())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        demo.status.success(),
+        "{}",
+        String::from_utf8_lossy(&demo.stderr)
+    );
+    // A redelivery without Nats-Msg-Id, so that the duplicates panel has a series.
+    let now = chrono::Utc::now().to_rfc3339();
+    let again = event(
+        "again",
+        "lead.created",
+        &now,
+        "default",
+        json!({"lead_id": "L-again", "channel": "seo"}),
+    );
+    let client = nats.client().await;
+    publish(
+        &client,
+        &[
+            (again.0.clone(), again.1.clone(), None),
+            (again.0, again.1, None),
+        ],
+    )
+    .await;
+
+    let mut queries = dashboard_queries("kpi-overview.json");
+    queries.extend(dashboard_queries("kpi-engine.json"));
+    assert!(queries.len() >= 25, "{} queries", queries.len());
+    // Until every query returns series (rates need two scrapes), then name the empty ones.
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let mut empty = Vec::new();
+        for (title, expr) in &queries {
+            if prometheus.query(expr).await.is_empty() {
+                empty.push(format!("{title}: {expr}"));
+            }
+        }
+        if empty.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "panel queries without series: {empty:#?}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    // The tenant variable's own query.
+    let tenants: Value = reqwest::get(format!(
+        "{}/api/v1/label/tenant/values?match[]=kpi_leads",
+        prometheus.base()
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert!(
+        tenants["data"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("default")),
+        "{tenants}"
+    );
+}
