@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the engine and its tests need and is missing: a C toolchain, curl, the Rust
-# toolchain (rustup), nats-server (Debian package) and Prometheus' promtool. Safe to run again.
+# toolchain (rustup), nats-server, and Prometheus with promtool and amtool (Debian packages, for
+# the deploy/ tests). Safe to run again.
 # Sourced by quickstart.sh and test.sh.
 set -euo pipefail
 
@@ -15,6 +16,7 @@ command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 { command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ]; } || missing+=(nats-server)
 # prometheus and promtool: the deploy/ tests run the alert rules and dashboards against them.
 { command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; } || missing+=(prometheus)
+command -v amtool >/dev/null 2>&1 || missing+=(prometheus-alertmanager)
 if ! command -v python3 >/dev/null 2>&1; then
   missing+=(python3 python3-venv)
 elif ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then

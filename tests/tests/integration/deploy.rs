@@ -258,3 +258,293 @@ async fn every_dashboard_panel_returns_series_from_a_prometheus_scraping_the_dem
         "{tenants}"
     );
 }
+
+fn yaml(relative: &str) -> Vec<yaml_rust2::Yaml> {
+    let path = repo_root().join(relative);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    yaml_rust2::YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{relative}: {e}"))
+}
+
+/// `kpi connectors list --config FILE` loads and validates a configuration file completely.
+fn assert_engine_config_is_valid(path: &std::path::Path) {
+    let output = Command::new(kpi_tests::kpi_binary())
+        .args(["connectors", "list", "--config"])
+        .arg(path)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}: {}",
+        path.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn toml_value(path: &std::path::Path, section: &str, key: &str) -> String {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut in_section = false;
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            in_section = line == format!("[{section}]");
+        } else if in_section {
+            if let Some((name, value)) = line.split_once('=') {
+                if name.trim() == key {
+                    return value.trim().trim_matches('"').to_string();
+                }
+            }
+        }
+    }
+    panic!("{}: no {section}.{key}", path.display())
+}
+
+#[test]
+fn compose_mounts_existing_files_and_agrees_with_the_configurations() {
+    let compose_dir = repo_root().join("deploy/compose");
+    let compose = &yaml("deploy/compose/compose.yaml")[0];
+    let services = compose["services"].as_hash().unwrap();
+    let names: Vec<&str> = services.keys().map(|k| k.as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["nats", "engine", "prometheus", "alertmanager", "grafana"]
+    );
+    let mut mounts = std::collections::HashMap::new();
+    for (name, service) in services {
+        let name = name.as_str().unwrap();
+        assert!(
+            !service["healthcheck"]["test"].is_badvalue(),
+            "{name} has no health check"
+        );
+        for volume in service["volumes"].as_vec().into_iter().flatten() {
+            let volume = volume.as_str().unwrap();
+            let mut parts = volume.split(':');
+            let (source, target) = (parts.next().unwrap(), parts.next().unwrap());
+            if source.starts_with('.') {
+                let path = compose_dir.join(source);
+                assert!(
+                    path.exists(),
+                    "{name} mounts {source}, which does not exist"
+                );
+                mounts.insert(source.to_string(), (name.to_string(), target.to_string()));
+            } else {
+                assert!(
+                    !compose["volumes"][source].is_badvalue(),
+                    "{name}: volume {source} is not declared"
+                );
+            }
+        }
+    }
+    let context = compose_dir.join(
+        services[&yaml_rust2::Yaml::from_str("engine")]["build"]["context"]
+            .as_str()
+            .unwrap(),
+    );
+    assert!(context.join("Dockerfile").exists());
+
+    // The engine: its configuration, port and NATS address.
+    let kpi_toml = compose_dir.join("kpi.toml");
+    assert_engine_config_is_valid(&kpi_toml);
+    assert_eq!(
+        mounts["./kpi.toml"],
+        ("engine".to_string(), "/etc/kpi/kpi.toml".to_string())
+    );
+    let listen = toml_value(&kpi_toml, "http", "listen");
+    assert_eq!(listen, "0.0.0.0:9464");
+    let engine = &compose["services"]["engine"];
+    assert_eq!(engine["ports"][0].as_str().unwrap(), "127.0.0.1:9464:9464");
+    assert_eq!(toml_value(&kpi_toml, "nats", "url"), "nats://nats:4222");
+    assert!(toml_value(&kpi_toml, "store", "path").starts_with("/var/lib/kpi/"));
+    assert!(engine["volumes"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .any(|v| v.as_str() == Some("kpi-data:/var/lib/kpi")));
+    let dockerfile = std::fs::read_to_string(repo_root().join("Dockerfile")).unwrap();
+    assert!(dockerfile.contains(r#"CMD ["serve", "--config", "/etc/kpi/kpi.toml"]"#));
+    for line in dockerfile
+        .lines()
+        .filter(|l| l.starts_with("COPY ") && !l.contains("--from"))
+    {
+        for source in line
+            .split_whitespace()
+            .skip(1)
+            .collect::<Vec<_>>()
+            .split_last()
+            .unwrap()
+            .1
+        {
+            assert!(
+                repo_root().join(source).exists(),
+                "Dockerfile copies {source}, which does not exist"
+            );
+        }
+    }
+
+    // Prometheus scrapes the engine service and sends to the alertmanager service; its rules
+    // are mounted where rule_files looks.
+    let prometheus = &yaml("deploy/prometheus/prometheus.yml")[0];
+    assert_eq!(
+        prometheus["scrape_configs"][0]["static_configs"][0]["targets"][0].as_str(),
+        Some("engine:9464")
+    );
+    assert_eq!(
+        prometheus["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"][0].as_str(),
+        Some("alertmanager:9093")
+    );
+    assert_eq!(
+        prometheus["rule_files"][0].as_str(),
+        Some("/etc/prometheus/rules/*.yml")
+    );
+    assert_eq!(mounts["../prometheus/rules"].1, "/etc/prometheus/rules");
+    assert_eq!(
+        mounts["../prometheus/prometheus.yml"].1,
+        "/etc/prometheus/prometheus.yml"
+    );
+    assert_eq!(
+        mounts["../alertmanager/alertmanager.yml"].1,
+        "/etc/alertmanager/alertmanager.yml"
+    );
+
+    // Grafana reads the prometheus service and the mounted dashboards.
+    let datasources = &yaml("deploy/grafana/provisioning/datasources/prometheus.yml")[0];
+    assert_eq!(
+        datasources["datasources"][0]["url"].as_str(),
+        Some("http://prometheus:9090")
+    );
+    assert_eq!(
+        datasources["datasources"][0]["uid"].as_str(),
+        Some("prometheus")
+    );
+    let providers = &yaml("deploy/grafana/provisioning/dashboards/kpi.yml")[0];
+    let dashboards_path = providers["providers"][0]["options"]["path"]
+        .as_str()
+        .unwrap();
+    assert_eq!(mounts["../grafana/dashboards"].1, dashboards_path);
+    assert_eq!(
+        mounts["../grafana/provisioning"].1,
+        "/etc/grafana/provisioning"
+    );
+    let home = compose["services"]["grafana"]["environment"]
+        ["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+        .as_str()
+        .unwrap();
+    let home_file = home.strip_prefix(&format!("{dashboards_path}/")).unwrap();
+    assert!(repo_root()
+        .join("deploy/grafana/dashboards")
+        .join(home_file)
+        .exists());
+
+    let amtool = Command::new("amtool")
+        .args(["check-config"])
+        .arg(repo_root().join("deploy/alertmanager/alertmanager.yml"))
+        .output()
+        .expect("amtool (apt-get install prometheus-alertmanager)");
+    assert!(
+        amtool.status.success(),
+        "{}",
+        String::from_utf8_lossy(&amtool.stdout)
+    );
+}
+
+#[test]
+fn kubernetes_manifests_are_consistent_and_their_configuration_valid() {
+    let documents = yaml("deploy/kubernetes/kpi-engine.yaml");
+    let find = |kind: &str| {
+        documents
+            .iter()
+            .find(|document| document["kind"].as_str() == Some(kind))
+            .unwrap_or_else(|| panic!("no {kind}"))
+    };
+    let config_map = find("ConfigMap");
+    let secret = find("Secret");
+    let service = find("Service");
+    let statefulset = find("StatefulSet");
+    let pod = &statefulset["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        config_map["data"]["kpi.toml"].as_str().unwrap(),
+    )
+    .unwrap();
+    assert_engine_config_is_valid(config.path());
+    let listen = toml_value(config.path(), "http", "listen");
+    let port: i64 = listen.rsplit(':').next().unwrap().parse().unwrap();
+    assert_eq!(container["ports"][0]["containerPort"].as_i64(), Some(port));
+    assert_eq!(
+        container["readinessProbe"]["httpGet"]["path"].as_str(),
+        Some("/readyz")
+    );
+    assert_eq!(service["spec"]["ports"][0]["port"].as_i64(), Some(port));
+    assert_eq!(
+        container["envFrom"][0]["secretRef"]["name"],
+        secret["metadata"]["name"]
+    );
+    assert_eq!(
+        pod["volumes"][0]["configMap"]["name"],
+        config_map["metadata"]["name"]
+    );
+    assert_eq!(container["args"][2].as_str(), Some("/etc/kpi/kpi.toml"));
+    // The store lives on the claimed volume.
+    let claim = statefulset["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
+        .as_str()
+        .unwrap();
+    let data_mount = container["volumeMounts"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .find(|mount| mount["name"].as_str() == Some(claim))
+        .unwrap()["mountPath"]
+        .as_str()
+        .unwrap();
+    assert!(toml_value(config.path(), "store", "path").starts_with(&format!("{data_mount}/")));
+    assert_eq!(statefulset["spec"]["replicas"].as_i64(), Some(1));
+}
+
+#[test]
+fn systemd_unit_verifies_and_hardens_the_service() {
+    let unit =
+        std::fs::read_to_string(repo_root().join("deploy/systemd/kpi-engine.service")).unwrap();
+    for setting in [
+        "User=kpi",
+        "Restart=on-failure",
+        "StateDirectory=kpi",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "CapabilityBoundingSet=",
+        "ExecStart=/usr/local/bin/kpi serve --config /etc/kpi/kpi.toml",
+    ] {
+        assert!(
+            unit.lines().any(|line| line == setting),
+            "{setting} missing"
+        );
+    }
+    let config = repo_root().join("deploy/systemd/kpi.toml");
+    assert_engine_config_is_valid(&config);
+    assert!(toml_value(&config, "store", "path").starts_with("/var/lib/kpi/"));
+    // systemd-analyze checks every directive; the binary is the one built here.
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("kpi-engine.service");
+    std::fs::write(
+        &copy,
+        unit.replace(
+            "/usr/local/bin/kpi",
+            kpi_tests::kpi_binary().to_str().unwrap(),
+        ),
+    )
+    .unwrap();
+    let verify = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .expect("systemd-analyze");
+    let text = String::from_utf8_lossy(&verify.stderr);
+    assert!(
+        verify.status.success() && !text.contains("Unknown"),
+        "{text}"
+    );
+}
