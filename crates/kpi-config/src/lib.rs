@@ -76,10 +76,65 @@ pub struct StoreConfig {
     pub cache_capacity_mb: u64,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     pub listen: String,
+    /// Basic auth on /metrics and /api/* (not /healthz, /readyz, or the signed webhooks).
+    #[serde(default)]
+    pub basic_auth_username: Option<String>,
+    #[serde(default)]
+    pub basic_auth_password: Option<String>,
+    /// The password in a file (its first line), instead of `basic_auth_password`.
+    #[serde(default)]
+    pub basic_auth_password_file: Option<PathBuf>,
+    /// TLS: a PEM certificate chain and its PEM private key.
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
+}
+
+impl fmt::Debug for HttpConfig {
+    // The password never reaches a log.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpConfig")
+            .field("listen", &self.listen)
+            .field("basic_auth_username", &self.basic_auth_username)
+            .field(
+                "basic_auth_password",
+                &self.basic_auth_password.as_ref().map(|_| "***"),
+            )
+            .field("basic_auth_password_file", &self.basic_auth_password_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
+            .finish()
+    }
+}
+
+impl HttpConfig {
+    /// `(username, password)` when basic auth is configured (the file read, first line).
+    pub fn basic_auth(&self) -> Result<Option<(String, String)>, String> {
+        let Some(username) = &self.basic_auth_username else {
+            return Ok(None);
+        };
+        let password = match (&self.basic_auth_password, &self.basic_auth_password_file) {
+            (Some(password), _) => password.clone(),
+            (None, Some(file)) => std::fs::read_to_string(file)
+                .map_err(|error| {
+                    format!(
+                        "http.basic_auth_password_file: cannot read {}: {error}",
+                        file.display()
+                    )
+                })?
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string(),
+            (None, None) => String::new(),
+        };
+        Ok(Some((username.clone(), password)))
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -315,6 +370,52 @@ impl Config {
                 self.http.listen
             ));
         }
+        let http = &self.http;
+        match (
+            &http.basic_auth_username,
+            &http.basic_auth_password,
+            &http.basic_auth_password_file,
+        ) {
+            (None, None, None) => {}
+            (Some(username), _, _) if username.is_empty() || username.contains(':') => errors
+                .push("http.basic_auth_username: must be non-empty and without `:`".to_string()),
+            (Some(_), Some(_), Some(_)) => errors.push(
+                "http.basic_auth_password_file: give the password or the file, not both".to_string(),
+            ),
+            (Some(_), None, None) => errors.push(
+                "http.basic_auth_password: required with http.basic_auth_username (or basic_auth_password_file)"
+                    .to_string(),
+            ),
+            (None, _, _) => errors.push(
+                "http.basic_auth_username: required with a basic auth password".to_string(),
+            ),
+            (Some(_), password, file) => {
+                if password.as_ref().is_some_and(|p| p.len() < 12) {
+                    errors.push("http.basic_auth_password: use 12 characters or more".to_string());
+                }
+                if let Err(error) = http.basic_auth() {
+                    errors.push(error);
+                } else if file.is_some() && http.basic_auth().ok().flatten().is_some_and(|(_, p)| p.len() < 12) {
+                    errors.push("http.basic_auth_password_file: the password has fewer than 12 characters".to_string());
+                }
+            }
+        }
+        match (&http.tls_cert_file, &http.tls_key_file) {
+            (None, None) => {}
+            (Some(_), None) => {
+                errors.push("http.tls_key_file: required with http.tls_cert_file".to_string())
+            }
+            (None, Some(_)) => {
+                errors.push("http.tls_cert_file: required with http.tls_key_file".to_string())
+            }
+            (Some(cert), Some(key)) => {
+                for (name, path) in [("http.tls_cert_file", cert), ("http.tls_key_file", key)] {
+                    if let Err(error) = std::fs::metadata(path) {
+                        errors.push(format!("{name}: cannot read {}: {error}", path.display()));
+                    }
+                }
+            }
+        }
         if !(1..=100_000).contains(&self.ingest.batch_max_events) {
             errors.push("ingest.batch_max_events: must be between 1 and 100000".to_string());
         }
@@ -531,6 +632,37 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(config.connectors[0].interval(), Duration::from_secs(5400));
+    }
+
+    #[test]
+    fn http_protection_settings_are_checked_by_key() {
+        for (toml, key) in [
+            ("[http]\nbasic_auth_username = \"p\"\n", "http.basic_auth_password"),
+            ("[http]\nbasic_auth_password = \"long-enough-secret\"\n", "http.basic_auth_username"),
+            ("[http]\nbasic_auth_username = \"p\"\nbasic_auth_password = \"short\"\n", "http.basic_auth_password"),
+            ("[http]\nbasic_auth_username = \"p\"\nbasic_auth_password_file = \"/nonexistent/pw\"\n", "http.basic_auth_password_file"),
+            ("[http]\ntls_cert_file = \"/etc/hostname\"\n", "http.tls_key_file"),
+            ("[http]\ntls_cert_file = \"/nonexistent/c.pem\"\ntls_key_file = \"/etc/hostname\"\n", "http.tls_cert_file"),
+        ] {
+            let error = load(toml, &[]).expect_err(toml).to_string();
+            assert!(error.contains(key), "{key} missing from: {error}");
+        }
+        let config = load(
+            "[http]\nbasic_auth_username = \"prometheus\"\nbasic_auth_password = \"a-long-password\"\n",
+            &[],
+        )
+        .expect("valid");
+        assert!(
+            !format!("{config:?}").contains("a-long-password"),
+            "the password is in Debug"
+        );
+        assert_eq!(
+            config.http.basic_auth(),
+            Ok(Some((
+                "prometheus".to_string(),
+                "a-long-password".to_string()
+            )))
+        );
     }
 
     #[test]

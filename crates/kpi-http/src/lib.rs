@@ -5,6 +5,7 @@
 //! same whatever the size of the history.
 
 pub mod metrics;
+pub mod security;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -195,14 +196,25 @@ async fn webhook(
 }
 
 /// The routes, over the shared state.
-pub fn router(state: Arc<EngineState>, webhooks: Option<Arc<dyn Webhooks>>) -> Router {
-    let api = Router::new()
+pub fn router(
+    state: Arc<EngineState>,
+    webhooks: Option<Arc<dyn Webhooks>>,
+    basic_auth: Option<Arc<security::BasicAuth>>,
+) -> Router {
+    let mut protected = Router::new()
         .route("/metrics", get(metrics_text))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
         .route("/api/v1/kpis", get(kpis))
         .route("/api/v1/retention", get(retention))
-        .route("/api/v1/tenants", get(tenants))
+        .route("/api/v1/tenants", get(tenants));
+    if let Some(auth) = basic_auth {
+        protected = protected.route_layer(axum::middleware::from_fn_with_state(
+            auth,
+            security::require_basic_auth,
+        ));
+    }
+    let api = protected
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .fallback(not_found)
         .with_state(state);
     match webhooks {
@@ -215,22 +227,35 @@ pub fn router(state: Arc<EngineState>, webhooks: Option<Arc<dyn Webhooks>>) -> R
     }
 }
 
-/// Binds `addr` (port 0 picks a free port) and returns the bound address and the server task.
+/// Binds `addr` (port 0 picks a free port) and returns the bound address and the server task;
+/// with `security.tls`, it speaks HTTPS only.
 pub async fn serve(
     addr: SocketAddr,
     state: Arc<EngineState>,
     webhooks: Option<Arc<dyn Webhooks>>,
+    security: security::Security,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let app = router(state, webhooks);
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = shutdown.wait_for(|stop| *stop).await;
+    let app = router(state, webhooks, security.basic_auth);
+    let stop = async move {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+    };
+    let task = match security.tls {
+        Some(tls) => {
+            let listener = security::TlsListener::new(listener, tls)?;
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stop)
+                    .await
             })
-            .await
-    });
+        }
+        None => tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+        }),
+    };
     Ok((bound, task))
 }

@@ -46,15 +46,22 @@ pub async fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
             webhooks.clone(),
         )))
     };
+    let security = http_security(&config)?;
+    let scheme = if security.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let (address, http) = kpi_http::serve(
         config.listen_addr(),
         state.clone(),
         http_webhooks,
+        security,
         stopped.clone(),
     )
     .await
     .with_context(|| format!("http.listen: cannot listen on {}", config.http.listen))?;
-    info!(%address, "HTTP server listening (/metrics, /api/v1/kpis, /api/v1/retention, /healthz, /readyz)");
+    info!(%address, scheme, "HTTP server listening (/metrics, /api/v1/kpis, /api/v1/retention, /healthz, /readyz)");
 
     let filter = {
         let store = store.clone();
@@ -100,6 +107,25 @@ pub async fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
         }
         Err(join_error) => Err(join_error.into()),
     }
+}
+
+/// Basic auth and TLS of the HTTP server, from `[http]`.
+fn http_security(config: &Config) -> anyhow::Result<kpi_http::security::Security> {
+    let basic_auth =
+        config
+            .http
+            .basic_auth()
+            .map_err(anyhow::Error::msg)?
+            .map(|(username, password)| {
+                Arc::new(kpi_http::security::BasicAuth::new(&username, &password))
+            });
+    let tls = match (&config.http.tls_cert_file, &config.http.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            Some(kpi_http::security::tls_config(cert, key).map_err(anyhow::Error::msg)?)
+        }
+        _ => None,
+    };
+    Ok(kpi_http::security::Security { basic_auth, tls })
 }
 
 async fn shutdown_signal() {

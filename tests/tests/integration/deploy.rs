@@ -548,3 +548,146 @@ fn systemd_unit_verifies_and_hardens_the_service() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn metrics_behind_basic_auth_and_tls_are_scraped_by_a_real_prometheus() {
+    let nats = NatsServer::start();
+    let secrets = tempfile::tempdir().unwrap();
+    let (cert, key, password_file) = (
+        secrets.path().join("cert.pem"),
+        secrets.path().join("key.pem"),
+        secrets.path().join("metrics-password"),
+    );
+    let openssl = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            // A self-signed server certificate, not a CA (rustls refuses a CA as end entity).
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-addext",
+            "extendedKeyUsage=serverAuth",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(
+        openssl.status.success(),
+        "{}",
+        String::from_utf8_lossy(&openssl.stderr)
+    );
+    std::fs::write(&password_file, "correct-horse-battery-staple\n").unwrap();
+    // Through the environment (the test's configuration file already has an [http] table).
+    let (password_path, cert_path, key_path) = (
+        password_file.display().to_string(),
+        cert.display().to_string(),
+        key.display().to_string(),
+    );
+    let engine = Engine::start_with_env(
+        &nats.url(),
+        "",
+        &[
+            ("KPI__HTTP__BASIC_AUTH_USERNAME", "prometheus"),
+            ("KPI__HTTP__BASIC_AUTH_PASSWORD_FILE", &password_path),
+            ("KPI__HTTP__TLS_CERT_FILE", &cert_path),
+            ("KPI__HTTP__TLS_KEY_FILE", &key_path),
+        ],
+    );
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&cert).unwrap()).unwrap();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .build()
+        .unwrap();
+    let https = format!("https://127.0.0.1:{}", engine.port);
+    wait_until(
+        "the engine ready over HTTPS",
+        Duration::from_secs(60),
+        || async {
+            client
+                .get(format!("{https}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        },
+    )
+    .await;
+
+    let metrics = client.get(format!("{https}/metrics")).send().await.unwrap();
+    assert_eq!(metrics.status(), 401);
+    assert_eq!(
+        metrics.headers()["www-authenticate"],
+        "Basic realm=\"kpi-engine\""
+    );
+    let wrong = client
+        .get(format!("{https}/metrics"))
+        .basic_auth("prometheus", Some("guess"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let api = client
+        .get(format!("{https}/api/v1/tenants"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(api.status(), 401, "the API is protected too");
+    let right = client
+        .get(format!("{https}/metrics"))
+        .basic_auth("prometheus", Some("correct-horse-battery-staple"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(right.status(), 200);
+    assert!(right.text().await.unwrap().contains("kpi_engine_ready 1"));
+    assert_eq!(
+        client
+            .get(format!("{https}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert!(
+        reqwest::get(format!("http://127.0.0.1:{}/healthz", engine.port))
+            .await
+            .is_err(),
+        "plain HTTP must not be answered"
+    );
+
+    // Prometheus scrapes it as deploy/prometheus/prometheus.yml documents.
+    let config = format!(
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: kpi-engine\n    scheme: https\n    tls_config:\n      ca_file: {}\n    basic_auth:\n      username: prometheus\n      password_file: {}\n    static_configs:\n      - targets: [\"127.0.0.1:{}\"]\n",
+        cert.display(),
+        password_file.display(),
+        engine.port
+    );
+    let prometheus = Prometheus::start(&config, &[]).await;
+    wait_until(
+        "Prometheus scraping over TLS with basic auth",
+        Duration::from_secs(30),
+        || async {
+            prometheus
+                .query(r#"kpi_engine_ready{job="kpi-engine"}"#)
+                .await
+                .first()
+                .is_some_and(|sample| sample["value"][1] == "1")
+        },
+    )
+    .await;
+    assert!(!engine.log().contains("correct-horse-battery-staple"));
+}
