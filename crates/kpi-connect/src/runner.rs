@@ -91,6 +91,11 @@ impl Runner {
         })
     }
 
+    /// The secret values of this connector's params (from `${ENV}`).
+    pub fn secrets(&self) -> &[String] {
+        self.redactor.secrets()
+    }
+
     /// Masks this connector's secrets.
     pub fn redact(&self, text: &str) -> String {
         self.redactor.redact(text)

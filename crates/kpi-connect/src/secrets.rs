@@ -107,6 +107,10 @@ impl Redactor {
         }
     }
 
+    pub fn secrets(&self) -> &[String] {
+        &self.secrets
+    }
+
     pub fn redact(&self, text: &str) -> String {
         let mut out = text.to_string();
         for secret in &self.secrets {

@@ -12,15 +12,50 @@ use kpi_connect::kinds::webhook::WebhookReceiver;
 use kpi_connect::Runner;
 use kpi_store::Store;
 
+/// The connectors' secret values, masked in every log line (an upstream could echo one in an
+/// error message).
+static SECRETS: std::sync::OnceLock<kpi_connect::secrets::Redactor> = std::sync::OnceLock::new();
+
+fn remember_secrets(runners: &[&Runner]) {
+    let secrets = runners
+        .iter()
+        .flat_map(|runner| runner.secrets().iter().cloned())
+        .collect();
+    let _ = SECRETS.set(kpi_connect::secrets::Redactor::new(secrets));
+}
+
+/// The log writer: standard error, with the connectors' secrets masked. The fmt layer writes
+/// each event in one call, so a secret is never split between two writes.
+pub struct RedactingStderr;
+
+impl std::io::Write for RedactingStderr {
+    fn write(&mut self, buffer: &[u8]) -> std::io::Result<usize> {
+        match SECRETS.get() {
+            Some(redactor) => {
+                let text = String::from_utf8_lossy(buffer);
+                std::io::stderr().write_all(redactor.redact(&text).as_bytes())?;
+            }
+            None => std::io::stderr().write_all(buffer)?,
+        }
+        Ok(buffer.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
 /// Builds every configured connector, failing on the first bad one with its key.
 pub fn build_all(config: &Config) -> anyhow::Result<Vec<Runner>> {
     let env = |name: &str| std::env::var(name).ok();
-    config
+    let runners = config
         .connectors
         .iter()
         .enumerate()
         .map(|(index, connector)| Runner::from_config(connector, index, &env).map_err(Into::into))
-        .collect()
+        .collect::<anyhow::Result<Vec<Runner>>>()?;
+    remember_secrets(&runners.iter().collect::<Vec<_>>());
+    Ok(runners)
 }
 
 fn find(config: &Config, id: &str) -> anyhow::Result<Runner> {
@@ -41,7 +76,9 @@ fn find(config: &Config, id: &str) -> anyhow::Result<Runner> {
             }
         );
     };
-    Ok(Runner::from_config(connector, index, &env)?)
+    let runner = Runner::from_config(connector, index, &env)?;
+    remember_secrets(&[&runner]);
+    Ok(runner)
 }
 
 /// The webhook connectors, for the HTTP server.

@@ -190,7 +190,8 @@ async fn google_ads_spend_is_refreshed_retried_restated_and_resumed() {
         (
             503,
             None,
-            json!({"error": {"code": 503, "message": "The service is currently unavailable.", "status": "UNAVAILABLE"}}),
+            // An upstream that echoes a credential in its error: the log must still not show it.
+            json!({"error": {"code": 503, "message": "The service is currently unavailable (developer-token dev-token-7).", "status": "UNAVAILABLE"}}),
         ),
     ]);
     let address = start_google_mock(mock.clone()).await;
@@ -301,6 +302,10 @@ async fn google_ads_spend_is_refreshed_retried_restated_and_resumed() {
     .is_some());
     let log = engine.log();
     assert!(log.contains("Token has been expired or revoked."), "{log}");
+    assert!(
+        log.contains("The service is currently unavailable (developer-token ***)."),
+        "{log}"
+    );
     for secret in ["rt-secret-99", "cs-secret-42", "dev-token-7"] {
         assert!(!log.contains(secret), "secret {secret} in the log");
     }
