@@ -1684,3 +1684,60 @@ async fn connector_commands_list_check_and_backfill_in_the_foreground() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn hubspot_reads_past_the_search_apis_ten_thousand_results() {
+    let nats = NatsServer::start();
+    // 10,050 contacts, modified one millisecond apart (two share each millisecond).
+    const CONTACTS: i64 = 10_050;
+    let base_ms = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+        .unwrap()
+        .timestamp_millis();
+    let contacts = move |body: String| async move {
+        let request: Value = serde_json::from_str(&body).unwrap();
+        let from: i64 = request["filterGroups"][0]["filters"][0]["value"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let offset: usize = request["after"]
+            .as_str()
+            .map_or(0, |after| after.parse().unwrap());
+        if offset >= 10_000 {
+            return (StatusCode::BAD_REQUEST, axum::Json(json!({"status": "error", "message": "Paging beyond 10000 results is not supported.", "category": "VALIDATION_ERROR"}))).into_response();
+        }
+        let matching: Vec<i64> = (0..CONTACTS).filter(|n| base_ms + n / 2 >= from).collect();
+        let page: Vec<Value> = matching
+            .iter()
+            .skip(offset)
+            .take(100)
+            .map(|n| {
+                let modified = chrono::DateTime::from_timestamp_millis(base_ms + n / 2).unwrap().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+                json!({"id": n.to_string(), "properties": {"createdate": "2026-01-01T00:00:00.000Z", "lastmodifieddate": modified, "hs_analytics_source": "DIRECT_TRAFFIC"}})
+            })
+            .collect();
+        let mut reply = json!({"total": matching.len(), "results": page});
+        if offset + 100 < matching.len() {
+            reply["paging"] = json!({"next": {"after": (offset + 100).to_string()}});
+        }
+        axum::Json(reply).into_response()
+    };
+    let app = Router::new()
+        .route("/crm/v3/objects/contacts/search", post(contacts))
+        .route(
+            "/crm/v3/objects/deals/search",
+            post(|| async { axum::Json(json!({"total": 0, "results": []})) }),
+        );
+    let base = serve_mock(app).await;
+    let config = format!(
+        "[[connectors]]\nid = \"crm\"\nkind = \"hubspot\"\ntenant = \"bigcrm\"\nevery = \"1h\"\n[connectors.params]\naccess_token = \"pat\"\nbase_url = \"{base}\"\n"
+    );
+    let mut engine = Engine::start(&nats.url(), &config);
+    engine.wait_ready().await;
+    wait_until(
+        "10,050 HubSpot contacts as leads",
+        Duration::from_secs(60),
+        || async { total(&engine, "bigcrm", "leads").await == CONTACTS },
+    )
+    .await;
+}

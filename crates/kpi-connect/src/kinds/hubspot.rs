@@ -109,14 +109,20 @@ impl HubSpot {
             "{}/crm/v3/objects/{object}/search",
             base(&self.params.base_url)
         );
-        let mut results = Vec::new();
+        // The search API pages through at most 10,000 results of one query: past that, a new
+        // query starts from the last modification time seen (results are sorted by it).
+        const SEARCH_WINDOW: usize = 10_000;
+        let mut results: Vec<Value> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut from = since;
         let mut after: Option<String> = None;
+        let mut in_query = 0usize;
         loop {
             let mut body = json!({
                 "filterGroups": [{"filters": [{
                     "propertyName": modified_property,
                     "operator": "GTE",
-                    "value": since.timestamp_millis().to_string(),
+                    "value": from.timestamp_millis().to_string(),
                 }]}],
                 "sorts": [{"propertyName": modified_property, "direction": "ASCENDING"}],
                 "properties": properties,
@@ -134,7 +140,13 @@ impl HubSpot {
                         .json(&body)
                 })
                 .await?;
-            results.extend(page.results);
+            in_query += page.results.len();
+            for result in page.results {
+                // A restarted query repeats the objects of its first millisecond.
+                if seen.insert(text(&result, "/id").unwrap_or_default().to_string()) {
+                    results.push(result);
+                }
+            }
             after = page
                 .paging
                 .as_ref()
@@ -142,6 +154,23 @@ impl HubSpot {
                 .map(str::to_string);
             if after.is_none() {
                 return Ok(results);
+            }
+            if in_query + 100 > SEARCH_WINDOW {
+                let last = results
+                    .last()
+                    .and_then(|last| rfc3339(last, &format!("/properties/{modified_property}")));
+                match last {
+                    Some(last) if last > from => {
+                        from = last;
+                        after = None;
+                        in_query = 0;
+                    }
+                    _ => {
+                        return Err(self.http.protocol(format!(
+                            "more than {SEARCH_WINDOW} {object} modified at the same millisecond"
+                        )))
+                    }
+                }
             }
         }
     }
