@@ -227,6 +227,16 @@ impl SpendLine {
 
 /// A deterministic event id: `{namespace}-{24 hex digits of SHA-256(namespace, parts)}`.
 pub fn event_id(namespace: &str, parts: &[&str]) -> String {
+    format!("{namespace}-{}", digest(namespace, parts))
+}
+
+/// As [`event_id`], with an upstream version first, zero-padded so that ids sort by version:
+/// `{namespace}-{version:016}-{digest}`.
+pub fn versioned_event_id(namespace: &str, version: u64, parts: &[&str]) -> String {
+    format!("{namespace}-{version:016}-{}", digest(namespace, parts))
+}
+
+fn digest(namespace: &str, parts: &[&str]) -> String {
     use sha2::{Digest, Sha256};
     let mut hasher = Sha256::new();
     hasher.update(namespace.as_bytes());
@@ -234,9 +244,10 @@ pub fn event_id(namespace: &str, parts: &[&str]) -> String {
         hasher.update([0]);
         hasher.update(part.as_bytes());
     }
-    let digest = hasher.finalize();
-    let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
-    format!("{namespace}-{hex}")
+    hasher.finalize()[..12]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// What a run returns.
@@ -306,6 +317,15 @@ mod tests {
         assert_eq!(micros_to_decimal(5_000_000), "5");
         assert_eq!(micros_to_decimal(1), "0.000001");
         assert_eq!(micros_to_decimal(0), "0");
+    }
+
+    #[test]
+    fn versioned_ids_sort_by_version_and_plain_ids_are_stable() {
+        let older = versioned_event_id("crm", 9_000, &["deal.won", "deal:1:x"]);
+        let newer = versioned_event_id("crm", 10_000, &["deal.won", "deal:1:y"]);
+        assert!(older < newer, "{older} !< {newer}");
+        assert_eq!(event_id("crm", &["a"]), event_id("crm", &["a"]));
+        assert_ne!(event_id("crm", &["a", "b"]), event_id("crm", &["ab"]));
     }
 
     #[test]

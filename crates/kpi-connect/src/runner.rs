@@ -185,14 +185,10 @@ impl Runner {
                     version,
                     data,
                 } => {
-                    let hashed = self.event_id(&[event_type, &upstream_key]);
+                    let parts = [event_type, upstream_key.as_str()];
                     let id = match version {
-                        Some(version) => hashed.replacen(
-                            &format!("{}-", self.id),
-                            &format!("{}-{version:016}-", self.id),
-                            1,
-                        ),
-                        None => hashed,
+                        Some(version) => crate::versioned_event_id(&self.id, version, &parts),
+                        None => self.event_id(&parts),
                     };
                     outgoing.push(self.envelope(&id, event_type, time, data));
                 }

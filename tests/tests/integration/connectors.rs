@@ -320,31 +320,7 @@ async fn google_ads_spend_is_refreshed_retried_restated_and_resumed() {
     assert_eq!(all["campaigns"]["brand"]["spend"], "20.00");
 
     // After a restart the stored state says what was sent: a run sends nothing new.
-    assert!(engine.stop().success());
-    engine.restart().await;
-    wait_until(
-        "a run after the restart",
-        Duration::from_secs(20),
-        || async {
-            let metrics = engine.metrics().await;
-            metric_value(
-                &metrics,
-                "kpi_connector_runs_total",
-                &[("connector", "gads"), ("outcome", "success")],
-            )
-            .is_some_and(|runs| runs >= 1.0)
-        },
-    )
-    .await;
-    let metrics = engine.metrics().await;
-    assert_eq!(
-        metric_value(
-            &metrics,
-            "kpi_connector_events_total",
-            &[("connector", "gads")]
-        ),
-        Some(0.0)
-    );
+    restart_sends_nothing_new(&mut engine, "gads").await;
     assert_eq!(paid_search_spend(&engine).await.as_deref(), Some("32.75"));
 }
 
