@@ -266,6 +266,9 @@ pub trait Connector: Sized + Send + Sync + 'static {
     const KIND: &'static str;
     /// One line for `kpi connectors list`.
     const DESCRIPTION: &'static str;
+    /// Whether the scheduler runs it every `every` (false for kinds that receive, like
+    /// webhooks).
+    const POLLS: bool = true;
 
     /// Builds the connector from its params (after `${ENV}` expansion); errors name the key
     /// under `params.`.

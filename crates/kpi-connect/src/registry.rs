@@ -19,12 +19,18 @@ type Builder = fn(Map<String, Value>, &str) -> Result<Box<dyn DynConnector>, Con
 
 /// A connector of any kind.
 pub trait DynConnector: Send + Sync {
+    /// See [`Connector::POLLS`].
+    fn polls(&self) -> bool;
     fn check<'a>(&'a self, context: &'a RunContext) -> BoxFuture<'a, Result<String, ConnectError>>;
     fn run<'a>(&'a self, context: &'a RunContext)
         -> BoxFuture<'a, Result<RunOutput, ConnectError>>;
 }
 
 impl<T: Connector> DynConnector for T {
+    fn polls(&self) -> bool {
+        T::POLLS
+    }
+
     fn check<'a>(&'a self, context: &'a RunContext) -> BoxFuture<'a, Result<String, ConnectError>> {
         Box::pin(Connector::check(self, context))
     }

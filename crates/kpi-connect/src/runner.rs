@@ -91,6 +91,11 @@ impl Runner {
         })
     }
 
+    /// Whether the scheduler runs it (see [`crate::Connector::POLLS`]).
+    pub fn polls(&self) -> bool {
+        self.connector.polls()
+    }
+
     /// The secret values of this connector's params (from `${ENV}`).
     pub fn secrets(&self) -> &[String] {
         self.redactor.secrets()

@@ -109,15 +109,12 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// Schedules every runner but the webhooks (they receive through the HTTP server).
+    /// Schedules every runner that polls (webhooks receive through the HTTP server).
     pub fn new(runners: Vec<Runner>, metrics: ConnectorMetrics) -> Scheduler {
         for runner in &runners {
             metrics.declare(&runner.id, runner.interval);
         }
-        let runners: Vec<Runner> = runners
-            .into_iter()
-            .filter(|runner| runner.kind != "webhook")
-            .collect();
+        let runners: Vec<Runner> = runners.into_iter().filter(Runner::polls).collect();
         Scheduler {
             runners: runners.into_iter().map(Arc::new).collect(),
             metrics,

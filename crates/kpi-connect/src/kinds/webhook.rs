@@ -82,6 +82,7 @@ impl Connector for Webhook {
     const KIND: &'static str = "webhook";
     const DESCRIPTION: &'static str =
         "Inbound webhook: POST /webhooks/{id}, HMAC-SHA256 signed, SPEC events or a mapped JSON body";
+    const POLLS: bool = false;
 
     fn new(params: WebhookParams) -> Result<Webhook, ConnectError> {
         if params.secret.len() < 16 {
