@@ -172,15 +172,12 @@ impl Exec {
                 match message {
                     Message::Event { event } => output.emits.push(Emit::Envelope(event)),
                     Message::Spend { spend } => {
-                        let amount = match &spend.amount {
-                            Value::String(text) => text.clone(),
-                            Value::Number(number) => number.to_string(),
-                            other => {
-                                return Err(local(format!(
-                                    "stdout line {number}: spend.amount {other} is not a decimal"
-                                )))
-                            }
-                        };
+                        let amount = super::scalar(&spend.amount).ok_or_else(|| {
+                            local(format!(
+                                "stdout line {number}: spend.amount {} is not a decimal",
+                                spend.amount
+                            ))
+                        })?;
                         output.emits.push(Emit::Spend(SpendLine {
                             date: spend.date,
                             amount,

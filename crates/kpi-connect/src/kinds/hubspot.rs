@@ -205,11 +205,7 @@ impl HubSpot {
                 let from = text(result, "/from/id");
                 let to = result.get("to").and_then(Value::as_array).and_then(|to| {
                     to.iter()
-                        .filter_map(|t| t.get("toObjectId"))
-                        .map(|id| match id {
-                            Value::String(text) => text.clone(),
-                            other => other.to_string(),
-                        })
+                        .filter_map(|t| t.get("toObjectId").and_then(super::scalar))
                         .min_by_key(|id| (id.len(), id.clone()))
                 });
                 if let (Some(from), Some(to)) = (from, to) {

@@ -100,10 +100,8 @@ impl LinkedInAds {
                 .into_iter()
                 .flatten()
             {
-                let id = match campaign.get("id") {
-                    Some(Value::Number(number)) => number.to_string(),
-                    Some(Value::String(text)) => text.clone(),
-                    _ => continue,
+                let Some(id) = campaign.get("id").and_then(super::scalar) else {
+                    continue;
                 };
                 if let Some(name) = text(campaign, "/name") {
                     names.insert(format!("urn:li:sponsoredCampaign:{id}"), name.to_string());
@@ -207,11 +205,10 @@ impl Connector for LinkedInAds {
             let urn = text(element, "/pivotValues/0")
                 .ok_or_else(|| self.http.protocol("an element without pivotValues"))?;
             let campaign = names.get(urn).cloned().unwrap_or_else(|| urn.to_string());
-            let cost = match element.get("costInLocalCurrency") {
-                Some(Value::String(text)) => text.clone(),
-                Some(Value::Number(number)) => number.to_string(),
-                _ => "0".into(),
-            };
+            let cost = element
+                .get("costInLocalCurrency")
+                .and_then(super::scalar)
+                .unwrap_or_else(|| "0".into());
             lines.entry((campaign, date)).or_default().push(cost);
         }
         let mut output = RunOutput::default();

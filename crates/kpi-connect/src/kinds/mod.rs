@@ -25,6 +25,15 @@ pub(crate) fn text<'a>(value: &'a Value, pointer: &str) -> Option<&'a str> {
     value.pointer(pointer).and_then(Value::as_str)
 }
 
+/// A JSON string or number as text (APIs send ids and decimals either way).
+pub(crate) fn scalar(value: &Value) -> Option<String> {
+    match value {
+        Value::String(text) => Some(text.clone()),
+        Value::Number(number) => Some(number.to_string()),
+        _ => None,
+    }
+}
+
 /// The base URL without its trailing slash.
 pub(crate) fn base(url: &str) -> &str {
     url.trim_end_matches('/')

@@ -61,11 +61,9 @@ fn time(value: &Value, pointer: &str) -> Option<DateTime<Utc>> {
 
 fn id_text(value: &Value, pointer: &str) -> Option<String> {
     match value.pointer(pointer)? {
-        Value::Number(number) => Some(number.to_string()),
-        Value::String(text) if !text.is_empty() => Some(text.clone()),
         // v1 sometimes nests the related object: {"value": 7, "name": "..."}.
         Value::Object(object) => object.get("value").and_then(|v| id_text(v, "")),
-        _ => None,
+        other => super::scalar(other).filter(|text| !text.is_empty()),
     }
 }
 
@@ -297,8 +295,11 @@ impl Connector for Pipedrive {
                     });
                 }
             }
-            let deal_id = format!("pd-{id}");
-            match text(deal, "/status") {
+            let mut data = json!({"deal_id": format!("pd-{id}")});
+            if let Some(lead_id) = &person {
+                data["lead_id"] = json!(lead_id);
+            }
+            let (event_type, at, upstream_key) = match text(deal, "/status") {
                 Some("won") => {
                     let customer = person
                         .clone()
@@ -307,40 +308,27 @@ impl Connector for Pipedrive {
                         tracing::warn!(connector = %context.connector_id, deal = %id, "won deal without a person, organization or won_time: skipped");
                         continue;
                     };
-                    let value = match deal.get("value") {
-                        Some(Value::Number(number)) => number.to_string(),
-                        Some(Value::String(text)) => text.clone(),
-                        _ => "0".into(),
-                    };
-                    let mut data = json!({"deal_id": deal_id, "customer_id": customer,
-                        "amount": value, "currency": text(deal, "/currency").unwrap_or("EUR")});
-                    if let Some(lead_id) = &person {
-                        data["lead_id"] = json!(lead_id);
-                    }
-                    output.emits.push(Emit::Event {
-                        event_type: "deal.won",
-                        time: won_at,
-                        upstream_key: format!("deal:{id}:{data}"),
-                        version,
-                        data,
-                    });
+                    data["customer_id"] = json!(customer);
+                    data["amount"] = json!(deal
+                        .get("value")
+                        .and_then(super::scalar)
+                        .unwrap_or_else(|| "0".into()));
+                    data["currency"] = json!(text(deal, "/currency").unwrap_or("EUR"));
+                    ("deal.won", won_at, format!("deal:{id}:{data}"))
                 }
                 Some("lost") | Some("deleted") => {
                     let lost_at = time(deal, "/lost_time").or(updated).unwrap_or(context.now);
-                    let mut data = json!({"deal_id": deal_id});
-                    if let Some(lead_id) = &person {
-                        data["lead_id"] = json!(lead_id);
-                    }
-                    output.emits.push(Emit::Event {
-                        event_type: "deal.lost",
-                        time: lost_at,
-                        upstream_key: format!("deal:{id}:lost"),
-                        version,
-                        data,
-                    });
+                    ("deal.lost", lost_at, format!("deal:{id}:lost"))
                 }
-                _ => {}
-            }
+                _ => continue,
+            };
+            output.emits.push(Emit::Event {
+                event_type,
+                time: at,
+                upstream_key,
+                version,
+                data,
+            });
         }
         output.cursor = Some(json!({"updated_after": latest.to_rfc3339()}));
         Ok(output)
