@@ -142,6 +142,8 @@ impl HttpConfig {
 pub struct IngestConfig {
     pub batch_max_events: usize,
     pub batch_max_wait_ms: u64,
+    pub checkpoint_max_events: usize,
+    pub checkpoint_max_wait_ms: u64,
     pub max_event_bytes: usize,
     pub max_future_hours: u64,
 }
@@ -361,6 +363,20 @@ impl Config {
                 self.ingest.batch_max_events
             ));
         }
+        if self.nats.max_ack_pending > 0
+            && self.ingest.checkpoint_max_events as i64 > self.nats.max_ack_pending
+        {
+            errors.push(format!(
+                "ingest.checkpoint_max_events: must be at most nats.max_ack_pending ({})",
+                self.nats.max_ack_pending
+            ));
+        }
+        if self.ingest.checkpoint_max_wait_ms.saturating_mul(4) > self.nats.ack_wait_ms {
+            errors.push(format!(
+                "ingest.checkpoint_max_wait_ms: must be at most a quarter of nats.ack_wait_ms ({})",
+                self.nats.ack_wait_ms
+            ));
+        }
         if self.store.path.as_os_str().is_empty() {
             errors.push("store.path: must not be empty".to_string());
         }
@@ -418,6 +434,9 @@ impl Config {
         }
         if !(1..=100_000).contains(&self.ingest.batch_max_events) {
             errors.push("ingest.batch_max_events: must be between 1 and 100000".to_string());
+        }
+        if !(1..=1_000_000).contains(&self.ingest.checkpoint_max_events) {
+            errors.push("ingest.checkpoint_max_events: must be between 1 and 1000000".to_string());
         }
         if self.ingest.max_event_bytes == 0 {
             errors.push("ingest.max_event_bytes: must be positive".to_string());
@@ -632,6 +651,33 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(config.connectors[0].interval(), Duration::from_secs(5400));
+    }
+
+    #[test]
+    fn checkpoints_must_fit_the_consumer_limits() {
+        for (toml, key) in [
+            (
+                "[nats]\nmax_ack_pending = 5000\n",
+                "ingest.checkpoint_max_events",
+            ),
+            (
+                "[ingest]\ncheckpoint_max_events = 0\n",
+                "ingest.checkpoint_max_events",
+            ),
+            (
+                "[nats]\nack_wait_ms = 3000\n",
+                "ingest.checkpoint_max_wait_ms",
+            ),
+        ] {
+            let error = load(toml, &[]).expect_err(toml).to_string();
+            assert!(error.contains(key), "{key} missing from: {error}");
+        }
+        let config = load(
+            "[nats]\nmax_ack_pending = 5000\n[ingest]\ncheckpoint_max_events = 5000\n",
+            &[],
+        )
+        .expect("valid");
+        assert_eq!(config.ingest.checkpoint_max_events, 5000);
     }
 
     #[test]

@@ -3,13 +3,18 @@
 //! ## Exactly-once effect
 //!
 //! The engine reads `KPI_EVENTS` through one durable pull consumer with `AckPolicy::All`, in
-//! batches. For each batch it (1) decodes and applies every message to the records in memory,
-//! (2) republishes rejected messages to `kpi.rejected.<tenant>` and waits for JetStream to
-//! store them, (3) writes records, counters and dead-letter marks in one atomic sled batch
-//! and flushes it, and only then (4) acknowledges the batch's last message, which
-//! acknowledges the whole batch. A crash before (4) means redelivery; records remember the
-//! event ids applied to them and stream sequences already dead-lettered, so a redelivered
-//! message changes nothing and is counted once.
+//! batches. For each batch it (1) decodes and applies every message to the records of its
+//! working set (loaded from sled when first needed) and to the live aggregates, and
+//! (2) republishes rejected messages to `kpi.rejected.<tenant>`, waiting for JetStream to store
+//! them. At a checkpoint (every `ingest.checkpoint_max_events` events or
+//! `ingest.checkpoint_max_wait_ms`) it (3) writes the records changed since the last
+//! checkpoint, once each however many events changed them, with the counters and dead-letter
+//! marks, in one atomic sled batch and flushes it, and only then (4) acknowledges the last
+//! message, which acknowledges every message before it. A crash before (4) means redelivery;
+//! records remember the event ids applied to them and stream sequences already
+//! dead-lettered, so a redelivered message changes nothing and is counted once. The live
+//! aggregates may run ahead of the store by one checkpoint: after a crash they restart from
+//! the store and the redelivered events bring them back.
 //!
 //! `AckPolicy::All` acknowledges *every* message up to the one acknowledged, including
 //! messages delivered earlier that the engine never saw (lost in a reconnect, or delivered to
@@ -20,7 +25,7 @@
 
 pub mod state;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,7 +35,9 @@ use chrono::Utc;
 use futures_util::StreamExt;
 use kpi_config::Config;
 use kpi_model::event::{tenant_of_subject, INVALID_TENANT, REJECTED_SUBJECT_PREFIX};
-use kpi_model::{decode_event, Batch, DecodeLimits, Outcome, RecordSource, Rejection, Tenants};
+use kpi_model::{
+    decode_event, Aggregates, DecodeLimits, Outcome, RecordSource, Rejection, Tenants, WorkingSet,
+};
 use kpi_store::{Commit, CounterKey, KeyFilter, Store, StoreError};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -82,12 +89,33 @@ impl Incoming {
     }
 }
 
-/// What the blocking half of a batch prepared.
+/// What applying a batch to the working set produced.
 struct Prepared {
-    commit: Commit,
-    delta: kpi_model::Aggregates,
+    /// New absolute values of the counters the batch changed.
+    counters: BTreeMap<CounterKey, u64>,
+    rejected_sequences: Vec<u64>,
+    delta: Aggregates,
     dead_letters: Vec<(Incoming, String, Rejection)>,
     applied: usize,
+}
+
+/// What the ingest applied since its last checkpoint, not yet written to sled.
+struct Staged {
+    /// Every key in the store: lets a batch skip sled for entities it has never seen.
+    filter: KeyFilter,
+    set: WorkingSet,
+    /// Absolute values of the counters changed since the checkpoint.
+    counters: BTreeMap<CounterKey, u64>,
+    /// Stream sequences dead-lettered since the checkpoint.
+    rejected: BTreeSet<u64>,
+    events: usize,
+    since: Option<Instant>,
+}
+
+impl Staged {
+    fn is_empty(&self) -> bool {
+        self.set.changed() == 0 && self.counters.is_empty() && self.rejected.is_empty()
+    }
 }
 
 /// Connects to NATS (with its settings and credentials) and records connection state.
@@ -177,8 +205,7 @@ pub struct Ingest {
     store: Store,
     state: Arc<EngineState>,
     limits: DecodeLimits,
-    /// Every key in the store: lets a batch skip sled for entities it has never seen.
-    filter: Arc<Mutex<KeyFilter>>,
+    staged: Arc<Mutex<Staged>>,
 }
 
 impl Ingest {
@@ -190,8 +217,19 @@ impl Ingest {
             store,
             state,
             limits,
-            filter: Arc::new(Mutex::new(filter)),
+            staged: Arc::new(Mutex::new(Staged {
+                filter,
+                set: WorkingSet::new(),
+                counters: BTreeMap::new(),
+                rejected: BTreeSet::new(),
+                events: 0,
+                since: None,
+            })),
         }
+    }
+
+    fn staged(&self) -> std::sync::MutexGuard<'_, Staged> {
+        self.staged.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs until `shutdown` turns true; reconnects and re-creates missing streams or consumer
@@ -276,11 +314,31 @@ impl Ingest {
             .await
             .map_err(js_error)?;
         let batch_wait = Duration::from_millis(self.config.ingest.batch_max_wait_ms);
+        let checkpoint_wait = Duration::from_millis(self.config.ingest.checkpoint_max_wait_ms);
+        // A consumer created earlier keeps its own max_ack_pending: never wait for more
+        // unacknowledged messages than the server hands out.
+        let checkpoint_events = match info.config.max_ack_pending {
+            limit if limit > 0 => self.config.ingest.checkpoint_max_events.min(limit as usize),
+            _ => self.config.ingest.checkpoint_max_events,
+        };
+        // The last message applied and not yet acknowledged.
+        let mut to_ack: Option<jetstream::Message> = None;
         loop {
             let fetch_started = Instant::now();
+            let checkpoint_due = self
+                .staged()
+                .since
+                .map(|since| tokio::time::Instant::from_std(since + checkpoint_wait));
             let first = tokio::select! {
                 next = messages.next() => next,
-                _ = shutdown.changed() => return Ok(()),
+                _ = sleep_until(checkpoint_due) => {
+                    self.checkpoint(to_ack.take()).await?;
+                    continue;
+                }
+                _ = shutdown.changed() => {
+                    self.checkpoint(to_ack.take()).await?;
+                    return Ok(());
+                }
             };
             let mut batch = match first {
                 Some(Ok(message)) => vec![message],
@@ -324,19 +382,78 @@ impl Ingest {
             self.process(js, items).await?;
             if hole {
                 warn!("delivery sequence skipped: re-reading unacknowledged messages");
+                // Checkpoints before returning: acknowledging what follows is then safe.
                 self.recover(js, &events_stream).await?;
             }
-            if let Some(last) = batch.last() {
-                // Acknowledges every message up to this one (AckPolicy::All).
-                let ack_started = Instant::now();
-                last.ack().await.map_err(js_error)?;
-                self.state
-                    .metrics
-                    .batch_stage_seconds
-                    .with_label_values(&["ack"])
-                    .observe(ack_started.elapsed().as_secs_f64());
+            to_ack = batch.pop().or(to_ack);
+            let due = {
+                let staged = self.staged();
+                staged.events >= checkpoint_events
+                    || staged
+                        .since
+                        .is_some_and(|since| since.elapsed() >= checkpoint_wait)
+            };
+            if hole || due {
+                self.checkpoint(to_ack.take()).await?;
             }
         }
+    }
+
+    /// Writes what was applied since the last checkpoint to sled (one atomic batch, one
+    /// flush), then acknowledges `ack` and, with it, every message delivered before it.
+    async fn checkpoint(&self, ack: Option<jetstream::Message>) -> Result<(), IngestError> {
+        let started = Instant::now();
+        let store = self.store.clone();
+        let staged = self.staged.clone();
+        let state = self.state.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let mut staged = staged.lock().unwrap_or_else(|e| e.into_inner());
+            staged.events = 0;
+            staged.since = None;
+            if staged.is_empty() {
+                return Ok(None);
+            }
+            let output = std::mem::take(&mut staged.set).finish(&state.tenants);
+            let commit = Commit {
+                records: output.writes,
+                counters: std::mem::take(&mut staged.counters),
+                rejected_sequences: std::mem::take(&mut staged.rejected).into_iter().collect(),
+            };
+            // Before the commit: if it fails, a key too many only costs a sled read.
+            for (key, record) in &commit.records {
+                if record.is_some() {
+                    staged.filter.insert(&key.encode());
+                }
+            }
+            store.commit(&commit)?;
+            Ok::<_, StoreError>(Some((commit.records.len(), output.delta)))
+        })
+        .await
+        .map_err(|error| IngestError::Join(error.to_string()))??;
+        if let Some((records, delta)) = written {
+            // Deltas are taken after every batch; this one is empty unless that changes.
+            self.state.apply(delta, &BTreeMap::new());
+            let metrics = &self.state.metrics;
+            metrics
+                .batch_stage_seconds
+                .with_label_values(&["commit"])
+                .observe(started.elapsed().as_secs_f64());
+            metrics
+                .batch_commit_seconds
+                .observe(started.elapsed().as_secs_f64());
+            metrics.checkpoint_records.observe(records as f64);
+        }
+        if let Some(message) = ack {
+            let ack_started = Instant::now();
+            // Acknowledges every message up to this one (AckPolicy::All).
+            message.ack().await.map_err(js_error)?;
+            self.state
+                .metrics
+                .batch_stage_seconds
+                .with_label_values(&["ack"])
+                .observe(ack_started.elapsed().as_secs_f64());
+        }
+        Ok(())
     }
 
     /// Re-reads from the stream the messages delivered to the consumer but not acknowledged,
@@ -383,11 +500,13 @@ impl Ingest {
             })
             .await
             .map_err(js_error)?;
-        let result = self.read_range(js, &reader, to).await.map(|()| delivered);
+        let result = self.read_range(js, &reader, to).await;
         if let Err(error) = events_stream.delete_consumer(&reader_name).await {
             debug!(%error, "recovery consumer not deleted; the server expires it");
         }
-        result
+        result?;
+        self.checkpoint(None).await?;
+        Ok(delivered)
     }
 
     async fn read_range(
@@ -430,7 +549,8 @@ impl Ingest {
         }
     }
 
-    /// Applies, dead-letters and commits a batch, then updates the live state.
+    /// Applies a batch to the working set and the live state, and dead-letters what it
+    /// rejects; the next checkpoint makes it durable.
     async fn process(
         &self,
         js: &jetstream::Context,
@@ -443,22 +563,23 @@ impl Ingest {
         let store = self.store.clone();
         let state = self.state.clone();
         let limits = self.limits.clone();
-        let filter = self.filter.clone();
+        let staged = self.staged.clone();
         let (prepared, items) = tokio::task::spawn_blocking(move || {
-            let mut filter = filter.lock().unwrap_or_else(|e| e.into_inner());
+            let mut staged = staged.lock().unwrap_or_else(|e| e.into_inner());
+            let staged = &mut *staged;
             let source = Filtered {
                 store: &store,
-                filter: &filter,
+                filter: &staged.filter,
             };
-            let prepared = prepare(&items, &source, &state.tenants, &limits, &state.counters());
-            if let Ok(prepared) = &prepared {
-                // Before the commit: if it fails, a key too many only costs a sled read.
-                for (key, record) in &prepared.commit.records {
-                    if record.is_some() {
-                        filter.insert(&key.encode());
-                    }
-                }
-            }
+            let prepared = prepare(
+                &items,
+                &source,
+                &mut staged.set,
+                &state.tenants,
+                &limits,
+                &state.counters(),
+                &staged.rejected,
+            );
             (prepared, items)
         })
         .await
@@ -497,23 +618,22 @@ impl Ingest {
             .await
             .map_err(js_error)?;
         }
-
         if !prepared.dead_letters.is_empty() {
             stage("dead_letter", dead_letter_started);
         }
-        let commit_started = Instant::now();
-        let store = self.store.clone();
-        let commit = prepared.commit;
-        let commit = tokio::task::spawn_blocking(move || store.commit(&commit).map(|()| commit))
-            .await
-            .map_err(|error| IngestError::Join(error.to_string()))??;
-        stage("commit", commit_started);
+
+        {
+            let mut staged = self.staged();
+            staged.events += items.len();
+            staged.since.get_or_insert(started);
+            staged.rejected.extend(&prepared.rejected_sequences);
+            for (key, value) in &prepared.counters {
+                staged.counters.insert(key.clone(), *value);
+            }
+        }
         let metrics = &self.state.metrics;
-        metrics
-            .batch_commit_seconds
-            .observe(started.elapsed().as_secs_f64());
         metrics.batch_events.observe(items.len() as f64);
-        self.state.apply(prepared.delta, &commit.counters);
+        self.state.apply(prepared.delta, &prepared.counters);
         let now = Utc::now();
         let now_seconds = now.timestamp_nanos_opt().unwrap_or(0) as f64 / 1e9;
         if prepared.applied > 0 {
@@ -528,20 +648,31 @@ impl Ingest {
     }
 }
 
-/// Decodes and applies a batch against the store (blocking: it reads sled).
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Decodes and applies a batch to the working set (blocking: it reads sled). `rejected` holds
+/// the sequences dead-lettered since the last checkpoint.
 fn prepare(
     items: &[Incoming],
     store: &Filtered<'_>,
+    set: &mut WorkingSet,
     tenants: &Tenants,
     limits: &DecodeLimits,
     counters: &BTreeMap<CounterKey, u64>,
+    rejected: &BTreeSet<u64>,
 ) -> Result<Prepared, StoreError> {
     let now = Utc::now();
-    let mut batch = Batch::new(store, tenants);
+    let mut batch = set.batch(store, tenants);
     let mut increments: BTreeMap<CounterKey, u64> = BTreeMap::new();
     let mut dead_letters = Vec::new();
     let mut rejected_sequences = Vec::new();
-    let mut seen_rejected = HashSet::new();
+    let mut seen_rejected = BTreeSet::new();
     let mut applied = 0;
     for incoming in items {
         let rejection = match decode_event(&incoming.subject, &incoming.payload, now, limits) {
@@ -580,6 +711,7 @@ fn prepare(
         // A message dead-lettered by an earlier (crashed or unacknowledged) run is not
         // republished or counted again.
         if !seen_rejected.insert(incoming.stream_sequence)
+            || rejected.contains(&incoming.stream_sequence)
             || store.store.is_rejected(incoming.stream_sequence)?
         {
             continue;
@@ -596,7 +728,7 @@ fn prepare(
         rejected_sequences.push(incoming.stream_sequence);
         dead_letters.push((incoming.clone(), tenant, rejection));
     }
-    let output = batch.finish();
+    let delta = set.take_delta(tenants);
     let counters = increments
         .into_iter()
         .map(|(key, increment)| {
@@ -605,12 +737,9 @@ fn prepare(
         })
         .collect();
     Ok(Prepared {
-        commit: Commit {
-            records: output.writes,
-            counters,
-            rejected_sequences,
-        },
-        delta: output.delta,
+        counters,
+        rejected_sequences,
+        delta,
         dead_letters,
         applied,
     })

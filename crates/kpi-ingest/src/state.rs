@@ -14,9 +14,10 @@ use prometheus::{
 pub struct EngineMetrics {
     pub batch_commit_seconds: Histogram,
     pub batch_events: Histogram,
-    /// Time per batch in each stage: `fetch` (waiting for and collecting messages), `apply`
-    /// (decode and apply in memory), `dead_letter`
-    /// (republish rejected messages), `commit` (sled write and flush), `ack`.
+    pub checkpoint_records: Histogram,
+    /// Time in each stage: per batch `fetch` (waiting for and collecting messages), `apply`
+    /// (decode and apply in memory), `dead_letter` (republish rejected messages); per
+    /// checkpoint `commit` (sled write and flush) and `ack`.
     pub batch_stage_seconds: HistogramVec,
     pub event_latency_seconds: Histogram,
     pub consumer_pending: IntGauge,
@@ -46,7 +47,7 @@ impl EngineMetrics {
                 Histogram::with_opts(
                     HistogramOpts::new(
                         "kpi_engine_batch_commit_seconds",
-                        "Time to write a batch to the store and flush it to disk",
+                        "Time to write a checkpoint (the records changed since the last one) to the store and flush it to disk",
                     )
                     .buckets(latency_buckets.clone()),
                 )?,
@@ -67,6 +68,16 @@ impl EngineMetrics {
                     )
                     .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]),
                     &["stage"],
+                )?,
+            ),
+            checkpoint_records: register(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "kpi_engine_checkpoint_records",
+                        "Records written per checkpoint (each once, however many events changed it)",
+                    )
+                    .buckets(vec![1.0, 10.0, 100.0, 1000.0, 5000.0, 10000.0, 20000.0, 50000.0]),
                 )?,
             ),
             event_latency_seconds: register(

@@ -1,11 +1,13 @@
-//! Applying events to records, a batch at a time.
+//! Applying events to records.
 //!
-//! A [`Batch`] loads the records an event touches from a [`RecordSource`] (the store), changes
-//! them in memory, and at the end hands back the records to write and the aggregate delta.
-//! The delta is computed by subtracting a record's contribution the first time the batch
-//! changes it and adding the contribution of its final state: whatever the batch did to a
-//! record, the aggregates move from "sum over the old records" to "sum over the new ones".
-//! Several events on one record within a batch cost one write.
+//! A [`WorkingSet`] holds the records the engine read and changed since its last checkpoint.
+//! Events are applied through a [`Batch`], a view of the working set over a [`RecordSource`]
+//! (the store) from which records are loaded the first time they are needed. The aggregate
+//! delta is computed by subtracting a record's contribution when it is first changed and adding
+//! the contribution of its current state when the delta is taken ([`WorkingSet::take_delta`]):
+//! whatever happened to a record in between, the aggregates move from "sum over the old
+//! records" to "sum over the new ones". A checkpoint ([`WorkingSet::finish`]) hands back every
+//! changed record once, however many events changed it: writes are coalesced.
 
 use std::collections::HashMap;
 
@@ -37,10 +39,13 @@ pub enum Outcome {
 
 struct Slot {
     record: Option<Record>,
-    dirty: bool,
+    /// Changed since it was loaded: written at the next checkpoint.
+    changed: bool,
+    /// Its contribution is withdrawn from the aggregates until the next delta is taken.
+    withdrawn: bool,
 }
 
-/// The records changed by a batch and the matching aggregate delta.
+/// The records changed since the last checkpoint and the matching aggregate delta.
 #[derive(Debug, Default)]
 pub struct BatchOutput {
     /// `None` deletes the record.
@@ -48,24 +53,91 @@ pub struct BatchOutput {
     pub delta: Aggregates,
 }
 
-/// A unit of work over the records.
-pub struct Batch<'a, S: RecordSource> {
-    source: &'a S,
-    tenants: &'a Tenants,
+/// Records loaded and changed since the last checkpoint.
+#[derive(Default)]
+pub struct WorkingSet {
     slots: HashMap<RecordKey, Slot>,
+    /// Keys whose contribution is withdrawn, in the order they were first changed.
+    withdrawn: Vec<RecordKey>,
     delta: Aggregates,
+    changed: usize,
 }
 
-impl<'a, S: RecordSource> Batch<'a, S> {
-    pub fn new(source: &'a S, tenants: &'a Tenants) -> Self {
+impl WorkingSet {
+    pub fn new() -> WorkingSet {
+        WorkingSet::default()
+    }
+
+    /// A view for applying events, loading missing records from `source`.
+    pub fn batch<'a, S: RecordSource>(
+        &'a mut self,
+        source: &'a S,
+        tenants: &'a Tenants,
+    ) -> Batch<'a, S> {
         Batch {
             source,
             tenants,
-            slots: HashMap::new(),
-            delta: Aggregates::default(),
+            set: self,
         }
     }
 
+    /// Records changed since the last checkpoint.
+    pub fn changed(&self) -> usize {
+        self.changed
+    }
+
+    /// Records held (changed or only read).
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// The aggregate delta of everything applied since the last call: the records changed
+    /// since then contribute again with their current state.
+    pub fn take_delta(&mut self, tenants: &Tenants) -> Aggregates {
+        for key in self.withdrawn.drain(..) {
+            let Some(slot) = self.slots.get_mut(&key) else {
+                continue;
+            };
+            slot.withdrawn = false;
+            if let Some(record) = slot.record.as_ref().filter(|record| !record.is_empty()) {
+                contribute(
+                    &key.tenant,
+                    record,
+                    tenants.get(&key.tenant),
+                    1,
+                    &mut self.delta,
+                );
+            }
+        }
+        std::mem::take(&mut self.delta)
+    }
+
+    /// Ends the window: the records to write (or delete), each once, and the delta not yet
+    /// taken.
+    pub fn finish(mut self, tenants: &Tenants) -> BatchOutput {
+        let delta = self.take_delta(tenants);
+        let writes = self
+            .slots
+            .into_iter()
+            .filter(|(_, slot)| slot.changed)
+            .map(|(key, slot)| (key, slot.record.filter(|record| !record.is_empty())))
+            .collect();
+        BatchOutput { writes, delta }
+    }
+}
+
+/// Applies events to a [`WorkingSet`].
+pub struct Batch<'a, S: RecordSource> {
+    source: &'a S,
+    tenants: &'a Tenants,
+    set: &'a mut WorkingSet,
+}
+
+impl<S: RecordSource> Batch<'_, S> {
     /// Applies one valid event.
     pub fn apply(&mut self, event: &Event) -> Result<Outcome, S::Error> {
         let settings = self.tenants.get(&event.tenant);
@@ -346,17 +418,18 @@ impl<'a, S: RecordSource> Batch<'a, S> {
     }
 
     fn load_slot(&mut self, key: &RecordKey) -> Result<&mut Slot, S::Error> {
-        if !self.slots.contains_key(key) {
+        if !self.set.slots.contains_key(key) {
             let record = self.source.load(key)?;
-            self.slots.insert(
+            self.set.slots.insert(
                 key.clone(),
                 Slot {
                     record,
-                    dirty: false,
+                    changed: false,
+                    withdrawn: false,
                 },
             );
         }
-        Ok(self.slots.get_mut(key).expect("loaded just above"))
+        Ok(self.set.slots.get_mut(key).expect("loaded just above"))
     }
 
     /// The current record, read only.
@@ -364,7 +437,8 @@ impl<'a, S: RecordSource> Batch<'a, S> {
         Ok(self.load_slot(key)?.record.as_ref())
     }
 
-    /// The record for a change: the first change in the batch withdraws its contribution.
+    /// The record for a change: the first change since the last delta withdraws its
+    /// contribution.
     fn slot_mut(
         &mut self,
         key: &RecordKey,
@@ -372,16 +446,22 @@ impl<'a, S: RecordSource> Batch<'a, S> {
     ) -> Result<&mut Record, S::Error> {
         let tenants = self.tenants;
         self.load_slot(key)?;
-        let slot = self.slots.get_mut(key).expect("loaded just above");
-        if !slot.dirty {
-            slot.dirty = true;
-            if let Some(record) = &slot.record {
+        let set = &mut *self.set;
+        let slot = set.slots.get_mut(key).expect("loaded just above");
+        if !slot.changed {
+            slot.changed = true;
+            set.changed += 1;
+        }
+        if !slot.withdrawn {
+            slot.withdrawn = true;
+            set.withdrawn.push(key.clone());
+            if let Some(record) = slot.record.as_ref().filter(|record| !record.is_empty()) {
                 contribute(
                     &key.tenant,
                     record,
                     tenants.get(&key.tenant),
                     -1,
-                    &mut self.delta,
+                    &mut set.delta,
                 );
             }
         }
@@ -406,33 +486,6 @@ impl<'a, S: RecordSource> Batch<'a, S> {
         match self.slot_mut(key, || Record::Customer(CustomerRecord::default()))? {
             Record::Customer(customer) => Ok(customer),
             _ => unreachable!("customer keys hold customer records"),
-        }
-    }
-
-    /// Ends the batch: the records to write (or delete) and the aggregate delta.
-    pub fn finish(mut self) -> BatchOutput {
-        let mut writes = Vec::new();
-        for (key, slot) in self.slots {
-            if !slot.dirty {
-                continue;
-            }
-            match slot.record {
-                Some(record) if !record.is_empty() => {
-                    contribute(
-                        &key.tenant,
-                        &record,
-                        self.tenants.get(&key.tenant),
-                        1,
-                        &mut self.delta,
-                    );
-                    writes.push((key, Some(record)));
-                }
-                _ => writes.push((key, None)),
-            }
-        }
-        BatchOutput {
-            writes,
-            delta: self.delta,
         }
     }
 }

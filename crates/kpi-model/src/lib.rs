@@ -24,7 +24,7 @@ pub mod report;
 pub mod settings;
 
 pub use aggregate::{contribute, Aggregates, Cell, TenantAggregates};
-pub use batch::{aggregate_records, Batch, BatchOutput, Outcome, RecordSource};
+pub use batch::{aggregate_records, Batch, BatchOutput, Outcome, RecordSource, WorkingSet};
 pub use event::{
     decode_event, DecodeLimits, Event, EventData, EventType, RejectReason, Rejection, Timestamp,
     Version,

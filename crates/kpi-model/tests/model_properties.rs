@@ -12,8 +12,8 @@ use kpi_model::money::{format_money, to_f64, Decimal};
 use kpi_model::record::Record;
 use kpi_model::settings::{TenantSettings, Tenants};
 use kpi_model::{
-    aggregate_records, Aggregates, Batch, Event, EventData, KpiReport, Outcome, Period, RecordKey,
-    RecordSource, RetentionReport, Timestamp,
+    aggregate_records, Aggregates, Event, EventData, KpiReport, Outcome, Period, RecordKey,
+    RecordSource, RetentionReport, Timestamp, WorkingSet,
 };
 use proptest::prelude::*;
 use serde_json::Value;
@@ -218,36 +218,58 @@ impl RecordSource for MemoryStore {
     }
 }
 
+/// The engine's way of applying events: a working set kept across delivery batches, its delta
+/// taken after each batch, and its records written to the store every `checkpoint_every`
+/// batches.
 struct Engine {
     store: MemoryStore,
+    set: WorkingSet,
     aggregates: Aggregates,
     tenants: Tenants,
+    checkpoint_every: usize,
+    batches: usize,
 }
 
 impl Engine {
     fn new() -> Engine {
+        Engine::with_checkpoints(1)
+    }
+
+    fn with_checkpoints(checkpoint_every: usize) -> Engine {
         Engine {
             store: MemoryStore::default(),
+            set: WorkingSet::new(),
             aggregates: Aggregates::default(),
             tenants: tenants(),
+            checkpoint_every,
+            batches: 0,
         }
     }
 
     fn apply_batch(&mut self, events: &[Event]) -> Vec<Outcome> {
-        let mut batch = Batch::new(&self.store, &self.tenants);
+        let mut batch = self.set.batch(&self.store, &self.tenants);
         let outcomes = events
             .iter()
             .map(|event| batch.apply(event).expect("memory store"))
             .collect();
-        let output = batch.finish();
+        self.aggregates.merge(self.set.take_delta(&self.tenants));
+        self.batches += 1;
+        if self.batches % self.checkpoint_every == 0 {
+            self.checkpoint();
+        }
+        outcomes
+    }
+
+    /// Writes the changed records; their delta was already taken.
+    fn checkpoint(&mut self) {
+        let output = std::mem::take(&mut self.set).finish(&self.tenants);
+        assert_eq!(output.delta, Aggregates::default(), "delta taken per batch");
         for (key, record) in output.writes {
             match record {
                 Some(record) => self.store.records.insert(key, record),
                 None => self.store.records.remove(&key),
             };
         }
-        self.aggregates.merge(output.delta);
-        outcomes
     }
 }
 
@@ -677,7 +699,8 @@ fn periods_to_check(events: &[Event], tenants: &Tenants) -> BTreeSet<(String, Pe
 }
 
 fn check_history(events: &[Event], seed: u64) -> Result<(), TestCaseError> {
-    let mut engine = Engine::new();
+    // Records are written after every batch, or coalesced over up to five batches.
+    let mut engine = Engine::with_checkpoints(1 + (seed % 5) as usize);
     let mut applied = 0;
     for batch in deliveries(events, seed) {
         applied += engine
@@ -717,6 +740,7 @@ fn check_history(events: &[Event], seed: u64) -> Result<(), TestCaseError> {
             assert_same(&format!("{tenant} retention {year}"), &want, &got)?;
         }
     }
+    engine.checkpoint();
     let rebuilt = aggregate_records(engine.store.records.iter(), &tenants);
     prop_assert!(
         rebuilt == engine.aggregates,
@@ -736,8 +760,9 @@ proptest! {
     #[test]
     fn two_deliveries_of_one_history_agree_exactly(events in history_strategy(), seed_a in any::<u64>(), seed_b in any::<u64>()) {
         let run = |seed| {
-            let mut engine = Engine::new();
+            let mut engine = Engine::with_checkpoints(1 + (seed % 3) as usize);
             for batch in deliveries(&events, seed) { engine.apply_batch(&batch); }
+            engine.checkpoint();
             (engine.aggregates, engine.store.records)
         };
         let (aggregates_a, records_a) = run(seed_a);

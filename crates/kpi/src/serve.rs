@@ -1,7 +1,7 @@
 //! `kpi serve`: wires the store, the ingest and the HTTP server, and shuts them down cleanly.
 //!
-//! Shutdown: SIGINT or SIGTERM flips a watch channel; the ingest finishes (or abandons,
-//! unacknowledged) its current batch, the HTTP server stops accepting, and the store is
+//! Shutdown: SIGINT or SIGTERM flips a watch channel; the ingest finishes its current batch,
+//! writes a checkpoint and acknowledges it, the HTTP server stops accepting, and the store is
 //! flushed. A `kill -9` instead loses nothing either: unacknowledged messages come back.
 
 use std::path::Path;

@@ -105,7 +105,10 @@ async fn killed_engine_loses_nothing_and_counts_nothing_twice() {
         "a history long enough to kill the engine mid-stream"
     );
 
-    let mut crashing = Engine::start(&nats.url(), "[ingest]\nbatch_max_events = 200\n");
+    let mut crashing = Engine::start(
+        &nats.url(),
+        "[ingest]\nbatch_max_events = 200\ncheckpoint_max_events = 2000\n",
+    );
     crashing.wait_ready().await;
     let mut reference =
         Engine::start_with_env(&nats.url(), "", &[("KPI__NATS__CONSUMER", "reference")]);
