@@ -16,16 +16,24 @@
 //!
 //! A commit of up to [`WRITE_CHUNK`] records is one sled batch, flushed. A larger one is first
 //! written whole as one redo entry, with its counters and dead-letter marks, in one flushed
-//! batch: from then on it is durable. Its records are then written in batches of
-//! [`WRITE_CHUNK`], and the redo entry is removed and flushed. Opening the store replays any
-//! redo entry left by a crash (records hold final states, so replaying is idempotent). Why not
-//! one sled batch: sled pins one epoch guard for a whole batch, so every node it copies stays
-//! allocated until the batch ends, about 4 KiB per record written.
+//! batch: from then on it is durable, and `commit` returns. A background thread then writes
+//! its records in place, one sled `insert` each and unflushed, while reads see them through
+//! the commit's sorted writes. The next commit waits for that thread, and its atomic batch
+//! removes the redo entry; its flush makes the in-place writes durable too. Opening the store
+//! replays the redo entries left (records hold final states: a redo entry still present means
+//! no later commit reached the disk, so replaying it is exact), then removes them.
+//!
+//! Why not one sled batch: sled pins one epoch guard for a whole batch, so every node it copies
+//! stays allocated until the batch ends, about 4 KiB per record written; and a batch holds
+//! sled's global write lock, which stops every read, while single inserts and reads proceed
+//! side by side. So the in-place writes of one checkpoint overlap the next one's reads on
+//! another core.
 
 pub mod key_filter;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 pub use key_filter::KeyFilter;
 
@@ -43,8 +51,25 @@ const REDO_PREFIX: u8 = b'w';
 /// Records per sled batch in a large commit.
 pub const WRITE_CHUNK: usize = 1000;
 
-/// Encoded record writes: key, and value or `None` for a removal.
+/// Encoded record writes: key, and value or `None` for a removal; sorted by key in a commit.
 type Writes = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
+/// A large commit, durable through its redo entry, whose records are being written in place.
+struct InPlace {
+    redo: [u8; 9],
+    writes: Arc<Writes>,
+    writer: std::thread::JoinHandle<Result<(), sled::Error>>,
+}
+
+impl InPlace {
+    fn wait(self) -> Result<[u8; 9], StoreError> {
+        match self.writer.join() {
+            Ok(Ok(())) => Ok(self.redo),
+            Ok(Err(error)) => Err(StoreError::Sled(error)),
+            Err(_) => Err(StoreError::Writer("panicked".into())),
+        }
+    }
+}
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store at {path}: {source}")]
@@ -58,6 +83,8 @@ pub enum StoreError {
         key: Vec<u8>,
         source: postcard::Error,
     },
+    #[error("store: the background writer stopped: {0}")]
+    Writer(String),
     #[error("store: record {key:?} is corrupt: {source}")]
     Corrupt {
         key: Vec<u8>,
@@ -128,6 +155,9 @@ pub struct Commit {
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    /// The last large commit while its records are written in place; the next commit's batch
+    /// removes its redo entry. Held for the whole of a commit and of a record read.
+    in_place: Arc<Mutex<Option<InPlace>>>,
 }
 
 fn record_key(key: &RecordKey) -> Vec<u8> {
@@ -175,7 +205,10 @@ impl Store {
                 db.flush()?;
             }
         }
-        let store = Store { db };
+        let store = Store {
+            db,
+            in_place: Arc::new(Mutex::new(None)),
+        };
         store.replay_redo()?;
         Ok(store)
     }
@@ -191,8 +224,8 @@ impl Store {
                 })?;
             self.write_chunks(&writes)?;
             self.db.remove(&key)?;
-            self.db.flush()?;
         }
+        self.db.flush()?;
         Ok(())
     }
 
@@ -210,10 +243,25 @@ impl Store {
         Ok(())
     }
 
+    fn in_place(&self) -> std::sync::MutexGuard<'_, Option<InPlace>> {
+        self.in_place.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Reads one record.
     pub fn record(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
         let stored_key = record_key(key);
-        match self.db.get(&stored_key)? {
+        let in_flight = self.in_place().as_ref().and_then(|in_place| {
+            let writes = &in_place.writes;
+            writes
+                .binary_search_by(|(key, _)| key.as_slice().cmp(&stored_key))
+                .ok()
+                .map(|at| writes[at].1.clone())
+        });
+        let bytes = match in_flight {
+            Some(value) => value.map(sled::IVec::from),
+            None => self.db.get(&stored_key)?,
+        };
+        match bytes {
             Some(bytes) => Record::decode(&bytes)
                 .map(Some)
                 .map_err(|source| StoreError::Corrupt {
@@ -224,14 +272,20 @@ impl Store {
         }
     }
 
-    /// Writes a commit atomically and waits until it is on disk.
+    /// Writes a commit atomically and waits until it is on disk (its records may still be on
+    /// their way to their own keys, see the module documentation).
     pub fn commit(&self, commit: &Commit) -> Result<(), StoreError> {
-        let writes: Writes = commit
+        let mut writes: Writes = commit
             .records
             .iter()
             .map(|(key, record)| (record_key(key), record.as_ref().map(Record::encode)))
             .collect();
+        writes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut in_place = self.in_place();
         let mut batch = sled::Batch::default();
+        if let Some(previous) = in_place.take() {
+            batch.remove(&previous.wait()?);
+        }
         for (key, value) in &commit.counters {
             batch.insert(key.encode(), &value.to_be_bytes());
         }
@@ -254,9 +308,25 @@ impl Store {
         batch.insert(&redo, postcard::to_stdvec(&writes).unwrap_or_default());
         self.db.apply_batch(batch)?;
         self.db.flush()?;
-        self.write_chunks(&writes)?;
-        self.db.remove(redo)?;
-        self.db.flush()?;
+        let writes = Arc::new(writes);
+        let (db, to_write) = (self.db.clone(), writes.clone());
+        let writer = std::thread::Builder::new()
+            .name("kpi-store-writer".into())
+            .spawn(move || {
+                for (key, value) in to_write.iter() {
+                    match value {
+                        Some(value) => db.insert(key.as_slice(), value.as_slice())?,
+                        None => db.remove(key.as_slice())?,
+                    };
+                }
+                Ok(())
+            })
+            .map_err(|error| StoreError::Writer(error.to_string()))?;
+        *in_place = Some(InPlace {
+            redo,
+            writes,
+            writer,
+        });
         Ok(())
     }
 
@@ -329,8 +399,15 @@ impl Store {
         Ok(())
     }
 
-    /// Flushes everything to disk (commits already do; this is for shutdown).
+    /// Flushes everything to disk, the writes of the last large commit included, whose redo
+    /// entry is then no longer needed (for shutdown).
     pub fn flush(&self) -> Result<(), StoreError> {
+        let mut in_place = self.in_place();
+        if let Some(previous) = in_place.take() {
+            let redo = previous.wait()?;
+            self.db.flush()?;
+            self.db.remove(redo)?;
+        }
         self.db.flush()?;
         Ok(())
     }
@@ -415,6 +492,11 @@ mod tests {
                 ..Commit::default()
             };
             store.commit(&commit).expect("commit");
+            assert_eq!(store.db.scan_prefix([REDO_PREFIX]).count(), 1);
+            store.commit(&Commit::default()).expect("commit");
+            assert_eq!(store.db.scan_prefix([REDO_PREFIX]).count(), 0);
+            store.commit(&commit).expect("commit");
+            store.flush().expect("flush");
             assert_eq!(store.db.scan_prefix([REDO_PREFIX]).count(), 0);
             let writes: Writes = records
                 .iter()
