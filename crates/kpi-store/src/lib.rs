@@ -520,6 +520,40 @@ mod tests {
     }
 
     #[test]
+    fn records_of_a_large_commit_are_read_from_memory_until_the_next_commit() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path(), 1 << 20).expect("open");
+        let records: Vec<(RecordKey, Option<Record>)> = (0..WRITE_CHUNK + 1)
+            .map(|n| {
+                let record = Record::Lead(LeadRecord {
+                    applied: [format!("e{n}")].into_iter().collect(),
+                    ..LeadRecord::default()
+                });
+                (RecordKey::lead("acme", &format!("L{n}")), Some(record))
+            })
+            .collect();
+        let commit = Commit {
+            records: records.clone(),
+            ..Commit::default()
+        };
+        store.commit(&commit).expect("commit");
+        while !store
+            .in_place()
+            .as_ref()
+            .is_some_and(|in_place| in_place.writer.is_finished())
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        // Behind the store's back: only the commit's writes still hold this record.
+        let (key, record) = &records[7];
+        store.db.remove(record_key(key)).expect("remove");
+        assert_eq!(&store.record(key).expect("read"), record);
+        store.commit(&Commit::default()).expect("commit");
+        assert_eq!(store.record(key).expect("read"), None);
+        assert_eq!(&store.record(&records[8].0).expect("read"), &records[8].1);
+    }
+
+    #[test]
     fn a_store_of_another_layout_is_refused() {
         let dir = tempfile::tempdir().expect("temp dir");
         {
