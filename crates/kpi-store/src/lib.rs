@@ -48,7 +48,8 @@ const REJECTED_PREFIX: u8 = b'x';
 const CONNECTOR_PREFIX: u8 = b'c';
 const REDO_PREFIX: u8 = b'w';
 
-/// Records per sled batch in a large commit.
+/// A commit of more records than this goes through a redo entry; replaying one writes sled
+/// batches of this many.
 pub const WRITE_CHUNK: usize = 1000;
 
 /// Encoded record writes: key, and value or `None` for a removal; sorted by key in a commit.
@@ -471,10 +472,9 @@ mod tests {
         assert_eq!(store.record(&key).expect("read"), None);
     }
 
-    #[test]
-    fn a_large_commit_interrupted_after_its_redo_entry_is_finished_on_open() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let records: Vec<(RecordKey, Option<Record>)> = (0..WRITE_CHUNK * 2 + 10)
+    /// `count` lead records, each with one applied event.
+    fn leads(count: usize) -> Vec<(RecordKey, Option<Record>)> {
+        (0..count)
             .map(|n| {
                 let record = Record::Lead(LeadRecord {
                     applied: [format!("e{n}")].into_iter().collect(),
@@ -482,7 +482,13 @@ mod tests {
                 });
                 (RecordKey::lead("acme", &format!("L{n}")), Some(record))
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn a_large_commit_interrupted_after_its_redo_entry_is_finished_on_open() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let records = leads(WRITE_CHUNK * 2 + 10);
         {
             let store = Store::open(dir.path(), 1 << 20).expect("open");
             // A complete large commit, then the first step only of another, as a crash
@@ -523,15 +529,7 @@ mod tests {
     fn records_of_a_large_commit_are_read_from_memory_until_the_next_commit() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path(), 1 << 20).expect("open");
-        let records: Vec<(RecordKey, Option<Record>)> = (0..WRITE_CHUNK + 1)
-            .map(|n| {
-                let record = Record::Lead(LeadRecord {
-                    applied: [format!("e{n}")].into_iter().collect(),
-                    ..LeadRecord::default()
-                });
-                (RecordKey::lead("acme", &format!("L{n}")), Some(record))
-            })
-            .collect();
+        let records = leads(WRITE_CHUNK + 1);
         let commit = Commit {
             records: records.clone(),
             ..Commit::default()
