@@ -9,8 +9,8 @@
 //! them. At a checkpoint (every `ingest.checkpoint_max_events` events or
 //! `ingest.checkpoint_max_wait_ms`) it (3) writes the records changed since the last
 //! checkpoint, once each however many events changed them, with the counters and dead-letter
-//! marks, in one atomic sled batch and flushes it, and only then (4) acknowledges the last
-//! message, which acknowledges every message before it. A crash before (4) means redelivery;
+//! marks, atomically and durably (a large checkpoint through a redo entry, see kpi-store), and
+//! only then (4) acknowledges the last message, which acknowledges every message before it. A crash before (4) means redelivery;
 //! records remember the event ids applied to them and stream sequences already
 //! dead-lettered, so a redelivered message changes nothing and is counted once. The live
 //! aggregates may run ahead of the store by one checkpoint: after a crash they restart from

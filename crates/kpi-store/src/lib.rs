@@ -251,19 +251,26 @@ impl Store {
     /// Reads one record.
     pub fn record(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
         let stored_key = record_key(key);
-        let in_flight = self.in_place().as_ref().and_then(|in_place| {
-            let writes = &in_place.writes;
+        let in_flight = self
+            .in_place()
+            .as_ref()
+            .map(|in_place| in_place.writes.clone());
+        let written = in_flight.as_deref().and_then(|writes| {
             writes
                 .binary_search_by(|(key, _)| key.as_slice().cmp(&stored_key))
                 .ok()
-                .map(|at| writes[at].1.clone())
+                .map(|at| writes[at].1.as_deref())
         });
-        let bytes = match in_flight {
-            Some(value) => value.map(sled::IVec::from),
-            None => self.db.get(&stored_key)?,
+        let stored;
+        let bytes = match written {
+            Some(value) => value,
+            None => {
+                stored = self.db.get(&stored_key)?;
+                stored.as_deref()
+            }
         };
         match bytes {
-            Some(bytes) => Record::decode(&bytes)
+            Some(bytes) => Record::decode(bytes)
                 .map(Some)
                 .map_err(|source| StoreError::Corrupt {
                     key: stored_key,
