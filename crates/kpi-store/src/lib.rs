@@ -3,11 +3,15 @@
 //! | prefix | key | value |
 //! |---|---|---|
 //! | `m` | `schema` | store layout version |
-//! | `r` | [`RecordKey::encode`] | a postcard [`Record`] |
+//! | `b` | tenant, 0, record kind, bucket number (`u32` big-endian) | the records of a bucket ([`bucket`]) |
 //! | `n` | counter kind, tenant, 0, label | `u64` big-endian (absolute value) |
 //! | `x` | stream sequence (`u64` big-endian) | empty: this message was dead-lettered |
 //! | `c` | connector id | the connector's state (cursor, versions of the spend lines it sent) |
 //! | `w` | commit sequence (`u64` big-endian) | redo entry: the record writes of a large commit |
+//!
+//! Records are grouped in buckets (see [`bucket`] for why): writing a record rewrites its
+//! bucket. Layout version 1 had one `r` key per record; opening such a store moves its records
+//! into buckets once, then marks it version 2.
 //!
 //! Invariant: a [`Store::commit`] is atomic and durable when it returns. The ingest
 //! acknowledges messages only after that, so after a crash the store holds every
@@ -17,11 +21,13 @@
 //! A commit of up to [`WRITE_CHUNK`] records is one sled batch, flushed. A larger one is first
 //! written whole as one redo entry, with its counters and dead-letter marks, in one flushed
 //! batch: from then on it is durable, and `commit` returns. A background thread then writes
-//! its records in place, one sled `insert` each and unflushed, while reads see them through
-//! the commit's sorted writes. The next commit waits for that thread, and its atomic batch
-//! removes the redo entry; its flush makes the in-place writes durable too. Opening the store
+//! its records in place, rewriting each bucket touched with one sled `insert`, unflushed,
+//! while reads see the records through the commit's sorted writes. The next commit waits for
+//! that thread, and its atomic batch removes the redo entry; its flush makes the in-place
+//! writes durable too. Opening the store
 //! replays the redo entries left (records hold final states: a redo entry still present means
-//! no later commit reached the disk, so replaying it is exact), then removes them.
+//! no later commit reached the disk, so merging its records into their buckets again is
+//! exact), then removes them.
 //!
 //! Why not one sled batch: sled pins one epoch guard for a whole batch, so every node it copies
 //! stays allocated until the batch ends, about 4 KiB per record written; and a batch holds
@@ -29,6 +35,7 @@
 //! side by side. So the in-place writes of one checkpoint overlap the next one's reads on
 //! another core.
 
+pub mod bucket;
 pub mod key_filter;
 
 use std::collections::BTreeMap;
@@ -41,15 +48,19 @@ use kpi_model::record::Record;
 use kpi_model::{aggregate_records, Aggregates, RecordKey, RecordSource, Tenants};
 
 const SCHEMA_KEY: &[u8] = b"mschema";
-const SCHEMA_VERSION: &[u8] = b"1";
+const SCHEMA_VERSION: &[u8] = b"2";
+/// Layout version 1: one `r` key per record (migrated on open).
+const LEGACY_SCHEMA_VERSION: &[u8] = b"1";
+/// A record's key in commits and redo entries, and its key in layout version 1.
 const RECORD_PREFIX: u8 = b'r';
+const BUCKET_PREFIX: u8 = b'b';
 const COUNTER_PREFIX: u8 = b'n';
 const REJECTED_PREFIX: u8 = b'x';
 const CONNECTOR_PREFIX: u8 = b'c';
 const REDO_PREFIX: u8 = b'w';
 
-/// A commit of more records than this goes through a redo entry; replaying one writes sled
-/// batches of this many.
+/// A commit of more records than this goes through a redo entry; migrating a version 1 store
+/// moves this many records per sled batch.
 pub const WRITE_CHUNK: usize = 1000;
 
 /// Encoded record writes: key, and value or `None` for a removal; sorted by key in a commit.
@@ -59,14 +70,14 @@ type Writes = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 struct InPlace {
     redo: [u8; 9],
     writes: Arc<Writes>,
-    writer: std::thread::JoinHandle<Result<(), sled::Error>>,
+    writer: std::thread::JoinHandle<Result<(), StoreError>>,
 }
 
 impl InPlace {
     fn wait(self) -> Result<[u8; 9], StoreError> {
         match self.writer.join() {
             Ok(Ok(())) => Ok(self.redo),
-            Ok(Err(error)) => Err(StoreError::Sled(error)),
+            Ok(Err(error)) => Err(error),
             Err(_) => Err(StoreError::Writer("panicked".into())),
         }
     }
@@ -75,7 +86,7 @@ impl InPlace {
 pub enum StoreError {
     #[error("store at {path}: {source}")]
     Open { path: String, source: sled::Error },
-    #[error("store at {path} has layout version {found}, this build reads version 1")]
+    #[error("store at {path} has layout version {found}, this build reads versions 1 and 2")]
     Schema { path: String, found: String },
     #[error("store: {0}")]
     Sled(#[from] sled::Error),
@@ -86,6 +97,8 @@ pub enum StoreError {
     },
     #[error("store: the background writer stopped: {0}")]
     Writer(String),
+    #[error("store: bucket {key:?} is corrupt")]
+    CorruptBucket { key: Vec<u8> },
     #[error("store: record {key:?} is corrupt: {source}")]
     Corrupt {
         key: Vec<u8>,
@@ -167,6 +180,61 @@ fn record_key(key: &RecordKey) -> Vec<u8> {
     bytes
 }
 
+/// The bucket of a record key (`r`, tenant, 0, kind, id), and the id.
+fn bucket_key(record_key: &[u8]) -> (Vec<u8>, &[u8]) {
+    let body = &record_key[1..];
+    let split = body.iter().position(|&b| b == 0).unwrap_or(body.len());
+    let prefix = &body[..(split + 2).min(body.len())];
+    let id = &body[prefix.len()..];
+    let mut key = Vec::with_capacity(prefix.len() + 5);
+    key.push(BUCKET_PREFIX);
+    key.extend_from_slice(prefix);
+    key.extend_from_slice(&bucket::bucket_of(id).to_be_bytes());
+    (key, id)
+}
+
+/// Applies record writes to their buckets: reads each bucket touched from `db`, merges the
+/// writes into it and hands the new value (`None`: the bucket is now empty) to `put`. Writes
+/// to one bucket must not reach `db` before this returns if `put` only stages them.
+fn write_buckets(
+    db: &sled::Db,
+    writes: &Writes,
+    mut put: impl FnMut(Vec<u8>, Option<Vec<u8>>) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    // (bucket key, change)
+    let mut grouped: Vec<(Vec<u8>, bucket::Change<'_>)> = writes
+        .iter()
+        .map(|(key, value)| {
+            let (bucket, id) = bucket_key(key);
+            (bucket, (id, value.as_deref()))
+        })
+        .collect();
+    grouped.sort_unstable_by(|a, b| (&a.0, a.1 .0).cmp(&(&b.0, b.1 .0)));
+    for run in grouped.chunk_by(|a, b| a.0 == b.0) {
+        let key = &run[0].0;
+        let corrupt = |_| StoreError::CorruptBucket { key: key.clone() };
+        let old = match db.get(key)? {
+            Some(stored) => bucket::unpack(&stored).map_err(corrupt)?,
+            None => Vec::new(),
+        };
+        let changes: Vec<bucket::Change<'_>> = run.iter().map(|(_, change)| *change).collect();
+        let merged = bucket::merge(&old, &changes).map_err(corrupt)?;
+        put(key.clone(), merged.as_deref().map(bucket::pack))?;
+    }
+    Ok(())
+}
+
+/// [`write_buckets`] with one sled insert (or removal) per bucket, unflushed.
+fn write_buckets_in_place(db: &sled::Db, writes: &Writes) -> Result<(), StoreError> {
+    write_buckets(db, writes, |key, value| {
+        match value {
+            Some(value) => db.insert(key, value)?,
+            None => db.remove(key)?,
+        };
+        Ok(())
+    })
+}
+
 fn rejected_key(sequence: u64) -> [u8; 9] {
     let mut key = [REJECTED_PREFIX; 9];
     key[1..].copy_from_slice(&sequence.to_be_bytes());
@@ -193,8 +261,10 @@ impl Store {
                 path: display.clone(),
                 source,
             })?;
+        let mut legacy = false;
         match db.get(SCHEMA_KEY)? {
             Some(version) if version.as_ref() == SCHEMA_VERSION => {}
+            Some(version) if version.as_ref() == LEGACY_SCHEMA_VERSION => legacy = true,
             Some(version) => {
                 return Err(StoreError::Schema {
                     path: display,
@@ -210,8 +280,54 @@ impl Store {
             db,
             in_place: Arc::new(Mutex::new(None)),
         };
+        if legacy {
+            store.migrate_records()?;
+        }
         store.replay_redo()?;
+        if legacy {
+            store.db.insert(SCHEMA_KEY, SCHEMA_VERSION)?;
+            store.db.flush()?;
+        }
         Ok(store)
+    }
+
+    /// Moves the records of layout version 1 (one `r` key each) into buckets, a chunk at a
+    /// time: the chunk's buckets are written and flushed, then its old keys removed. An
+    /// interruption leaves some records in both places, with the same bytes (nothing else
+    /// writes meanwhile), and opening again carries on. Single inserts, not one batch: see the
+    /// module documentation.
+    fn migrate_records(&self) -> Result<(), StoreError> {
+        let mut moved = 0u64;
+        loop {
+            let chunk = self
+                .db
+                .scan_prefix([RECORD_PREFIX])
+                .take(WRITE_CHUNK)
+                .collect::<Result<Vec<_>, _>>()?;
+            if chunk.is_empty() {
+                break;
+            }
+            if moved == 0 {
+                tracing::info!(
+                    "store layout version 1: moving its records into buckets (version 2), once"
+                );
+            }
+            moved += chunk.len() as u64;
+            let writes: Writes = chunk
+                .iter()
+                .map(|(key, value)| (key.to_vec(), Some(value.to_vec())))
+                .collect();
+            write_buckets_in_place(&self.db, &writes)?;
+            self.db.flush()?;
+            for (key, _) in &chunk {
+                self.db.remove(key)?;
+            }
+        }
+        self.db.flush()?;
+        if moved > 0 {
+            tracing::info!(records = moved, "store moved to layout version 2");
+        }
+        Ok(())
     }
 
     /// Finishes the large commits a crash interrupted.
@@ -223,24 +339,10 @@ impl Store {
                     key: key.to_vec(),
                     source,
                 })?;
-            self.write_chunks(&writes)?;
+            write_buckets_in_place(&self.db, &writes)?;
             self.db.remove(&key)?;
         }
         self.db.flush()?;
-        Ok(())
-    }
-
-    fn write_chunks(&self, writes: &Writes) -> Result<(), StoreError> {
-        for chunk in writes.chunks(WRITE_CHUNK) {
-            let mut batch = sled::Batch::default();
-            for (key, value) in chunk {
-                match value {
-                    Some(value) => batch.insert(key.as_slice(), value.as_slice()),
-                    None => batch.remove(key.as_slice()),
-                }
-            }
-            self.db.apply_batch(batch)?;
-        }
         Ok(())
     }
 
@@ -261,12 +363,21 @@ impl Store {
                 .ok()
                 .map(|at| writes[at].1.as_deref())
         });
-        let stored;
+        let entries;
         let bytes = match written {
             Some(value) => value,
             None => {
-                stored = self.db.get(&stored_key)?;
-                stored.as_deref()
+                let (bucket_key, id) = bucket_key(&stored_key);
+                match self.db.get(&bucket_key)? {
+                    Some(stored) => {
+                        let corrupt = |_| StoreError::CorruptBucket {
+                            key: bucket_key.clone(),
+                        };
+                        entries = bucket::unpack(&stored).map_err(corrupt)?;
+                        bucket::find(&entries, id).map_err(corrupt)?
+                    }
+                    None => None,
+                }
             }
         };
         match bytes {
@@ -301,12 +412,13 @@ impl Store {
             batch.insert(&rejected_key(*sequence), &[]);
         }
         if writes.len() <= WRITE_CHUNK {
-            for (key, value) in writes {
+            write_buckets(&self.db, &writes, |key, value| {
                 match value {
                     Some(value) => batch.insert(key, value),
                     None => batch.remove(key),
                 }
-            }
+                Ok(())
+            })?;
             self.db.apply_batch(batch)?;
             self.db.flush()?;
             return Ok(());
@@ -320,15 +432,7 @@ impl Store {
         let (db, to_write) = (self.db.clone(), writes.clone());
         let writer = std::thread::Builder::new()
             .name("kpi-store-writer".into())
-            .spawn(move || {
-                for (key, value) in to_write.iter() {
-                    match value {
-                        Some(value) => db.insert(key.as_slice(), value.as_slice())?,
-                        None => db.remove(key.as_slice())?,
-                    };
-                }
-                Ok(())
-            })
+            .spawn(move || write_buckets_in_place(&db, &to_write))
             .map_err(|error| StoreError::Writer(error.to_string()))?;
         *in_place = Some(InPlace {
             redo,
@@ -366,18 +470,29 @@ impl Store {
         let mut filter = KeyFilter::new();
         let mut count = 0u64;
         // Sum in chunks so memory stays bounded whatever the number of records.
-        for entry in self.db.scan_prefix([RECORD_PREFIX]) {
-            let (stored_key, bytes) = entry?;
-            let record = Record::decode(&bytes).map_err(|source| StoreError::Corrupt {
-                key: stored_key.to_vec(),
-                source,
-            })?;
-            if let Some(key) = RecordKey::decode(&stored_key[1..]) {
-                filter.insert(&stored_key[1..]);
+        for entry in self.db.scan_prefix([BUCKET_PREFIX]) {
+            let (bucket_key, bucket) = entry?;
+            // `b`, tenant, 0, kind, then the bucket number.
+            let prefix = &bucket_key[1..bucket_key.len().saturating_sub(4).max(1)];
+            let corrupt = || StoreError::CorruptBucket {
+                key: bucket_key.to_vec(),
+            };
+            let entries = bucket::unpack(&bucket).map_err(|_| corrupt())?;
+            for entry in bucket::entries(&entries) {
+                let (id, bytes) = entry.map_err(|_| corrupt())?;
+                let mut encoded = Vec::with_capacity(prefix.len() + id.len());
+                encoded.extend_from_slice(prefix);
+                encoded.extend_from_slice(id);
+                let key = RecordKey::decode(&encoded).ok_or_else(corrupt)?;
+                let record = Record::decode(bytes).map_err(|source| StoreError::Corrupt {
+                    key: encoded.clone(),
+                    source,
+                })?;
+                filter.insert(&encoded);
                 records.push((key, record));
                 count += 1;
             }
-            if records.len() == 10_000 {
+            if records.len() >= 10_000 {
                 aggregates.merge(aggregate_records(
                     records.iter().map(|(k, r)| (k, r)),
                     tenants,
@@ -440,6 +555,24 @@ mod tests {
     use super::*;
     use kpi_model::record::LeadRecord;
 
+    /// Opens a store whose directory was open in this process a moment ago: sled's flusher
+    /// thread can hold the directory lock for a short while after the last handle is dropped
+    /// (spacejam/sled#1234), so a lock error is retried for up to 5 s.
+    fn open_again(path: &Path) -> Result<Store, StoreError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match Store::open(path, 1 << 20) {
+                Err(StoreError::Open { source, .. })
+                    if source.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                result => return result,
+            }
+        }
+    }
+
     #[test]
     fn a_commit_survives_reopening() {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -460,7 +593,7 @@ mod tests {
             commit.rejected_sequences.push(42);
             store.commit(&commit).expect("commit");
         }
-        let store = Store::open(dir.path(), 1 << 20).expect("reopen");
+        let store = open_again(dir.path()).expect("reopen");
         assert_eq!(store.record(&key).expect("read"), Some(record));
         assert_eq!(store.counters().expect("counters").get(&counter), Some(&3));
         assert!(store.is_rejected(42).expect("read"));
@@ -525,7 +658,7 @@ mod tests {
                 None
             );
         }
-        let store = Store::open(dir.path(), 1 << 20).expect("reopen");
+        let store = open_again(dir.path()).expect("reopen");
         for (key, record) in &records {
             assert_eq!(&store.record(key).expect("read"), record);
         }
@@ -551,11 +684,119 @@ mod tests {
         }
         // Behind the store's back: only the commit's writes still hold this record.
         let (key, record) = &records[7];
-        store.db.remove(record_key(key)).expect("remove");
+        let other = &records[20];
+        assert_ne!(
+            bucket_key(&record_key(key)).0,
+            bucket_key(&record_key(&other.0)).0
+        );
+        store
+            .db
+            .remove(bucket_key(&record_key(key)).0)
+            .expect("remove");
         assert_eq!(&store.record(key).expect("read"), record);
         store.commit(&Commit::default()).expect("commit");
         assert_eq!(store.record(key).expect("read"), None);
-        assert_eq!(&store.record(&records[8].0).expect("read"), &records[8].1);
+        assert_eq!(&store.record(&other.0).expect("read"), &other.1);
+    }
+
+    /// Two lead records in one bucket (their ids differ only in the last byte), named apart
+    /// from those of [`leads`].
+    fn leads_sharing_a_bucket() -> Vec<(RecordKey, Option<Record>)> {
+        let pair: Vec<_> = ["M10", "M11"]
+            .iter()
+            .map(|id| {
+                let record = Record::Lead(LeadRecord {
+                    applied: [format!("created-{id}")].into_iter().collect(),
+                    ..LeadRecord::default()
+                });
+                (RecordKey::lead("acme", id), Some(record))
+            })
+            .collect();
+        assert_eq!(
+            bucket_key(&record_key(&pair[0].0)).0,
+            bucket_key(&record_key(&pair[1].0)).0
+        );
+        pair
+    }
+
+    #[test]
+    fn records_sharing_a_bucket_are_written_read_and_removed_separately() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pair = leads_sharing_a_bucket();
+        let store = Store::open(dir.path(), 1 << 20).expect("open");
+        // One in a small commit, the other in a large one (through the background writer).
+        store
+            .commit(&Commit {
+                records: vec![pair[0].clone()],
+                ..Commit::default()
+            })
+            .expect("commit");
+        let mut large = leads(WRITE_CHUNK + 1);
+        large.push(pair[1].clone());
+        store
+            .commit(&Commit {
+                records: large.clone(),
+                ..Commit::default()
+            })
+            .expect("commit");
+        store.flush().expect("flush");
+        for (key, record) in pair.iter().chain(&large) {
+            assert_eq!(&store.record(key).expect("read"), record);
+        }
+        let (_, _, count) = store.rebuild(&Tenants::default()).expect("rebuild");
+        assert_eq!(count, large.len() as u64 + 1);
+        store
+            .commit(&Commit {
+                records: vec![(pair[1].0.clone(), None)],
+                ..Commit::default()
+            })
+            .expect("commit");
+        assert_eq!(store.record(&pair[1].0).expect("read"), None);
+        assert_eq!(&store.record(&pair[0].0).expect("read"), &pair[0].1);
+        drop(store);
+        let store = open_again(dir.path()).expect("reopen");
+        assert_eq!(store.record(&pair[1].0).expect("read"), None);
+        assert_eq!(&store.record(&pair[0].0).expect("read"), &pair[0].1);
+    }
+
+    #[test]
+    fn a_version_1_store_is_moved_into_buckets_on_open() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let records = leads(WRITE_CHUNK * 2 + 3);
+        let (old, redone) = records.split_at(WRITE_CHUNK * 2);
+        {
+            let db = sled::open(dir.path()).expect("open");
+            db.insert(SCHEMA_KEY, LEGACY_SCHEMA_VERSION)
+                .expect("insert");
+            for (key, record) in old {
+                let record = record.as_ref().expect("a record");
+                db.insert(record_key(key), record.encode()).expect("insert");
+            }
+            // A version 1 redo entry: it replaces the first record and adds the others.
+            let mut writes: Writes = redone
+                .iter()
+                .map(|(key, record)| (record_key(key), record.as_ref().map(Record::encode)))
+                .collect();
+            writes.push((record_key(&old[0].0), None));
+            writes.sort();
+            db.insert(redo_key(5), postcard::to_stdvec(&writes).expect("encode"))
+                .expect("insert");
+            db.flush().expect("flush");
+        }
+        let store = open_again(dir.path()).expect("reopen");
+        assert_eq!(store.record(&old[0].0).expect("read"), None);
+        for (key, record) in old[1..].iter().chain(redone) {
+            assert_eq!(&store.record(key).expect("read"), record);
+        }
+        assert_eq!(store.db.scan_prefix([RECORD_PREFIX]).count(), 0);
+        assert_eq!(store.db.scan_prefix([REDO_PREFIX]).count(), 0);
+        assert_eq!(
+            store.db.get(SCHEMA_KEY).expect("read").as_deref(),
+            Some(SCHEMA_VERSION)
+        );
+        let (_, filter, count) = store.rebuild(&Tenants::default()).expect("rebuild");
+        assert_eq!(count, records.len() as u64 - 1);
+        assert!(filter.may_contain(&redone[0].0.encode()));
     }
 
     #[test]
@@ -566,7 +807,7 @@ mod tests {
             db.insert(SCHEMA_KEY, b"99".as_slice()).expect("insert");
             db.flush().expect("flush");
         }
-        let error = Store::open(dir.path(), 1 << 20).err().expect("refused");
+        let error = open_again(dir.path()).err().expect("refused");
         assert!(error.to_string().contains("layout version 99"), "{error}");
     }
 }
