@@ -24,10 +24,9 @@
 //! its records in place, rewriting each bucket touched with one sled `insert`, unflushed,
 //! while reads see the records through the commit's sorted writes. The next commit waits for
 //! that thread, and its atomic batch removes the redo entry; its flush makes the in-place
-//! writes durable too. Opening the store
-//! replays the redo entries left (records hold final states: a redo entry still present means
-//! no later commit reached the disk, so merging its records into their buckets again is
-//! exact), then removes them.
+//! writes durable too. Opening the store replays the redo entries left (records hold final
+//! states: a redo entry still present means no later commit reached the disk, so merging its
+//! records into their buckets again is exact), then removes them.
 //!
 //! Why not one sled batch: sled pins one epoch guard for a whole batch, so every node it copies
 //! stays allocated until the batch ends, about 4 KiB per record written; and a batch holds
@@ -60,7 +59,7 @@ const CONNECTOR_PREFIX: u8 = b'c';
 const REDO_PREFIX: u8 = b'w';
 
 /// A commit of more records than this goes through a redo entry; migrating a version 1 store
-/// moves this many records per sled batch.
+/// moves this many records between flushes.
 pub const WRITE_CHUNK: usize = 1000;
 
 /// Encoded record writes: key, and value or `None` for a removal; sorted by key in a commit.
@@ -193,9 +192,9 @@ fn bucket_key(record_key: &[u8]) -> (Vec<u8>, &[u8]) {
     (key, id)
 }
 
-/// Applies record writes to their buckets: reads each bucket touched from `db`, merges the
-/// writes into it and hands the new value (`None`: the bucket is now empty) to `put`. Writes
-/// to one bucket must not reach `db` before this returns if `put` only stages them.
+/// Applies record writes to their buckets: reads each bucket touched from `db` once, merges
+/// all its writes into it and hands the new value (`None`: the bucket is now empty) to `put`,
+/// which may write it at once or stage it in a batch.
 fn write_buckets(
     db: &sled::Db,
     writes: &Writes,
