@@ -669,8 +669,7 @@ mod tests {
                 "ingest.checkpoint_max_wait_ms",
             ),
         ] {
-            let error = load(toml, &[]).expect_err(toml).to_string();
-            assert!(error.contains(key), "{key} missing from: {error}");
+            assert_refused_naming(toml, key);
         }
         let config = load(
             "[nats]\nmax_ack_pending = 5000\n[ingest]\ncheckpoint_max_events = 5000\n",
@@ -678,6 +677,12 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(config.ingest.checkpoint_max_events, 5000);
+    }
+
+    /// Loading `toml` fails, and the error names `key`.
+    fn assert_refused_naming(toml: &str, key: &str) {
+        let error = load(toml, &[]).expect_err(toml).to_string();
+        assert!(error.contains(key), "{key} missing from: {error}");
     }
 
     #[test]
@@ -690,8 +695,7 @@ mod tests {
             ("[http]\ntls_cert_file = \"/etc/hostname\"\n", "http.tls_key_file"),
             ("[http]\ntls_cert_file = \"/nonexistent/c.pem\"\ntls_key_file = \"/etc/hostname\"\n", "http.tls_cert_file"),
         ] {
-            let error = load(toml, &[]).expect_err(toml).to_string();
-            assert!(error.contains(key), "{key} missing from: {error}");
+            assert_refused_naming(toml, key);
         }
         let config = load(
             "[http]\nbasic_auth_username = \"prometheus\"\nbasic_auth_password = \"a-long-password\"\n",
