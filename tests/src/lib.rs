@@ -4,7 +4,11 @@
 //!   reads the port from its ports file, and kills and cleans it on `Drop`;
 //! - [`Engine`] runs the real `kpi serve` binary against it with a temporary sled store and
 //!   its own HTTP port, and can be killed with SIGKILL at any instant;
-//! - [`wait_until`] polls a condition instead of sleeping.
+//! - [`wait_until`] polls a condition instead of sleeping;
+//! - [`now`] is the instant the tests run at: the real one, or `KPI_TEST_NOW` (RFC 3339) to run
+//!   the suite as if it were the 1st of a month, a year end or a DST day. Every engine and `kpi`
+//!   command a test starts gets the same clock (`KPI_CLOCK`), and tests compute their dates
+//!   from [`now`], never from the system clock.
 //!
 //! `nats-server` is taken from `NATS_SERVER_BIN`, else from `PATH`, else `/usr/sbin`. The
 //! engine binary from `KPI_BINARY`, else next to the test binary (`cargo build -p kpi` first;
@@ -17,7 +21,41 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use serde_json::Value;
+
+/// How far the tests' clock is from the system clock (zero unless `KPI_TEST_NOW` is set).
+fn clock_offset() -> chrono::Duration {
+    static OFFSET: std::sync::OnceLock<chrono::Duration> = std::sync::OnceLock::new();
+    *OFFSET.get_or_init(|| match std::env::var("KPI_TEST_NOW") {
+        Ok(text) if !text.trim().is_empty() => {
+            let start = DateTime::parse_from_rfc3339(text.trim())
+                .unwrap_or_else(|_| panic!("KPI_TEST_NOW: `{text}` is not an RFC 3339 instant"));
+            start.with_timezone(&Utc) - Utc::now()
+        }
+        _ => chrono::Duration::zero(),
+    })
+}
+
+/// "Now" for the tests: `KPI_TEST_NOW` when set (advancing from the moment the test binary
+/// first asked), else the system clock.
+pub fn now() -> DateTime<Utc> {
+    Utc::now() + clock_offset()
+}
+
+/// Today's date (UTC) on the tests' clock.
+pub fn today() -> chrono::NaiveDate {
+    now().date_naive()
+}
+
+/// A `kpi` command on the tests' clock (`KPI_CLOCK`).
+pub fn kpi_command() -> Command {
+    let mut command = Command::new(kpi_binary());
+    if !clock_offset().is_zero() {
+        command.env("KPI_CLOCK", now().to_rfc3339());
+    }
+    command
+}
 
 /// A free loopback TCP port (bound, then released).
 pub fn free_port() -> u16 {
@@ -217,7 +255,7 @@ impl Engine {
             .append(true)
             .open(self.dir.path().join("engine.log"))
             .unwrap();
-        let child = Command::new(kpi_binary())
+        let child = kpi_command()
             .arg("serve")
             .arg("--config")
             .arg(self.config_path())

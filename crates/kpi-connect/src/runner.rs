@@ -18,6 +18,7 @@ use async_nats::jetstream;
 use bytes::Bytes;
 use chrono::{DateTime, Days, NaiveDate, SecondsFormat, Utc};
 use kpi_config::ConnectorConfig;
+use kpi_model::Clock;
 use kpi_store::Store;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -36,6 +37,7 @@ pub struct Runner {
     pub interval: Duration,
     connector: Box<dyn DynConnector>,
     redactor: Redactor,
+    clock: Clock,
 }
 
 /// What a run did.
@@ -71,11 +73,12 @@ struct SentSpend {
 
 impl Runner {
     /// Builds connector `index` of the configuration: params expanded (`${ENV}`) and checked
-    /// by its kind, errors naming the key.
+    /// by its kind, errors naming the key. `clock` says what today is (the window's end).
     pub fn from_config(
         config: &ConnectorConfig,
         index: usize,
         env: &dyn Fn(&str) -> Option<String>,
+        clock: Clock,
     ) -> Result<Runner, ConnectError> {
         let key = format!("connectors[{index}].params");
         let (params, secrets) = crate::secrets::expand(&config.params, &key, env)?;
@@ -88,6 +91,7 @@ impl Runner {
             interval: config.interval(),
             connector,
             redactor: Redactor::new(secrets),
+            clock,
         })
     }
 
@@ -118,7 +122,7 @@ impl Runner {
 
     /// Checks credentials and reachability (reads nothing durable, publishes nothing).
     pub async fn check(&self) -> Result<String, String> {
-        let now = Utc::now();
+        let now = self.clock.now();
         let today = now.date_naive();
         let window = Window {
             since: today,
@@ -138,7 +142,7 @@ impl Runner {
         since: Option<NaiveDate>,
         mut progress: impl FnMut(u64, u64),
     ) -> Result<RunReport, ConnectError> {
-        let now = Utc::now();
+        let now = self.clock.now();
         let mut state = load_state(store, &self.id).await?;
         let window = self.window(&state, now.date_naive(), since);
         let context = self.context(window, state.cursor.clone(), now);
@@ -230,18 +234,7 @@ impl Runner {
     }
 
     fn window(&self, state: &ConnectorState, today: NaiveDate, since: Option<NaiveDate>) -> Window {
-        let lookback = today
-            .checked_sub_days(Days::new(u64::from(self.lookback_days)))
-            .unwrap_or(today);
-        let since = match (since, state.until) {
-            (Some(since), _) => since,
-            (None, Some(until)) => until.min(lookback),
-            (None, None) => lookback,
-        };
-        Window {
-            since: since.min(today),
-            until: today,
-        }
+        run_window(self.lookback_days, state.until, today, since)
     }
 
     fn event_id(&self, parts: &[&str]) -> String {
@@ -307,6 +300,29 @@ impl Runner {
             id: Some(id.to_string()),
             payload: Bytes::from(envelope.to_string()),
         })
+    }
+}
+
+/// The days a run reads: from `lookback_days` before `today`, or from the last day the last
+/// successful run read (`last_until`) if that is earlier, or from `since` (a backfill); to
+/// `today`.
+fn run_window(
+    lookback_days: u32,
+    last_until: Option<NaiveDate>,
+    today: NaiveDate,
+    since: Option<NaiveDate>,
+) -> Window {
+    let lookback = today
+        .checked_sub_days(Days::new(u64::from(lookback_days)))
+        .unwrap_or(today);
+    let since = match (since, last_until) {
+        (Some(since), _) => since,
+        (None, Some(until)) => until.min(lookback),
+        (None, None) => lookback,
+    };
+    Window {
+        since: since.min(today),
+        until: today,
     }
 }
 
@@ -408,4 +424,71 @@ async fn save_state(store: &Store, id: &str, state: &ConnectorState) -> Result<(
         .await
         .map_err(|error| ConnectError::State(error.to_string()))?
         .map_err(|error| ConnectError::State(error.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn date(text: &str) -> NaiveDate {
+        NaiveDate::parse_from_str(text, "%Y-%m-%d").expect("a date")
+    }
+
+    fn window(since: &str, until: &str) -> Window {
+        Window {
+            since: date(since),
+            until: date(until),
+        }
+    }
+
+    #[test]
+    fn the_window_reaches_back_across_month_and_year_ends() {
+        // On the 1st of a year, the window reaches into the previous December.
+        assert_eq!(
+            run_window(14, None, date("2027-01-01"), None),
+            window("2026-12-18", "2027-01-01")
+        );
+        // Into February of a leap year, and of a common one.
+        assert_eq!(
+            run_window(3, None, date("2028-03-01"), None),
+            window("2028-02-27", "2028-03-01")
+        );
+        assert_eq!(
+            run_window(3, None, date("2027-03-01"), None),
+            window("2027-02-26", "2027-03-01")
+        );
+        // The 31st, and a zero-day window.
+        assert_eq!(
+            run_window(0, None, date("2026-12-31"), None),
+            window("2026-12-31", "2026-12-31")
+        );
+    }
+
+    #[test]
+    fn a_connector_that_was_down_catches_up_and_a_backfill_starts_where_asked() {
+        // The last run read up to 20 December; ten days later the window starts there.
+        assert_eq!(
+            run_window(3, Some(date("2026-12-20")), date("2026-12-30"), None),
+            window("2026-12-20", "2026-12-30")
+        );
+        // A recent run does not shorten the lookback.
+        assert_eq!(
+            run_window(3, Some(date("2026-12-30")), date("2026-12-31"), None),
+            window("2026-12-28", "2026-12-31")
+        );
+        assert_eq!(
+            run_window(
+                3,
+                Some(date("2026-12-30")),
+                date("2026-12-31"),
+                Some(date("2026-01-01"))
+            ),
+            window("2026-01-01", "2026-12-31")
+        );
+        // A backfill date after today reads today only.
+        assert_eq!(
+            run_window(3, None, date("2026-12-31"), Some(date("2027-02-01"))),
+            window("2026-12-31", "2026-12-31")
+        );
+    }
 }

@@ -16,7 +16,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use chrono::{Datelike, Utc};
+use chrono::Datelike;
 use kpi_ingest::EngineState;
 use kpi_model::event::is_valid_tenant;
 use kpi_model::{KpiReport, Period, RetentionReport, Window};
@@ -84,7 +84,7 @@ async fn kpis(
         Some(text) => text
             .parse::<Period>()
             .map_err(|error| ApiError::bad_request(format!("period: {error}")))?,
-        None => Window::Month.period_of(settings.today(Utc::now())),
+        None => Window::Month.period_of(settings.today(state.clock.now())),
     };
     let aggregates = state.aggregates();
     Ok(Json(KpiReport::build(
@@ -108,7 +108,7 @@ async fn retention(
             .ok_or_else(|| {
                 ApiError::bad_request(format!("year: `{text}` is not a year such as 2026"))
             })?,
-        None => state.tenants.get(&tenant).today(Utc::now()).year(),
+        None => state.tenants.get(&tenant).today(state.clock.now()).year(),
     };
     let aggregates = state.aggregates();
     Ok(Json(RetentionReport::build(

@@ -13,7 +13,7 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
-use chrono::{Datelike, Utc};
+use chrono::Datelike;
 use kpi_config::MetricsConfig;
 use kpi_ingest::EngineState;
 use kpi_model::event::INVALID_TENANT;
@@ -234,13 +234,13 @@ impl Families {
         if let Some(value) = roas(cell) {
             self.roas.with_label_values(&labels).set(value);
         }
+        // Every exported stage has a rate in a period with leads, 0 when no lead reached it.
         if cell.leads > 0 {
-            for (stage, count) in &cell.stages {
-                if stages.contains(stage) {
-                    self.stage_conversion
-                        .with_label_values(&[tenant, window, channel, stage])
-                        .set(*count as f64 / cell.leads as f64);
-                }
+            for stage in stages {
+                let count = cell.stages.get(stage).copied().unwrap_or(0);
+                self.stage_conversion
+                    .with_label_values(&[tenant, window, channel, stage])
+                    .set(count as f64 / cell.leads as f64);
             }
         }
     }
@@ -253,7 +253,7 @@ impl Families {
         bounds: &MetricsConfig,
     ) {
         let settings = state.tenants.get(tenant);
-        let today = settings.today(Utc::now());
+        let today = settings.today(state.clock.now());
         let currency = settings.currency.as_str();
         let all_time = aggregates.and_then(|a| a.period(&Period::All));
         let (channels, channels_omitted) = top(
@@ -404,5 +404,137 @@ impl Collector for KpiCollector {
             .iter()
             .flat_map(|collector| collector.collect())
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::convert::Infallible;
+
+    use chrono::{DateTime, Utc};
+    use kpi_model::{Clock, DecodeLimits, Record, RecordKey, TenantSettings, Tenants, WorkingSet};
+    use prometheus::core::Collector;
+
+    use super::*;
+
+    struct Nothing;
+
+    impl kpi_model::RecordSource for Nothing {
+        type Error = Infallible;
+        fn load(&self, _key: &RecordKey) -> Result<Option<Record>, Infallible> {
+            Ok(None)
+        }
+    }
+
+    fn bounds() -> MetricsConfig {
+        MetricsConfig {
+            max_tenants: 10,
+            max_channels_per_tenant: 10,
+            max_campaigns_per_tenant: 10,
+            max_stages_per_tenant: 10,
+        }
+    }
+
+    fn instant(text: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(text)
+            .expect("valid")
+            .with_timezone(&Utc)
+    }
+
+    /// An engine state on `clock` with one lead per tenant, created at `lead_time`.
+    fn state_with_leads(clock: Clock, lead_time: &str, tenants: &[&str]) -> Arc<EngineState> {
+        let paris = TenantSettings {
+            timezone: chrono_tz::Europe::Paris,
+            ..TenantSettings::default()
+        };
+        let settings = Tenants::new(HashMap::from([("paris".to_string(), paris)]));
+        let state = EngineState::new(settings, clock).expect("metrics register");
+        let mut set = WorkingSet::new();
+        let mut batch = set.batch(&Nothing, &state.tenants);
+        for tenant in tenants {
+            let body = format!(
+                r#"{{"specversion":"1.0","id":"e-{tenant}","source":"t","type":"lead.created","time":"{lead_time}","data":{{"lead_id":"L1","channel":"seo"}}}}"#
+            );
+            let event = kpi_model::decode_event(
+                &format!("kpi.events.{tenant}.lead.created"),
+                body.as_bytes(),
+                clock.now(),
+                &DecodeLimits::default(),
+            )
+            .expect("valid event");
+            batch.apply(&event).expect("applies");
+        }
+        let delta = set.take_delta(&state.tenants);
+        state.apply(delta, &Default::default());
+        Arc::new(state)
+    }
+
+    fn leads_gauge(collector: &KpiCollector, tenant: &str, window: &str) -> Option<f64> {
+        collector
+            .collect()
+            .iter()
+            .filter(|family| family.name() == "kpi_leads")
+            .flat_map(|family| family.get_metric().iter())
+            .find(|metric| {
+                let labels: Vec<(&str, &str)> = metric
+                    .get_label()
+                    .iter()
+                    .map(|pair| (pair.name(), pair.value()))
+                    .collect();
+                labels.contains(&("tenant", tenant))
+                    && labels.contains(&("window", window))
+                    && labels.contains(&("channel", "all"))
+            })
+            .map(|metric| metric.get_gauge().get_value())
+    }
+
+    #[test]
+    fn current_periods_follow_the_clock_and_each_tenants_time_zone_at_the_year_end() {
+        // 23:30 UTC on 31 December is already 00:30 on 1 January in Paris. A lead created at
+        // 23:10 UTC is in this day, month, quarter and year for both tenants.
+        let clock = Clock::starting_at(instant("2026-12-31T23:30:00Z"));
+        let state = state_with_leads(clock, "2026-12-31T23:10:00Z", &["paris", "london"]);
+        let collector = KpiCollector::new(state, bounds());
+        for window in ["day", "week", "month", "quarter", "year", "all"] {
+            assert_eq!(
+                leads_gauge(&collector, "paris", window),
+                Some(1.0),
+                "{window}"
+            );
+            assert_eq!(
+                leads_gauge(&collector, "london", window),
+                Some(1.0),
+                "{window}"
+            );
+        }
+
+        // A lead created at 22:50 UTC, 23:50 in Paris: still 2026 for both. On the same
+        // clock, Paris is in 2027 and no longer counts it in its current periods; UTC does.
+        let state = state_with_leads(clock, "2026-12-31T22:50:00Z", &["paris", "london"]);
+        let collector = KpiCollector::new(state, bounds());
+        for window in ["day", "month", "quarter", "year"] {
+            assert_eq!(
+                leads_gauge(&collector, "paris", window),
+                Some(0.0),
+                "{window}"
+            );
+            assert_eq!(
+                leads_gauge(&collector, "london", window),
+                Some(1.0),
+                "{window}"
+            );
+        }
+        assert_eq!(leads_gauge(&collector, "paris", "all"), Some(1.0));
+    }
+
+    #[test]
+    fn current_periods_move_on_the_first_of_a_month_after_midnight() {
+        let clock = Clock::starting_at(instant("2027-03-01T00:00:05Z"));
+        let state = state_with_leads(clock, "2027-02-28T23:59:59Z", &["london"]);
+        let collector = KpiCollector::new(state, bounds());
+        assert_eq!(leads_gauge(&collector, "london", "month"), Some(0.0));
+        assert_eq!(leads_gauge(&collector, "london", "quarter"), Some(1.0));
+        assert_eq!(leads_gauge(&collector, "london", "all"), Some(1.0));
     }
 }

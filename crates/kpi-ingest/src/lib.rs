@@ -36,7 +36,7 @@ use futures_util::StreamExt;
 use kpi_config::Config;
 use kpi_model::event::{tenant_of_subject, INVALID_TENANT, REJECTED_SUBJECT_PREFIX};
 use kpi_model::{
-    decode_event, Aggregates, DecodeLimits, Outcome, RecordSource, Rejection, Tenants, WorkingSet,
+    decode_event, Aggregates, DecodeLimits, Outcome, RecordSource, Rejection, WorkingSet,
 };
 use kpi_store::{Commit, CounterKey, KeyFilter, Store, StoreError};
 use tokio::sync::watch;
@@ -575,9 +575,8 @@ impl Ingest {
                 &items,
                 &source,
                 &mut staged.set,
-                &state.tenants,
+                &state,
                 &limits,
-                &state.counters(),
                 &staged.rejected,
             );
             (prepared, items)
@@ -634,6 +633,7 @@ impl Ingest {
         let metrics = &self.state.metrics;
         metrics.batch_events.observe(items.len() as f64);
         self.state.apply(prepared.delta, &prepared.counters);
+        // Wall-clock time: compared with JetStream's publication times and Prometheus' time().
         let now = Utc::now();
         let now_seconds = now.timestamp_nanos_opt().unwrap_or(0) as f64 / 1e9;
         if prepared.applied > 0 {
@@ -662,12 +662,13 @@ fn prepare(
     items: &[Incoming],
     store: &Filtered<'_>,
     set: &mut WorkingSet,
-    tenants: &Tenants,
+    state: &EngineState,
     limits: &DecodeLimits,
-    counters: &BTreeMap<CounterKey, u64>,
     rejected: &BTreeSet<u64>,
 ) -> Result<Prepared, StoreError> {
-    let now = Utc::now();
+    let now = state.clock.now();
+    let tenants = &state.tenants;
+    let counters = state.counters();
     let mut batch = set.batch(store, tenants);
     let mut increments: BTreeMap<CounterKey, u64> = BTreeMap::new();
     let mut dead_letters = Vec::new();

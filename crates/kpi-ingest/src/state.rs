@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{RwLock, RwLockReadGuard};
 
-use kpi_model::{Aggregates, Tenants};
+use kpi_model::{Aggregates, Clock, Tenants};
 use kpi_store::CounterKey;
 use prometheus::{
     Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntGauge, Opts, Registry,
@@ -150,6 +150,8 @@ impl EngineMetrics {
 /// Shared state: aggregates, event counters, readiness, metrics.
 pub struct EngineState {
     pub tenants: Tenants,
+    /// "Now" for every date decision (current periods, the future-time check).
+    pub clock: Clock,
     pub registry: Registry,
     pub metrics: EngineMetrics,
     aggregates: RwLock<Aggregates>,
@@ -158,11 +160,12 @@ pub struct EngineState {
 }
 
 impl EngineState {
-    pub fn new(tenants: Tenants) -> Result<EngineState, prometheus::Error> {
+    pub fn new(tenants: Tenants, clock: Clock) -> Result<EngineState, prometheus::Error> {
         let registry = Registry::new();
         let metrics = EngineMetrics::new(&registry)?;
         Ok(EngineState {
             tenants,
+            clock,
             registry,
             metrics,
             aggregates: RwLock::new(Aggregates::default()),

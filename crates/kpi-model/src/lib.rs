@@ -1,5 +1,6 @@
 //! The pure domain of the KPI engine: no I/O, no async, no storage.
 //!
+//! - [`clock`]: where "now" comes from (the system clock, or a shifted one in tests);
 //! - [`event`]: subjects, the CloudEvents envelope, validation and rejection reasons;
 //! - [`period`]: calendar periods and windows;
 //! - [`money`]: exact decimal amounts;
@@ -16,6 +17,7 @@
 
 pub mod aggregate;
 pub mod batch;
+pub mod clock;
 pub mod event;
 pub mod money;
 pub mod period;
@@ -25,6 +27,7 @@ pub mod settings;
 
 pub use aggregate::{contribute, Aggregates, Cell, TenantAggregates};
 pub use batch::{aggregate_records, Batch, BatchOutput, Outcome, RecordSource, WorkingSet};
+pub use clock::Clock;
 pub use event::{
     decode_event, DecodeLimits, Event, EventData, EventType, RejectReason, Rejection, Timestamp,
     Version,

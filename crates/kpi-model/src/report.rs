@@ -3,7 +3,7 @@
 //! Money is a string with two decimals; ratios are numbers at full precision; an undefined
 //! KPI is `null` (and its gauge is absent).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
@@ -88,14 +88,28 @@ pub fn roas(cell: &Cell) -> Option<f64> {
     (!cell.spend.is_zero()).then(|| to_f64(cell.revenue) / to_f64(cell.spend))
 }
 
+/// Every stage a lead of the tenant ever reached: each has a rate (0 included) in every
+/// period with leads (SPEC: a stage rate is defined whenever the period has leads).
+pub fn known_stages(aggregates: Option<&TenantAggregates>) -> BTreeSet<String> {
+    aggregates
+        .and_then(|aggregates| aggregates.period(&Period::All))
+        .map(|cells| cells.total.stages.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
 impl KpiRow {
-    pub fn from_cell(cell: &Cell) -> KpiRow {
+    /// The row of one cell; `stages` are the stages to rate (see [`known_stages`]).
+    pub fn from_cell(cell: &Cell, stages: &BTreeSet<String>) -> KpiRow {
         let stages = if cell.leads == 0 {
             BTreeMap::new()
         } else {
-            cell.stages
+            stages
                 .iter()
-                .map(|(stage, count)| (stage.clone(), *count as f64 / cell.leads as f64))
+                .chain(cell.stages.keys())
+                .map(|stage| {
+                    let count = cell.stages.get(stage).copied().unwrap_or(0);
+                    (stage.clone(), count as f64 / cell.leads as f64)
+                })
                 .collect()
         };
         KpiRow {
@@ -139,15 +153,16 @@ impl KpiReport {
         let cells = aggregates
             .and_then(|aggregates| aggregates.period(&period))
             .unwrap_or(&empty);
+        let stages = known_stages(aggregates);
         KpiReport {
             tenant: tenant.to_string(),
             period: period.to_string(),
             currency: currency.to_string(),
-            total: KpiRow::from_cell(&cells.total),
+            total: KpiRow::from_cell(&cells.total, &stages),
             channels: cells
                 .channels
                 .iter()
-                .map(|(name, cell)| (name.clone(), KpiRow::from_cell(cell)))
+                .map(|(name, cell)| (name.clone(), KpiRow::from_cell(cell, &stages)))
                 .collect(),
             campaigns: cells
                 .campaigns

@@ -578,6 +578,16 @@ fn reference_kpis(tenant: &str, t: &RefTenant, period: Period) -> Value {
             }
         }
     }
+    // SPEC: a stage rate is defined whenever the period has leads; every stage a lead of the
+    // tenant ever reached is rated, 0 included.
+    let known_stages: BTreeSet<&String> = t.leads.values().flat_map(|l| &l.stages).collect();
+    for row in std::iter::once(&mut total).chain(channels.values_mut()) {
+        if row.leads > 0 {
+            for stage in &known_stages {
+                row.stages.entry((*stage).clone()).or_default();
+            }
+        }
+    }
     let mut first: BTreeMap<&String, (DateTime<Utc>, &String, &RefDeal)> = BTreeMap::new();
     for (deal_id, deal) in &t.deals {
         let candidate = (deal.time, deal_id, deal);

@@ -10,6 +10,7 @@ use kpi_config::Config;
 use kpi_connect::kinds::csv_folder::CsvKind;
 use kpi_connect::kinds::webhook::WebhookReceiver;
 use kpi_connect::Runner;
+use kpi_model::Clock;
 use kpi_store::Store;
 
 /// The connectors' secret values, masked in every log line (an upstream could echo one in an
@@ -47,19 +48,21 @@ impl std::io::Write for RedactingStderr {
 }
 
 /// Builds every configured connector, failing on the first bad one with its key.
-pub fn build_all(config: &Config) -> anyhow::Result<Vec<Runner>> {
+pub fn build_all(config: &Config, clock: Clock) -> anyhow::Result<Vec<Runner>> {
     let env = |name: &str| std::env::var(name).ok();
     let runners = config
         .connectors
         .iter()
         .enumerate()
-        .map(|(index, connector)| Runner::from_config(connector, index, &env).map_err(Into::into))
+        .map(|(index, connector)| {
+            Runner::from_config(connector, index, &env, clock).map_err(Into::into)
+        })
         .collect::<anyhow::Result<Vec<Runner>>>()?;
     remember_secrets(&runners.iter().collect::<Vec<_>>());
     Ok(runners)
 }
 
-fn find(config: &Config, id: &str) -> anyhow::Result<Runner> {
+fn find(config: &Config, id: &str, clock: Clock) -> anyhow::Result<Runner> {
     let env = |name: &str| std::env::var(name).ok();
     let Some((index, connector)) = config
         .connectors
@@ -77,7 +80,7 @@ fn find(config: &Config, id: &str) -> anyhow::Result<Runner> {
             }
         );
     };
-    let runner = Runner::from_config(connector, index, &env)?;
+    let runner = Runner::from_config(connector, index, &env, clock)?;
     remember_secrets(&[&runner]);
     Ok(runner)
 }
@@ -103,7 +106,7 @@ impl kpi_http::Webhooks for WebhookService {
     ) -> kpi_http::WebhookReply<'a> {
         Box::pin(async move {
             self.0
-                .receive(connector_id, signature, body, chrono::Utc::now())
+                .receive(connector_id, signature, body)
                 .await
                 .map_err(|refusal| (refusal.status, refusal.message))
         })
@@ -138,8 +141,8 @@ pub fn list(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn check(config: &Config, id: &str) -> anyhow::Result<()> {
-    let runner = find(config, id)?;
+pub async fn check(config: &Config, id: &str, clock: Clock) -> anyhow::Result<()> {
+    let runner = find(config, id, clock)?;
     match runner.check().await {
         Ok(found) => {
             println!("{id}: ok, {found}");
@@ -149,8 +152,13 @@ pub async fn check(config: &Config, id: &str) -> anyhow::Result<()> {
     }
 }
 
-pub async fn run(config: &Config, id: &str, since: Option<NaiveDate>) -> anyhow::Result<()> {
-    let runner = find(config, id)?;
+pub async fn run(
+    config: &Config,
+    id: &str,
+    since: Option<NaiveDate>,
+    clock: Clock,
+) -> anyhow::Result<()> {
+    let runner = find(config, id, clock)?;
     let store_path = config.store.path.clone();
     let cache = config.store.cache_capacity_mb * 1024 * 1024;
     let store = tokio::task::spawn_blocking(move || Store::open(&store_path, cache))
@@ -185,7 +193,13 @@ pub async fn run(config: &Config, id: &str, since: Option<NaiveDate>) -> anyhow:
     Ok(())
 }
 
-pub async fn import(config: &Config, file: &Path, kind: &str, tenant: &str) -> anyhow::Result<()> {
+pub async fn import(
+    config: &Config,
+    file: &Path,
+    kind: &str,
+    tenant: &str,
+    clock: Clock,
+) -> anyhow::Result<()> {
     let Some(kind) = CsvKind::parse(kind) else {
         bail!("--kind must be spend, leads or deals");
     };
@@ -193,7 +207,7 @@ pub async fn import(config: &Config, file: &Path, kind: &str, tenant: &str) -> a
         kpi_model::event::is_valid_tenant(tenant),
         "--tenant `{tenant}` is not [a-z0-9_-]{{1,64}}"
     );
-    let events = kpi_connect::runner::import_events(kind, file, tenant, chrono::Utc::now())?;
+    let events = kpi_connect::runner::import_events(kind, file, tenant, clock.now())?;
     let summary =
         crate::publish::publish_events(config, events, &file.display().to_string()).await?;
     println!(

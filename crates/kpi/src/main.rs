@@ -144,16 +144,37 @@ fn init_tracing() {
         .init();
 }
 
+/// The process's clock: the system clock, or the one `KPI_CLOCK` asks for (an RFC 3339
+/// instant read as "now" at start, then advancing in real time), for tests and demos of
+/// period ends.
+fn clock_from_env() -> anyhow::Result<kpi_model::Clock> {
+    let Ok(text) = std::env::var(CLOCK_ENV) else {
+        return Ok(kpi_model::Clock::system());
+    };
+    let start = chrono::DateTime::parse_from_rfc3339(text.trim()).map_err(|_| {
+        anyhow::anyhow!(
+            "{CLOCK_ENV}: `{text}` is not an RFC 3339 instant such as 2026-12-31T23:59:00Z"
+        )
+    })?;
+    let clock = kpi_model::Clock::starting_at(start.with_timezone(&chrono::Utc));
+    tracing::warn!(now = %start, "{CLOCK_ENV} is set: dates are read from a shifted clock");
+    Ok(clock)
+}
+
+/// The environment variable that shifts the clock.
+const CLOCK_ENV: &str = "KPI_CLOCK";
+
 fn main() -> anyhow::Result<()> {
     return_freed_memory_at_once();
     let cli = Cli::parse();
     init_tracing();
+    let clock = clock_from_env()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Serve { config } => serve::run(config.as_deref()).await,
+            Command::Serve { config } => serve::run(config.as_deref(), clock).await,
             Command::Publish {
                 file,
                 config,
@@ -177,9 +198,11 @@ fn main() -> anyhow::Result<()> {
                 let config = kpi_config::Config::load(config.as_deref())?;
                 match command {
                     ConnectorsCommand::List => connectors::list(&config),
-                    ConnectorsCommand::Check { id } => connectors::check(&config, &id).await,
+                    ConnectorsCommand::Check { id } => {
+                        connectors::check(&config, &id, clock).await
+                    }
                     ConnectorsCommand::Run { id, since } => {
-                        connectors::run(&config, &id, since).await
+                        connectors::run(&config, &id, since, clock).await
                     }
                 }
             }
@@ -190,7 +213,7 @@ fn main() -> anyhow::Result<()> {
                 config,
             } => {
                 let config = kpi_config::Config::load(config.as_deref())?;
-                connectors::import(&config, &file, &kind, &tenant).await
+                connectors::import(&config, &file, &kind, &tenant, clock).await
             }
             Command::Demo {
                 config,
@@ -200,7 +223,7 @@ fn main() -> anyhow::Result<()> {
                 seed,
             } => {
                 let config = kpi_config::Config::load(config.as_deref())?;
-                let events = demo::history(&tenant, seed, leads_per_day, chrono::Utc::now());
+                let events = demo::history(&tenant, seed, leads_per_day, clock.now());
                 match out {
                     Some(path) => demo::write(&events, &path),
                     None => {

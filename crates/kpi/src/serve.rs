@@ -11,19 +11,20 @@ use anyhow::Context;
 use kpi_config::Config;
 use kpi_http::KpiCollector;
 use kpi_ingest::{EngineState, Ingest};
+use kpi_model::Clock;
 use kpi_store::Store;
 use tracing::{error, info};
 
-pub async fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
+pub async fn run(config_path: Option<&Path>, clock: Clock) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
     // Connector params (`${ENV}` secrets included) are checked before anything starts.
-    let runners = crate::connectors::build_all(&config)?;
+    let runners = crate::connectors::build_all(&config, clock)?;
     info!(connectors = runners.len(), "configuration loaded");
     let store_path = config.store.path.clone();
     let cache = config.store.cache_capacity_mb * 1024 * 1024;
     let store = tokio::task::spawn_blocking(move || Store::open(&store_path, cache)).await??;
 
-    let state = Arc::new(EngineState::new(config.tenants())?);
+    let state = Arc::new(EngineState::new(config.tenants(), clock)?);
     state
         .registry
         .register(Box::new(KpiCollector::new(

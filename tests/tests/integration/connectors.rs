@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use chrono::{Datelike, Days, Utc};
+use chrono::{Datelike, Days};
 use kpi_tests::{metric_value, repo_root, wait_until, Engine, NatsServer};
 use serde_json::{json, Value};
 
@@ -64,7 +64,7 @@ async fn token(State(mock): State<Shared>, headers: HeaderMap, body: String) -> 
 
 async fn search_stream(State(mock): State<Shared>, headers: HeaderMap, body: String) -> Response {
     let mut mock = mock.lock().unwrap();
-    let today = Utc::now().date_naive();
+    let today = kpi_tests::now().date_naive();
     let day1 = today.checked_sub_days(Days::new(1)).unwrap().to_string();
     let day2 = today.checked_sub_days(Days::new(2)).unwrap().to_string();
     let authorization = headers
@@ -241,7 +241,7 @@ async fn google_ads_spend_is_refreshed_retried_restated_and_resumed() {
         assert_eq!(success.headers["developer-token"], "dev-token-7");
         assert_eq!(success.headers["login-customer-id"], "9876543210");
         let query: Value = serde_json::from_str(&success.body).unwrap();
-        let today = Utc::now().date_naive();
+        let today = kpi_tests::now().date_naive();
         let since = today.checked_sub_days(Days::new(3)).unwrap();
         let query = query["query"].as_str().unwrap();
         assert!(query.contains("metrics.cost_micros"), "{query}");
@@ -336,7 +336,7 @@ async fn exec_plugin_publishes_events_spend_and_resumes_from_its_state() {
     let nats = NatsServer::start();
     let work = tempfile::tempdir().unwrap();
     let orders = work.path().join("orders.jsonl");
-    let yesterday = Utc::now()
+    let yesterday = kpi_tests::now()
         .date_naive()
         .checked_sub_days(Days::new(1))
         .unwrap();
@@ -385,7 +385,7 @@ fee_rate = "0.10"
 
     // Order 1 is refunded and order 3 comes in: only they are read (the cursor), and the
     // commission of the day is restated, not added.
-    let now = Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let now = kpi_tests::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
     let mut file = std::fs::OpenOptions::new()
         .append(true)
         .open(&orders)
@@ -461,7 +461,7 @@ kind = "deals"
     )
     .unwrap();
     let import = |file: &std::path::Path| {
-        std::process::Command::new(kpi_tests::kpi_binary())
+        kpi_tests::kpi_command()
             .args(["import", "--kind", "leads", "--tenant", "csvco", "--config"])
             .arg(engine.config_path())
             .arg(file)
@@ -583,7 +583,7 @@ async fn meta_rows(
     let mut mock = mock.lock().unwrap();
     let query = query.unwrap_or_default();
     mock.seen.push(("rows".into(), query.clone()));
-    let day1 = Utc::now()
+    let day1 = kpi_tests::now()
         .date_naive()
         .checked_sub_days(Days::new(1))
         .unwrap()
@@ -1061,7 +1061,8 @@ secret = "another-secret-of-16+"
             (status, response.json::<Value>().await.unwrap())
         }
     };
-    let now = Utc::now().timestamp();
+    // Signatures carry the sender's wall clock, whatever clock the engine reads dates from.
+    let now = chrono::Utc::now().timestamp();
     let body = json!({"form": "contact", "submissions": [
         {"submission_id": "s-1", "submitted_at": "2026-11-20T10:00:00Z", "utm": {"source": "social", "campaign": "autumn"}},
         {"submission_id": "s-2", "submitted_at": 1_763_640_000, "utm": {"source": "seo", "campaign": null}}
@@ -1277,7 +1278,7 @@ async fn email_channel(engine: &Engine, tenant: &str) -> Value {
 async fn linkedin_ads_analytics_are_read_with_rest_li_parameters() {
     let nats = NatsServer::start();
     let seen: Arc<Mutex<Vec<(Instant, String, u16)>>> = Arc::default();
-    let today = Utc::now().date_naive();
+    let today = kpi_tests::now().date_naive();
     let day = |back: u64| today.checked_sub_days(Days::new(back)).unwrap();
     let date = |d: chrono::NaiveDate| json!({"year": chrono::Datelike::year(&d), "month": chrono::Datelike::month(&d), "day": chrono::Datelike::day(&d)});
     let restated = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1413,7 +1414,7 @@ token_url = "{base}/oauth/v2/accessToken"
 #[tokio::test]
 async fn mailchimp_costs_and_subscribers_are_paged() {
     let nats = NatsServer::start();
-    let yesterday = Utc::now() - chrono::Duration::days(1);
+    let yesterday = kpi_tests::now() - chrono::Duration::days(1);
     let sent = yesterday.to_rfc3339();
     let app = Router::new()
         .route("/3.0/reports", axum::routing::get(move |headers: HeaderMap, axum::extract::RawQuery(query): axum::extract::RawQuery| {
@@ -1453,22 +1454,20 @@ base_url = "{base}"
     );
     let mut engine = Engine::start_with_env(&nats.url(), &config, &[("MAILCHIMP_KEY", "key-us21")]);
     engine.wait_ready().await;
-    // The plan on the 1st of this month (inside the 40-day window) and two campaigns.
-    let first_of_month = Utc::now().date_naive().with_day(1).unwrap();
-    let expected = if first_of_month
-        >= Utc::now()
-            .date_naive()
-            .checked_sub_days(Days::new(40))
-            .unwrap()
-    {
-        "84.00"
-    } else {
-        "25.00"
-    };
+    // The plan on each 1st of a month inside the 40-day window (one or two, depending on the
+    // day), and two campaigns of 12.50.
+    let today = kpi_tests::today();
+    let window_start = today.checked_sub_days(Days::new(40)).unwrap();
+    let firsts = window_start
+        .iter_days()
+        .take_while(|day| *day <= today)
+        .filter(|day| day.day() == 1)
+        .count();
+    let expected = format!("{:.2}", 59.0 * firsts as f64 + 25.0);
     wait_until(
         "Mailchimp spend and leads",
         Duration::from_secs(30),
-        || async { email_channel(&engine, "mailco").await["spend"] == expected },
+        || async { email_channel(&engine, "mailco").await["spend"] == expected.as_str() },
     )
     .await;
     let email = email_channel(&engine, "mailco").await;
@@ -1483,7 +1482,7 @@ base_url = "{base}"
 async fn brevo_contacts_honour_its_rate_limit_header_and_list_filter() {
     let nats = NatsServer::start();
     let calls: Arc<Mutex<Vec<Instant>>> = Arc::default();
-    let sent = (Utc::now() - chrono::Duration::days(2))
+    let sent = (kpi_tests::now() - chrono::Duration::days(2))
         .format("%Y-%m-%dT%H:%M:%S%.3fZ")
         .to_string();
     let app = Router::new()
@@ -1568,7 +1567,7 @@ async fn connector_commands_list_check_and_backfill_in_the_foreground() {
     .unwrap();
     // Async: the mock serves on this test's runtime while the command runs.
     let kpi = |args: &[&str]| {
-        tokio::process::Command::new(kpi_tests::kpi_binary())
+        tokio::process::Command::from(kpi_tests::kpi_command())
             .args(args)
             .arg("--config")
             .arg(&config_path)
@@ -1606,7 +1605,7 @@ async fn connector_commands_list_check_and_backfill_in_the_foreground() {
     assert!(String::from_utf8_lossy(&missing.stderr)
         .contains("no connector `nope` in the configuration (configured: gads)"));
 
-    let unset = tokio::process::Command::new(kpi_tests::kpi_binary())
+    let unset = tokio::process::Command::from(kpi_tests::kpi_command())
         .args(["connectors", "check", "gads", "--config"])
         .arg(&config_path)
         .env("GADS_DEVELOPER_TOKEN", "dev-token-7")
@@ -1623,7 +1622,7 @@ async fn connector_commands_list_check_and_backfill_in_the_foreground() {
         String::from_utf8_lossy(&unset.stderr)
     );
 
-    let since = Utc::now()
+    let since = kpi_tests::now()
         .date_naive()
         .checked_sub_days(Days::new(30))
         .unwrap();

@@ -8,12 +8,12 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use kpi_tests::{drained, kpi_binary, metric_value, publish, wait_until, Engine, NatsServer};
+use kpi_tests::{drained, metric_value, publish, wait_until, Engine, NatsServer};
 use serde_json::Value;
 
 fn demo_history(dir: &std::path::Path) -> Vec<(String, String, Option<String>)> {
     let file = dir.join("history.jsonl");
-    let status = std::process::Command::new(kpi_binary())
+    let status = kpi_tests::kpi_command()
         .args([
             "demo",
             "--tenant",
@@ -137,7 +137,7 @@ async fn killed_engine_loses_nothing_and_counts_nothing_twice() {
         .get("/api/v1/kpis?tenant=crashco&period=all")
         .await;
     assert!(all["total"]["leads"].as_i64().unwrap() > 1000, "{all}");
-    let this_year = chrono::Datelike::year(&chrono::Utc::now());
+    let this_year = chrono::Datelike::year(&kpi_tests::now());
     for year in this_year - 2..=this_year {
         periods.push(year.to_string());
         periods.push(format!("{year}-Q2"));

@@ -2,9 +2,7 @@
 
 use std::time::Duration;
 
-use kpi_tests::{
-    drained, event, free_port, kpi_binary, metric_value, publish, wait_until, Engine, NatsServer,
-};
+use kpi_tests::{drained, event, free_port, metric_value, publish, wait_until, Engine, NatsServer};
 use serde_json::json;
 
 /// Runs `kpi serve` with `config` as its file; it must fail: returns what it printed.
@@ -12,7 +10,7 @@ fn serve_must_fail(config: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
     std::fs::write(&path, config).unwrap();
-    let output = std::process::Command::new(kpi_binary())
+    let output = kpi_tests::kpi_command()
         .arg("serve")
         .arg("--config")
         .arg(&path)

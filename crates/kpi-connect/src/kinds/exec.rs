@@ -273,7 +273,7 @@ mod tests {
     use crate::Window;
 
     fn context() -> RunContext {
-        let today = chrono::Utc::now().date_naive();
+        let today = chrono::NaiveDate::from_ymd_opt(2026, 12, 31).expect("a date");
         RunContext {
             connector_id: "plugin".into(),
             tenant: "acme".into(),
@@ -282,7 +282,7 @@ mod tests {
                 until: today,
             },
             cursor: Some(json!({"page": 3})),
-            now: chrono::Utc::now(),
+            now: today.and_hms_opt(23, 59, 59).expect("a time").and_utc(),
         }
     }
 

@@ -204,8 +204,9 @@ impl WebhookReceiver {
         connector_id: &str,
         signature: Option<&str>,
         body: &[u8],
-        now: DateTime<Utc>,
     ) -> Result<usize, Refusal> {
+        // The signature's time is the sender's wall clock: compare it with ours.
+        let now = Utc::now();
         let endpoint = self
             .endpoints
             .get(connector_id)
