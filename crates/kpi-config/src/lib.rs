@@ -13,7 +13,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use kpi_model::event::is_valid_tenant;
-use kpi_model::money::{decimal_from_config_float, parse_amount_text, Decimal};
+use kpi_model::money::{decimal_from_config_float, parse_decimal_exact, Decimal, MAX_FX_RATE};
 use kpi_model::{DecodeLimits, TenantSettings, Tenants};
 use serde::Deserialize;
 
@@ -171,7 +171,7 @@ impl Number {
         match self {
             Number::Float(value) => decimal_from_config_float(*value),
             Number::Integer(value) => Some(Decimal::from(*value)),
-            Number::Text(text) => parse_amount_text(text.trim()),
+            Number::Text(text) => parse_decimal_exact(text.trim()).ok(),
         }
     }
 
@@ -471,7 +471,10 @@ impl Config {
                     ));
                 }
                 match rate.to_decimal() {
-                    Some(rate) if rate > Decimal::ZERO => {}
+                    Some(rate) if rate > Decimal::ZERO && rate <= MAX_FX_RATE => {}
+                    Some(rate) if rate > MAX_FX_RATE => errors.push(format!(
+                        "tenants.{name}.fx.{code}: {rate} is above the largest rate, {MAX_FX_RATE}"
+                    )),
                     _ => errors.push(format!(
                         "tenants.{name}.fx.{code}: the rate must be a positive number"
                     )),

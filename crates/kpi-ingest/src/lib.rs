@@ -23,6 +23,7 @@
 //! a delivery sequence skips, the engine re-reads the unacknowledged range straight from the
 //! stream with an ordered consumer and applies it before acknowledging anything past it.
 
+pub mod dead_letter;
 pub mod state;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -44,10 +45,9 @@ use tracing::{debug, info, warn};
 
 pub use state::EngineState;
 
-/// Header carrying the reason of a dead letter.
-pub const REJECT_REASON_HEADER: &str = "Kpi-Reject-Reason";
-/// Header carrying the subject a dead letter was first published to.
-pub const ORIGINAL_SUBJECT_HEADER: &str = "Kpi-Original-Subject";
+pub use dead_letter::{
+    ORIGINAL_SEQUENCE_HEADER, ORIGINAL_SUBJECT_HEADER, REJECT_REASON_HEADER, TRUNCATED_HEADER,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -76,17 +76,39 @@ struct Incoming {
     published_unix_seconds: f64,
 }
 
-impl Incoming {
-    fn from_message(message: &jetstream::Message) -> Option<(Incoming, u64)> {
-        let info = message.info().ok()?;
-        let incoming = Incoming {
-            subject: message.subject.to_string(),
-            payload: message.payload.clone(),
-            stream_sequence: info.stream_sequence,
-            published_unix_seconds: info.published.unix_timestamp_nanos() as f64 / 1e9,
-        };
-        Some((incoming, info.consumer_sequence))
+/// What a consumer handed over.
+enum Delivery {
+    /// A message of the stream, with its consumer sequence.
+    Stream(Incoming, u64),
+    /// A JetStream delivery (`$JS.ACK.` reply) whose metadata cannot be read: its sequence is
+    /// unknown, so nothing may be acknowledged past it before its range is re-read.
+    Unreadable,
+    /// Not a JetStream delivery (no `$JS.ACK.` reply): something published straight to the
+    /// engine's inbox. It is not in the stream; there is nothing to apply or acknowledge.
+    Foreign,
+}
+
+impl Delivery {
+    fn of(message: &jetstream::Message) -> Delivery {
+        match message.info() {
+            Ok(info) => Delivery::Stream(
+                Incoming {
+                    subject: message.subject.to_string(),
+                    payload: message.payload.clone(),
+                    stream_sequence: info.stream_sequence,
+                    published_unix_seconds: info.published.unix_timestamp_nanos() as f64 / 1e9,
+                },
+                info.consumer_sequence,
+            ),
+            Err(_) if is_jetstream_reply(message.reply.as_deref()) => Delivery::Unreadable,
+            Err(_) => Delivery::Foreign,
+        }
     }
+}
+
+/// Whether a reply subject is a JetStream acknowledgement subject.
+fn is_jetstream_reply(reply: Option<&str>) -> bool {
+    reply.is_some_and(|reply| reply.starts_with("$JS.ACK."))
 }
 
 /// What applying a batch to the working set produced.
@@ -364,17 +386,27 @@ impl Ingest {
                 .observe(fetch_started.elapsed().as_secs_f64());
             let mut items = Vec::with_capacity(batch.len());
             let mut hole = false;
-            for message in &batch {
-                let Some((incoming, consumer_sequence)) = Incoming::from_message(message) else {
-                    continue;
-                };
-                if let Some(expected) = expected_consumer_sequence {
-                    if consumer_sequence != expected {
+            let mut last_delivery = None;
+            for (index, message) in batch.iter().enumerate() {
+                match Delivery::of(message) {
+                    Delivery::Stream(incoming, consumer_sequence) => {
+                        if let Some(expected) = expected_consumer_sequence {
+                            if consumer_sequence != expected {
+                                hole = true;
+                            }
+                        }
+                        expected_consumer_sequence = Some(consumer_sequence + 1);
+                        last_delivery = Some(index);
+                        items.push(incoming);
+                    }
+                    Delivery::Unreadable => {
+                        warn!(subject = %message.subject, reply = ?message.reply, "a delivery without readable metadata: re-reading unacknowledged messages");
                         hole = true;
                     }
+                    Delivery::Foreign => {
+                        warn!(subject = %message.subject, "ignoring a message that JetStream did not deliver");
+                    }
                 }
-                expected_consumer_sequence = Some(consumer_sequence + 1);
-                items.push(incoming);
             }
             if let Some(last) = batch.last().and_then(|m| m.info().ok()) {
                 self.state.metrics.consumer_pending.set(last.pending as i64);
@@ -385,7 +417,10 @@ impl Ingest {
                 // Checkpoints before returning: acknowledging what follows is then safe.
                 self.recover(js, &events_stream).await?;
             }
-            to_ack = batch.pop().or(to_ack);
+            // The last stream message: acknowledging it acknowledges every one before it.
+            to_ack = last_delivery
+                .map(|index| batch.swap_remove(index))
+                .or(to_ack);
             let due = {
                 let staged = self.staged();
                 staged.events >= checkpoint_events
@@ -500,7 +535,7 @@ impl Ingest {
             })
             .await
             .map_err(js_error)?;
-        let result = self.read_range(js, &reader, to).await;
+        let result = self.read_range(js, events_stream, &reader, from, to).await;
         if let Err(error) = events_stream.delete_consumer(&reader_name).await {
             debug!(%error, "recovery consumer not deleted; the server expires it");
         }
@@ -509,12 +544,47 @@ impl Ingest {
         Ok(delivered)
     }
 
+    /// Reads the stream's messages `from..=to` one by one (`STREAM.MSG.GET`), skipping the
+    /// sequences the stream no longer holds.
+    async fn read_directly(
+        &self,
+        events_stream: &stream::Stream,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<Incoming>, IngestError> {
+        let mut items = Vec::new();
+        for sequence in from..=to {
+            match events_stream.get_raw_message(sequence).await {
+                Ok(message) => items.push(Incoming {
+                    subject: message.subject.to_string(),
+                    payload: message.payload,
+                    stream_sequence: message.sequence,
+                    published_unix_seconds: message.time.unix_timestamp_nanos() as f64 / 1e9,
+                }),
+                Err(error)
+                    if error.kind()
+                        == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
+                {
+                    debug!(sequence, "not in the stream any more (deleted)");
+                }
+                Err(error) => return Err(js_error(error)),
+            }
+        }
+        Ok(items)
+    }
+
+    /// Applies the stream's messages from the reader's start to `to`, every one of them:
+    /// what the reader cannot describe is read again directly from the stream.
     async fn read_range(
         &self,
         js: &jetstream::Context,
+        events_stream: &stream::Stream,
         reader: &consumer::PullConsumer,
+        from: u64,
         to: u64,
     ) -> Result<(), IngestError> {
+        // The next sequence of the range not yet applied.
+        let mut next = from;
         loop {
             let mut messages = reader
                 .fetch()
@@ -525,28 +595,60 @@ impl Ingest {
                 .map_err(js_error)?;
             let mut items = Vec::new();
             let mut done = false;
+            let mut unreadable = false;
             while let Some(message) = messages.next().await {
                 let message = message.map_err(js_error)?;
-                let Some((incoming, _)) = Incoming::from_message(&message) else {
-                    continue;
+                let incoming = match Delivery::of(&message) {
+                    Delivery::Stream(incoming, _) => incoming,
+                    Delivery::Unreadable => {
+                        unreadable = true;
+                        continue;
+                    }
+                    Delivery::Foreign => continue,
                 };
                 if incoming.stream_sequence > to {
                     done = true;
                     break;
                 }
+                if unreadable && incoming.stream_sequence > next {
+                    // What the reader could not describe lies before this message.
+                    items.extend(
+                        self.read_directly(events_stream, next, incoming.stream_sequence - 1)
+                            .await?,
+                    );
+                    unreadable = false;
+                }
+                next = incoming.stream_sequence + 1;
                 done = incoming.stream_sequence == to;
                 items.push(incoming);
                 if done {
                     break;
                 }
             }
-            // An empty fetch means the rest of the range is gone (deleted from the stream).
-            done = done || items.is_empty();
+            if unreadable || (items.is_empty() && !done) {
+                // Read the rest of the range message by message: what is still there is
+                // applied, and a sequence the stream no longer has was deleted.
+                items.extend(self.read_directly(events_stream, next, to).await?);
+                done = true;
+            }
             self.process(js, items).await?;
             if done {
                 return Ok(());
             }
         }
+    }
+
+    /// The largest dead letter the server and the dead-letter stream take (headers included):
+    /// the connection's `max_payload`, and the stream's `max_msg_size` when it has one.
+    async fn dead_letter_max_bytes(&self, js: &jetstream::Context) -> usize {
+        let max_payload = js.client().server_info().max_payload;
+        let stream_limit = match js.get_stream(&self.config.nats.rejected_stream).await {
+            Ok(stream) if stream.cached_info().config.max_message_size > 0 => {
+                stream.cached_info().config.max_message_size as usize
+            }
+            _ => usize::MAX,
+        };
+        max_payload.min(stream_limit)
     }
 
     /// Applies a batch to the working set and the live state, and dead-letters what it
@@ -594,28 +696,23 @@ impl Ingest {
         stage("apply", started);
         let dead_letter_started = Instant::now();
 
+        let max_message_bytes = self.dead_letter_max_bytes(js).await;
         for (incoming, tenant, rejection) in &prepared.dead_letters {
             warn!(subject = %incoming.subject, sequence = incoming.stream_sequence, reason = %rejection, "event rejected");
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert(REJECT_REASON_HEADER, rejection.to_string().as_str());
-            headers.insert(ORIGINAL_SUBJECT_HEADER, incoming.subject.as_str());
-            headers.insert(
-                "Nats-Msg-Id",
-                format!(
-                    "kpi-rejected-{}-{}",
-                    self.config.nats.stream, incoming.stream_sequence
-                )
-                .as_str(),
+            let letter = dead_letter::dead_letter(
+                &self.config.nats.stream,
+                incoming.stream_sequence,
+                &incoming.subject,
+                &incoming.payload,
+                tenant,
+                rejection,
+                max_message_bytes,
             );
-            js.publish_with_headers(
-                format!("{REJECTED_SUBJECT_PREFIX}{tenant}"),
-                headers,
-                incoming.payload.clone(),
-            )
-            .await
-            .map_err(js_error)?
-            .await
-            .map_err(js_error)?;
+            js.publish_with_headers(letter.subject, letter.headers, letter.payload)
+                .await
+                .map_err(js_error)?
+                .await
+                .map_err(js_error)?;
         }
         if !prepared.dead_letters.is_empty() {
             stage("dead_letter", dead_letter_started);

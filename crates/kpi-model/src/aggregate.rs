@@ -53,10 +53,18 @@ fn bump(into: &mut BTreeMap<String, i64>, name: &str, sign: i64) {
     }
 }
 
+/// Adds money to a total. Amounts are bounded ([`crate::money::MAX_AMOUNT`], and the
+/// configured rates by [`crate::money::MAX_FX_RATE`]) so that no realistic history overflows
+/// a total; past about eight billion events of the maximum amount in one cell the total would
+/// saturate rather than stop the engine.
+fn add_money_to(total: &mut Decimal, amount: Decimal) {
+    *total = total.saturating_add(amount);
+}
+
 impl Cell {
     fn add(&mut self, other: &Cell) {
-        self.spend += other.spend;
-        self.revenue += other.revenue;
+        add_money_to(&mut self.spend, other.spend);
+        add_money_to(&mut self.revenue, other.revenue);
         self.new_customers += other.new_customers;
         self.leads += other.leads;
         self.qualified_leads += other.qualified_leads;
@@ -271,7 +279,7 @@ pub fn contribute(
                 Some(&attribution.channel),
                 attribution.campaign.as_deref(),
                 sign,
-                |cell| cell.revenue += revenue,
+                |cell| add_money_to(&mut cell.revenue, revenue),
             );
         }
         Record::Customer(customer) => {
@@ -310,7 +318,7 @@ pub fn contribute(
                 line.channel.as_deref(),
                 line.campaign.as_deref(),
                 sign,
-                |cell| cell.spend += amount,
+                |cell| add_money_to(&mut cell.spend, amount),
             );
         }
     }

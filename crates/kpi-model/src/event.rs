@@ -13,7 +13,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::money::parse_amount_json;
+use crate::money::{parse_amount_json, AmountError};
 
 /// Subject prefix of incoming events: `kpi.events.<tenant>.<type>`.
 pub const EVENTS_SUBJECT_PREFIX: &str = "kpi.events.";
@@ -350,6 +350,26 @@ struct RawData<'a> {
     account: Option<&'a RawValue>,
 }
 
+/// How a value from the message is quoted in a rejection detail: control characters escaped
+/// (`\r`, `\n`, `\u{7}`), at most 64 characters. Details travel in a NATS header
+/// (`Kpi-Reject-Reason`), where a CR or LF would break the message, and in logs.
+pub fn shown(value: &str) -> String {
+    const LONGEST: usize = 64;
+    let mut out = String::new();
+    for (index, character) in value.chars().enumerate() {
+        if index == LONGEST {
+            out.push('…');
+            break;
+        }
+        if character.is_control() {
+            out.extend(character.escape_debug());
+        } else {
+            out.push(character);
+        }
+    }
+    out
+}
+
 fn is_null(raw: Option<&RawValue>) -> bool {
     raw.is_none_or(|value| value.get().trim() == "null")
 }
@@ -369,6 +389,18 @@ fn optional_string(raw: Option<&RawValue>, field: &str) -> Result<Option<String>
         return Err(Rejection::invalid(
             field,
             &format!("longer than {MAX_IDENTIFIER_BYTES} bytes"),
+        ));
+    }
+    // Identifiers end up in subjects, headers, metric labels and terminal tables, where a line
+    // break or a tab is never meant.
+    if let Some(control) = value.chars().find(|c| c.is_control()) {
+        return Err(Rejection::invalid(
+            field,
+            &format!(
+                "`{}` contains the control character U+{:04X}",
+                shown(&value),
+                u32::from(control)
+            ),
         ));
     }
     Ok((!value.is_empty()).then_some(value))
@@ -405,15 +437,20 @@ fn required_amount(raw: Option<&RawValue>, field: &str) -> Result<Decimal, Rejec
         return Err(Rejection::missing(field));
     }
     let text = raw.map(RawValue::get).unwrap_or_default();
-    let amount = parse_amount_json(text)
-        .ok_or_else(|| Rejection::invalid(field, "expected a decimal as a string or number"))?;
-    if amount.is_sign_negative() && !amount.is_zero() {
-        return Err(Rejection::new(
+    parse_amount_json(text).map_err(|error| match error {
+        AmountError::Negative => Rejection::new(
             RejectReason::NegativeAmount,
-            format!("{field}: {amount} is negative"),
-        ));
-    }
-    Ok(amount)
+            format!(
+                "{field}: {} is negative",
+                shown(text.trim().trim_matches('"'))
+            ),
+        ),
+        AmountError::NotADecimal => Rejection::invalid(field, &error.to_string()),
+        AmountError::TooPrecise | AmountError::TooLarge => Rejection::invalid(
+            field,
+            &format!("{}: {error}", shown(text.trim().trim_matches('"'))),
+        ),
+    })
 }
 
 fn required_currency(raw: Option<&RawValue>, field: &str) -> Result<String, Rejection> {
@@ -435,7 +472,7 @@ fn parse_time(raw: Option<&RawValue>) -> Result<DateTime<Utc>, Rejection> {
         .map_err(|_| {
             Rejection::invalid(
                 "time",
-                &format!("`{text}` is not an RFC 3339 time with an offset"),
+                &format!("`{}` is not an RFC 3339 time with an offset", shown(&text)),
             )
         })
 }
@@ -455,7 +492,10 @@ pub fn decode_event(
         .ok_or_else(|| {
             Rejection::new(
                 RejectReason::InvalidSubject,
-                format!("subject `{subject}` is not kpi.events.<tenant>.<type>"),
+                format!(
+                    "subject `{}` is not kpi.events.<tenant>.<type>",
+                    shown(subject)
+                ),
             )
         })?;
     if payload.len() > limits.max_event_bytes {
@@ -480,7 +520,7 @@ pub fn decode_event(
         Some(other) => {
             return Err(Rejection::invalid(
                 "specversion",
-                &format!("`{other}` is not 1.0"),
+                &format!("`{}` is not 1.0", shown(other)),
             ))
         }
         None => return Err(Rejection::missing("specversion")),
@@ -491,13 +531,17 @@ pub fn decode_event(
     let event_type = EventType::parse(&type_text).ok_or_else(|| {
         Rejection::new(
             RejectReason::UnknownType,
-            format!("type: `{type_text}` is not a known event type"),
+            format!("type: `{}` is not a known event type", shown(&type_text)),
         )
     })?;
     if subject_type != type_text {
         return Err(Rejection::new(
             RejectReason::TypeMismatch,
-            format!("type: `{type_text}` does not match the subject's type `{subject_type}`"),
+            format!(
+                "type: `{}` does not match the subject's type `{}`",
+                shown(&type_text),
+                shown(subject_type)
+            ),
         ));
     }
     let time = parse_time(envelope.time)?;
@@ -506,7 +550,8 @@ pub fn decode_event(
             return Err(Rejection::new(
                 RejectReason::TenantMismatch,
                 format!(
-                    "tenant: `{tenant}` does not match the subject's tenant `{subject_tenant}`"
+                    "tenant: `{}` does not match the subject's tenant `{subject_tenant}`",
+                    shown(&tenant)
                 ),
             ));
         }
@@ -577,7 +622,7 @@ fn decode_data(event_type: EventType, data: &RawData) -> Result<EventData, Rejec
                 .ok_or_else(|| {
                     Rejection::invalid(
                         "data.date",
-                        &format!("`{date_text}` is not a date YYYY-MM-DD"),
+                        &format!("`{}` is not a date YYYY-MM-DD", shown(&date_text)),
                     )
                 })?;
             let category = match optional_string(data.category, "data.category")?.as_deref() {
@@ -588,7 +633,10 @@ fn decode_data(event_type: EventType, data: &RawData) -> Result<EventData, Rejec
                 Some(other) => {
                     return Err(Rejection::invalid(
                         "data.category",
-                        &format!("`{other}` is not media, tools, prospecting or other"),
+                        &format!(
+                            "`{}` is not media, tools, prospecting or other",
+                            shown(other)
+                        ),
                     ))
                 }
             };
@@ -664,6 +712,13 @@ mod tests {
             ("lead.created", format!(r#"{{{BASE},"type":"lead.created","data":{{"lead_id":"x","qualified":"yes"}}}}"#), RejectReason::InvalidField, "data.qualified"),
             ("deal.lost", format!(r#"{{{BASE},"type":"lead.created","data":{{"lead_id":"x"}}}}"#), RejectReason::TypeMismatch, "type"),
             ("lead.created", "{not json at all".to_string(), RejectReason::InvalidJson, "JSON"),
+            ("deal.won", format!(r#"{{{BASE},"type":"deal.won","data":{{"deal_id":"d","customer_id":"c","amount":"50000000000000000000000000000","currency":"EUR"}}}}"#), RejectReason::InvalidField, "data.amount"),
+            ("deal.won", format!(r#"{{{BASE},"type":"deal.won","data":{{"deal_id":"d","customer_id":"c","amount":1000000000000.5,"currency":"EUR"}}}}"#), RejectReason::InvalidField, "maximum amount"),
+            ("spend.reported", format!(r#"{{{BASE},"type":"spend.reported","data":{{"date":"2026-03-04","amount":0.00000000000000000000000000011,"currency":"EUR"}}}}"#), RejectReason::InvalidField, "data.amount"),
+            ("lead.created", format!(r#"{{{BASE},"type":"lead.created","data":{{"lead_id":"L\tx"}}}}"#), RejectReason::InvalidField, "data.lead_id"),
+            ("lead.created", format!(r#"{{{BASE},"type":"lead.created","data":{{"lead_id":"x","campaign":"a\u0000b"}}}}"#), RejectReason::InvalidField, "data.campaign"),
+            ("lead.created", r#"{"specversion":"1.0","id":"e","source":"s","type":"lead.created\t","time":"2026-03-04T10:00:00Z","data":{"lead_id":"x"}}"#.to_string(), RejectReason::InvalidField, "type"),
+            ("lead.created", r#"{"specversion":"1.0\r\n","id":"e","source":"s","type":"lead.created","time":"2026-03-04T10:00:00Z","data":{"lead_id":"x"}}"#.to_string(), RejectReason::InvalidField, "specversion"),
         ];
         for (subject_type, body, want_reason, want_field) in cases {
             let (got_reason, detail) = reason(&format!("kpi.events.acme.{subject_type}"), &body);
@@ -672,6 +727,49 @@ mod tests {
                 detail.contains(want_field),
                 "`{detail}` should name {want_field}"
             );
+        }
+    }
+
+    #[test]
+    fn a_line_break_in_any_field_never_reaches_the_rejection_detail() {
+        // The detail becomes a NATS header value, where CR or LF would break the message.
+        for body in [
+            r#"{"specversion":"1.0","id":"e","source":"s","type":"lead.created","time":"x\r\ny","data":{"lead_id":"x"}}"#,
+            r#"{"specversion":"1.0","id":"e","source":"s","type":"lead.created","time":"2026-03-04T10:00:00Z","tenant":"a\r\nb","data":{"lead_id":"x"}}"#,
+            r#"{"specversion":"1.0","id":"e","source":"s","type":"lead\n.created","time":"2026-03-04T10:00:00Z","data":{"lead_id":"x"}}"#,
+            r#"{"specversion":"1\r\n","id":"e","source":"s","type":"lead.created","time":"2026-03-04T10:00:00Z","data":{"lead_id":"x"}}"#,
+            r#"{"specversion":"1.0","id":"e","source":"s","type":"spend.reported","time":"2026-03-04T10:00:00Z","data":{"date":"2026\r\n","amount":"1","currency":"EUR"}}"#,
+            r#"{"specversion":"1.0","id":"e","source":"s","type":"deal.won","time":"2026-03-04T10:00:00Z","data":{"deal_id":"d","customer_id":"c","amount":"-1\r\n","currency":"EUR"}}"#,
+        ] {
+            let subject_type = if body.contains("spend.reported") {
+                "spend.reported"
+            } else if body.contains("deal.won") {
+                "deal.won"
+            } else {
+                "lead.created"
+            };
+            let rejection = decode(&format!("kpi.events.acme.{subject_type}"), body)
+                .expect_err("must be rejected");
+            let text = rejection.to_string();
+            assert!(
+                !text.contains(['\r', '\n']) && !text.chars().any(char::is_control),
+                "{text:?}"
+            );
+        }
+        assert_eq!(shown("a\r\nb"), "a\\r\\nb");
+        assert_eq!(shown(&"x".repeat(100)).chars().count(), 65);
+    }
+
+    #[test]
+    fn amounts_are_kept_to_the_last_digit() {
+        let body = format!(
+            r#"{{{BASE},"type":"deal.won","data":{{"deal_id":"d","customer_id":"c","amount":0.125000000000000001,"currency":"EUR"}}}}"#
+        );
+        match decode("kpi.events.a.deal.won", &body).expect("valid").data {
+            EventData::DealWon { amount, .. } => {
+                assert_eq!(amount.to_string(), "0.125000000000000001")
+            }
+            other => panic!("unexpected {other:?}"),
         }
     }
 

@@ -81,7 +81,8 @@ pub fn cac_gauge(cell: &Cell) -> Option<f64> {
 }
 
 pub fn roi(cell: &Cell) -> Option<f64> {
-    (!cell.spend.is_zero()).then(|| to_f64(cell.revenue - cell.spend) / to_f64(cell.spend))
+    (!cell.spend.is_zero())
+        .then(|| to_f64(cell.revenue.saturating_sub(cell.spend)) / to_f64(cell.spend))
 }
 
 pub fn roas(cell: &Cell) -> Option<f64> {
