@@ -429,7 +429,9 @@ pub async fn drained(client: &async_nats::Client, consumer: &str) -> bool {
     }
 }
 
-/// A CloudEvents envelope as JSON text.
+/// A valid event as producers publish it, through kpi-model's one encoder: its subject, its
+/// CloudEvents JSON and its id (for `Nats-Msg-Id`). Tests of invalid input publish raw payloads
+/// instead; this panics if the event is not valid SPEC.
 pub fn event(
     id: &str,
     event_type: &str,
@@ -438,10 +440,22 @@ pub fn event(
     data: Value,
 ) -> (String, String, Option<String>) {
     let body = serde_json::json!({"specversion": "1.0", "id": id, "source": "test", "type": event_type, "time": time, "tenant": tenant, "data": data});
+    let subject = format!("kpi.events.{tenant}.{event_type}");
+    let any_time = DateTime::parse_from_rfc3339("2261-01-01T00:00:00Z")
+        .unwrap()
+        .with_timezone(&Utc);
+    let limits = kpi_model::DecodeLimits {
+        max_event_bytes: usize::MAX,
+        ..kpi_model::DecodeLimits::default()
+    };
+    let event = kpi_model::decode_event(&subject, body.to_string().as_bytes(), any_time, &limits)
+        .unwrap_or_else(|rejection| {
+            panic!("the test built an invalid event ({rejection}): publish a raw payload to test a rejection")
+        });
     (
-        format!("kpi.events.{tenant}.{event_type}"),
-        body.to_string(),
-        Some(id.to_string()),
+        event.subject(),
+        String::from_utf8(event.encode()).unwrap(),
+        Some(event.id),
     )
 }
 

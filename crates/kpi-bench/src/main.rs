@@ -305,15 +305,22 @@ async fn stage_seconds(engine: &Engine) -> anyhow::Result<Vec<(String, f64)>> {
 }
 
 fn probe_event(n: u64) -> Outgoing {
-    let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ");
-    let line = format!(
-        r#"{{"specversion":"1.0","id":"probe-{n}","source":"bench","type":"lead.created","time":"{now}","data":{{"lead_id":"P{n}","channel":"probe"}}}}"#
-    );
-    Outgoing {
-        subject: "kpi.events.latency.lead.created".into(),
-        id: Some(format!("probe-{n}")),
-        payload: line.into(),
-    }
+    let data = kpi_model::EventData::LeadCreated {
+        lead_id: format!("P{n}"),
+        channel: Some("probe".into()),
+        campaign: None,
+        qualified: None,
+        customer_id: None,
+    };
+    let event = kpi_model::Event::new(
+        "latency",
+        &format!("probe-{n}"),
+        "bench",
+        chrono::Utc::now(),
+        data,
+    )
+    .expect("now is a representable time");
+    Outgoing::from_event(&event)
 }
 
 async fn leads_of(client: &reqwest::Client, engine: &Engine) -> i64 {

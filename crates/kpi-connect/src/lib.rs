@@ -36,6 +36,10 @@ use std::future::Future;
 use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, Utc};
+use kpi_model::event::SpendCategory;
+use kpi_model::money::Decimal;
+use kpi_model::record::SpendLineKey;
+use kpi_model::{Event, EventData};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -159,70 +163,70 @@ pub enum Emit {
     /// Another SPEC event. `upstream_key` names the upstream row *and its version* (e.g. a
     /// contact id and its modification time): the event id is derived from it.
     Event {
-        event_type: &'static str,
         time: DateTime<Utc>,
         upstream_key: String,
         /// The upstream version (e.g. a modification time in milliseconds). SPEC breaks ties
         /// between events of one entity with the same `time` by the greater id: with a
         /// version, the id starts with it, zero-padded, so the latest version wins.
         version: Option<u64>,
-        data: Value,
+        data: EventData,
     },
-    /// A complete SPEC envelope from an external plugin, published as it is (its `id` is the
-    /// plugin's deterministic id).
-    Envelope(Value),
+    /// A complete event from an external plugin (already decoded and checked against SPEC
+    /// for this connector's tenant), published as it is with its own deterministic id.
+    External(Event),
 }
 
 /// A spend line as a connector reads it.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SpendLine {
     pub date: NaiveDate,
-    /// Decimal text, e.g. `"12.34"`.
-    pub amount: String,
+    pub amount: Decimal,
     pub currency: String,
     pub channel: Option<String>,
     pub campaign: Option<String>,
-    /// `media` when absent.
-    pub category: Option<String>,
+    pub category: SpendCategory,
     pub source: String,
     pub account: Option<String>,
 }
 
 impl SpendLine {
     /// The `data` of the `spend.reported` event for this line.
-    pub fn data(&self) -> Value {
-        let mut data = serde_json::json!({
-            "date": self.date.to_string(),
-            "amount": self.amount,
-            "currency": self.currency,
-            "source": self.source,
-        });
-        for (name, value) in [
-            ("channel", &self.channel),
-            ("campaign", &self.campaign),
-            ("category", &self.category),
-            ("account", &self.account),
-        ] {
-            if let Some(value) = value {
-                data[name] = serde_json::json!(value);
-            }
+    pub fn data(&self) -> EventData {
+        EventData::SpendReported {
+            date: self.date,
+            amount: self.amount,
+            currency: self.currency.clone(),
+            channel: self.channel.clone(),
+            campaign: self.campaign.clone(),
+            category: self.category,
+            source: Some(self.source.clone()),
+            account: self.account.clone(),
         }
-        data
     }
 
-    /// The SPEC identity of the line (source, account, channel, campaign, category, date), as
-    /// text.
-    pub fn key(&self) -> String {
-        serde_json::json!([
-            self.source,
-            self.account,
-            self.channel,
-            self.campaign,
-            self.category.as_deref().unwrap_or("media"),
-            self.date.to_string()
-        ])
-        .to_string()
+    /// The SPEC identity of the line (source, account, channel, campaign, category, date).
+    pub fn key(&self) -> SpendLineKey {
+        SpendLineKey {
+            source: Some(self.source.clone()),
+            account: self.account.clone(),
+            channel: self.channel.clone(),
+            campaign: self.campaign.clone(),
+            category: self.category,
+            date: self.date,
+        }
     }
+}
+
+/// The content of an event's data as text (JSON, keys in order): part of the upstream key of
+/// events whose id changes when their content does.
+pub fn content_of(data: &EventData) -> String {
+    serde_json::to_string(&data.to_json()).unwrap_or_default()
+}
+
+/// An amount an upstream wrote as text, exactly (see [`kpi_model::money::parse_amount_text`]).
+pub fn amount(text: &str) -> Result<Decimal, String> {
+    kpi_model::money::parse_amount_text(text.trim())
+        .map_err(|error| format!("amount `{}`: {error}", kpi_model::event::shown(text)))
 }
 
 /// A deterministic event id: `{namespace}-{24 hex digits of SHA-256(namespace, parts)}`.
@@ -287,27 +291,20 @@ pub trait Connector: Sized + Send + Sync + 'static {
     ) -> impl Future<Output = Result<RunOutput, ConnectError>> + Send;
 }
 
-/// The exact sum of decimal texts (`None` if one is not a decimal).
-pub fn sum_decimals(values: &[String]) -> Option<String> {
-    use std::str::FromStr;
-    let mut total = rust_decimal::Decimal::ZERO;
+/// The exact sum of amounts written as text (an error names the first that is not one).
+pub fn sum_amounts(values: &[String]) -> Result<Decimal, String> {
+    let mut total = Decimal::ZERO;
     for value in values {
-        total = total.checked_add(rust_decimal::Decimal::from_str(value.trim()).ok()?)?;
+        total = total
+            .checked_add(amount(value)?)
+            .ok_or_else(|| "the sum overflows".to_string())?;
     }
-    Some(total.normalize().to_string())
+    Ok(total.normalize())
 }
 
-/// The decimal text of `micros / 1_000_000` (Google Ads' `cost_micros`), exact.
-pub fn micros_to_decimal(micros: i64) -> String {
-    let sign = if micros < 0 { "-" } else { "" };
-    let micros = micros.unsigned_abs();
-    let units = micros / 1_000_000;
-    let fraction = micros % 1_000_000;
-    if fraction == 0 {
-        return format!("{sign}{units}");
-    }
-    let digits = format!("{fraction:06}");
-    format!("{sign}{units}.{}", digits.trim_end_matches('0'))
+/// `micros / 1_000_000` (Google Ads' `cost_micros`), exact.
+pub fn micros_to_decimal(micros: i64) -> Decimal {
+    Decimal::new(micros, 6).normalize()
 }
 
 #[cfg(test)]
@@ -316,10 +313,10 @@ mod tests {
 
     #[test]
     fn micros_convert_exactly() {
-        assert_eq!(micros_to_decimal(12_340_000), "12.34");
-        assert_eq!(micros_to_decimal(5_000_000), "5");
-        assert_eq!(micros_to_decimal(1), "0.000001");
-        assert_eq!(micros_to_decimal(0), "0");
+        assert_eq!(micros_to_decimal(12_340_000).to_string(), "12.34");
+        assert_eq!(micros_to_decimal(5_000_000).to_string(), "5");
+        assert_eq!(micros_to_decimal(1).to_string(), "0.000001");
+        assert_eq!(micros_to_decimal(0).to_string(), "0");
     }
 
     #[test]
@@ -334,7 +331,9 @@ mod tests {
     #[test]
     fn decimal_texts_add_exactly() {
         let tenths: Vec<String> = (0..10).map(|_| "0.10".to_string()).collect();
-        assert_eq!(sum_decimals(&tenths).as_deref(), Some("1"));
-        assert_eq!(sum_decimals(&["12.5".into(), "x".into()]), None);
+        assert_eq!(sum_amounts(&tenths).map(|d| d.to_string()), Ok("1".into()));
+        assert!(sum_amounts(&["12.5".into(), "x".into()])
+            .expect_err("x is not a decimal")
+            .contains("`x`"));
     }
 }

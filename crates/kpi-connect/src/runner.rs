@@ -15,18 +15,17 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use bytes::Bytes;
 use chrono::{DateTime, Days, NaiveDate, SecondsFormat, Utc};
 use kpi_config::ConnectorConfig;
-use kpi_model::Clock;
+use kpi_model::{decode_event, Clock, DecodeLimits, Event, EventData};
 use kpi_store::Store;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::registry::DynConnector;
 use crate::secrets::Redactor;
 use crate::sink::{publish_all, Outgoing};
-use crate::{ConnectError, Emit, RunContext, SpendLine, Window};
+use crate::{ConnectError, Emit, RunContext, Window};
 
 /// A configured connector, ready to run.
 pub struct Runner {
@@ -162,9 +161,10 @@ impl Runner {
         for emit in output.emits {
             match emit {
                 Emit::Spend(line) => {
-                    let key = line.key();
+                    let key = line.key().to_text();
+                    let amount = line.amount.normalize().to_string();
                     if let Some(sent) = state.spend.get(&key) {
-                        if sent.amount == line.amount && sent.currency == line.currency {
+                        if sent.amount == amount && sent.currency == line.currency {
                             report.unchanged += 1;
                             continue;
                         }
@@ -176,32 +176,51 @@ impl Runner {
                         }
                         _ => now,
                     };
-                    outgoing.push(self.spend_event(&key, &line, time));
+                    let time_text = time.to_rfc3339_opts(SecondsFormat::Millis, true);
+                    let id = self.event_id(&[
+                        "spend.reported",
+                        &key,
+                        &amount,
+                        &line.currency,
+                        &time_text,
+                    ]);
+                    outgoing.push(self.outgoing(&id, time, line.data(), now)?);
                     state.spend.insert(
                         key,
                         SentSpend {
                             date: line.date,
-                            amount: line.amount,
+                            amount,
                             currency: line.currency,
                             time,
                         },
                     );
                 }
                 Emit::Event {
-                    event_type,
                     time,
                     upstream_key,
                     version,
                     data,
                 } => {
-                    let parts = [event_type, upstream_key.as_str()];
+                    let event_type = data.event_type();
+                    let parts = [event_type.as_str(), upstream_key.as_str()];
                     let id = match version {
                         Some(version) => crate::versioned_event_id(&self.id, version, &parts),
                         None => self.event_id(&parts),
                     };
-                    outgoing.push(self.envelope(&id, event_type, time, data));
+                    outgoing.push(self.outgoing(&id, time, data, now)?);
                 }
-                Emit::Envelope(envelope) => outgoing.push(self.external(envelope)?),
+                Emit::External(event) => {
+                    if event.tenant != self.tenant {
+                        return Err(ConnectError::Protocol {
+                            service: self.kind.clone(),
+                            message: format!(
+                                "event `{}` is for tenant `{}`, the connector's tenant is `{}`",
+                                event.id, event.tenant, self.tenant
+                            ),
+                        });
+                    }
+                    outgoing.push(Outgoing::from_event(&event));
+                }
             }
         }
 
@@ -241,65 +260,43 @@ impl Runner {
         crate::event_id(&self.id, parts)
     }
 
-    fn spend_event(&self, key: &str, line: &SpendLine, time: DateTime<Utc>) -> Outgoing {
-        let time_text = time.to_rfc3339_opts(SecondsFormat::Millis, true);
-        let id = self.event_id(&[
-            "spend.reported",
-            key,
-            &line.amount,
-            &line.currency,
-            &time_text,
-        ]);
-        envelope(
-            &id,
-            &format!("kpi-connector/{}", self.id),
-            &self.tenant,
-            "spend.reported",
-            time,
-            line.data(),
-        )
-    }
-
-    fn envelope(&self, id: &str, event_type: &str, time: DateTime<Utc>, data: Value) -> Outgoing {
-        envelope(
-            id,
-            &format!("kpi-connector/{}", self.id),
-            &self.tenant,
-            event_type,
-            time,
-            data,
-        )
-    }
-
-    /// An external plugin's envelope: published as it is, to this connector's tenant.
-    fn external(&self, envelope: Value) -> Result<Outgoing, ConnectError> {
+    /// The event `id` of this connector, checked against SPEC the way the engine will read
+    /// it: a connector never publishes what the engine would dead-letter for its shape.
+    fn outgoing(
+        &self,
+        id: &str,
+        time: DateTime<Utc>,
+        data: EventData,
+        now: DateTime<Utc>,
+    ) -> Result<Outgoing, ConnectError> {
         let invalid = |message: String| ConnectError::Protocol {
             service: self.kind.clone(),
             message,
         };
-        let id = envelope
-            .get("id")
-            .and_then(Value::as_str)
-            .filter(|id| !id.is_empty())
-            .ok_or_else(|| invalid("an event has no `id`".into()))?;
-        let event_type = envelope
-            .get("type")
-            .and_then(Value::as_str)
-            .filter(|t| !t.is_empty() && !t.contains(['*', '>', ' ']))
-            .ok_or_else(|| invalid(format!("event `{id}` has no usable `type`")))?;
-        if let Some(tenant) = envelope.get("tenant").and_then(Value::as_str) {
-            if tenant != self.tenant {
-                return Err(invalid(format!(
-                    "event `{id}` is for tenant `{tenant}`, the connector's tenant is `{}`",
-                    self.tenant
-                )));
-            }
-        }
-        Ok(Outgoing {
-            subject: format!("kpi.events.{}.{event_type}", self.tenant),
-            id: Some(id.to_string()),
-            payload: Bytes::from(envelope.to_string()),
-        })
+        let event = Event::new(
+            &self.tenant,
+            id,
+            &format!("kpi-connector/{}", self.id),
+            time,
+            data,
+        )
+        .ok_or_else(|| invalid(format!("event `{id}`: time {time} is out of range")))?;
+        checked(event, now).map_err(invalid)
+    }
+}
+
+/// The event, encoded, once the engine's decoder accepted it.
+fn checked(event: Event, now: DateTime<Utc>) -> Result<Outgoing, String> {
+    let outgoing = Outgoing::from_event(&event);
+    // What the engine reads is the decoded event (an empty optional field is absent).
+    match decode_event(
+        &outgoing.subject,
+        &outgoing.payload,
+        now,
+        &DecodeLimits::default(),
+    ) {
+        Ok(_) => Ok(outgoing),
+        Err(rejection) => Err(format!("event `{}`: {rejection}", event.id)),
     }
 }
 
@@ -326,31 +323,6 @@ fn run_window(
     }
 }
 
-/// A SPEC envelope for `tenant`, ready to publish with `Nats-Msg-Id` = `id`.
-pub fn envelope(
-    id: &str,
-    source: &str,
-    tenant: &str,
-    event_type: &str,
-    time: DateTime<Utc>,
-    data: Value,
-) -> Outgoing {
-    let envelope = json!({
-        "specversion": "1.0",
-        "id": id,
-        "source": source,
-        "type": event_type,
-        "time": time.to_rfc3339_opts(SecondsFormat::Millis, true),
-        "tenant": tenant,
-        "data": data,
-    });
-    Outgoing {
-        subject: format!("kpi.events.{tenant}.{event_type}"),
-        id: Some(id.to_string()),
-        payload: Bytes::from(envelope.to_string()),
-    }
-}
-
 /// The events of a CSV file for `kpi import`: ids from the rows' content, so importing a file
 /// again sends nothing new; spend rows without `reported_at` are dated now.
 pub fn import_events(
@@ -363,42 +335,40 @@ pub fn import_events(
         .map_err(|error| ConnectError::Local(format!("cannot open {}: {error}", path.display())))?;
     let emits = crate::kinds::csv_folder::parse(kind, file, &path.display().to_string())?;
     let source = "kpi-import";
-    Ok(emits
-        .into_iter()
-        .filter_map(|emit| match emit {
+    let mut events = Vec::with_capacity(emits.len());
+    for emit in emits {
+        let (id, time, data) = match emit {
             Emit::Spend(line) => {
                 let id = crate::event_id(
                     "csv",
                     &[
                         tenant,
                         "spend.reported",
-                        &line.key(),
-                        &line.amount,
+                        &line.key().to_text(),
+                        &line.amount.normalize().to_string(),
                         &line.currency,
                     ],
                 );
-                Some(envelope(
-                    &id,
-                    source,
-                    tenant,
-                    "spend.reported",
-                    now,
-                    line.data(),
-                ))
+                (id, now, line.data())
             }
             Emit::Event {
-                event_type,
                 time,
                 upstream_key,
                 data,
                 ..
             } => {
-                let id = crate::event_id("csv", &[tenant, event_type, &upstream_key]);
-                Some(envelope(&id, source, tenant, event_type, time, data))
+                let id =
+                    crate::event_id("csv", &[tenant, data.event_type().as_str(), &upstream_key]);
+                (id, time, data)
             }
-            Emit::Envelope(_) => None,
-        })
-        .collect())
+            Emit::External(_) => continue,
+        };
+        let event = Event::new(tenant, &id, source, time, data).ok_or_else(|| {
+            ConnectError::Local(format!("event `{id}`: time {time} is out of range"))
+        })?;
+        events.push(checked(event, now).map_err(ConnectError::Local)?);
+    }
+    Ok(events)
 }
 
 async fn load_state(store: &Store, id: &str) -> Result<ConnectorState, ConnectError> {

@@ -14,6 +14,17 @@ pub struct Outgoing {
     pub payload: Bytes,
 }
 
+impl Outgoing {
+    /// The event as SPEC publishes it: its subject, its encoding, `Nats-Msg-Id` = its id.
+    pub fn from_event(event: &kpi_model::Event) -> Outgoing {
+        Outgoing {
+            subject: event.subject(),
+            id: Some(event.id.clone()),
+            payload: Bytes::from(event.encode()),
+        }
+    }
+}
+
 /// Publishes `events`, keeping a window of a few thousand acknowledgements outstanding;
 /// `on_ack` learns, for each event in order, whether JetStream found it a duplicate.
 pub async fn publish_all(

@@ -15,7 +15,7 @@ use crate::aggregate::{contribute, Aggregates};
 use crate::event::{Event, EventData, Rejection, Version};
 use crate::record::{
     Attribution, CustomerDeal, CustomerRecord, DealRecord, DealState, LeadCreation, LeadRecord,
-    Record, RecordKey, SpendLine, SpendLineKey, SpendRecord,
+    Record, RecordKey, SpendLine, SpendRecord,
 };
 use crate::settings::Tenants;
 
@@ -226,25 +226,17 @@ impl<S: RecordSource> Batch<'_, S> {
                 currency,
                 channel,
                 campaign,
-                category,
-                source,
-                account,
+                ..
             } => {
                 let amount = match settings.to_reporting(*amount, currency) {
                     Ok(amount) => amount,
                     Err(rejection) => return Ok(Outcome::Rejected(rejection)),
                 };
-                let key = RecordKey::spend(
-                    tenant,
-                    &SpendLineKey {
-                        source: source.clone(),
-                        account: account.clone(),
-                        channel: channel.clone(),
-                        campaign: campaign.clone(),
-                        category: *category,
-                        date: *date,
-                    },
-                );
+                let line = event
+                    .data
+                    .spend_line_key()
+                    .expect("a spend.reported has a spend line");
+                let key = RecordKey::spend(tenant, &line);
                 if self.already_applied(&key, &event.id)? {
                     return Ok(Outcome::Duplicate);
                 }

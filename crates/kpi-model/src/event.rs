@@ -50,6 +50,25 @@ pub struct Version {
     pub id: String,
 }
 
+/// An upstream name made into a valid identifier: control characters (a tab, a line break)
+/// become spaces, surrounding spaces go, and it is cut to [`MAX_IDENTIFIER_BYTES`] on a
+/// character boundary. Connectors pass campaign and stage names through it.
+pub fn clean_identifier(name: &str) -> String {
+    let replaced: String = name
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let mut cleaned = replaced.trim().to_string();
+    if cleaned.len() > MAX_IDENTIFIER_BYTES {
+        let mut end = MAX_IDENTIFIER_BYTES;
+        while !cleaned.is_char_boundary(end) {
+            end -= 1;
+        }
+        cleaned.truncate(end);
+    }
+    cleaned
+}
+
 /// Is `tenant` a valid tenant name (`[a-z0-9_-]{1,64}`)?
 pub fn is_valid_tenant(tenant: &str) -> bool {
     (1..=64).contains(&tenant.len())
@@ -145,14 +164,25 @@ pub struct Event {
 
 impl Event {
     pub fn event_type(&self) -> EventType {
-        match self.data {
-            EventData::LeadCreated { .. } => EventType::LeadCreated,
-            EventData::LeadQualified { .. } => EventType::LeadQualified,
-            EventData::LeadStageChanged { .. } => EventType::LeadStageChanged,
-            EventData::DealWon { .. } => EventType::DealWon,
-            EventData::DealLost { .. } => EventType::DealLost,
-            EventData::SpendReported { .. } => EventType::SpendReported,
-        }
+        self.data.event_type()
+    }
+
+    /// An event at `time`; `None` when the time is outside what an event can carry
+    /// (1677..2262, nanoseconds since 1970 in 64 bits).
+    pub fn new(
+        tenant: &str,
+        id: &str,
+        source: &str,
+        time: DateTime<Utc>,
+        data: EventData,
+    ) -> Option<Event> {
+        Some(Event {
+            tenant: tenant.to_string(),
+            id: id.to_string(),
+            source: source.to_string(),
+            time: Timestamp::from_datetime(time)?,
+            data,
+        })
     }
 
     pub fn version(&self) -> Version {

@@ -1,6 +1,7 @@
 //! The pure domain of the KPI engine: no I/O, no async, no storage.
 //!
 //! - [`clock`]: where "now" comes from (the system clock, or a shifted one in tests);
+//! - [`encode`]: the one encoder of events, for every producer;
 //! - [`event`]: subjects, the CloudEvents envelope, validation and rejection reasons;
 //! - [`period`]: calendar periods and windows;
 //! - [`money`]: exact decimal amounts;
@@ -18,6 +19,7 @@
 pub mod aggregate;
 pub mod batch;
 pub mod clock;
+pub mod encode;
 pub mod event;
 pub mod money;
 pub mod period;

@@ -89,9 +89,15 @@ fn find(config: &Config, id: &str, clock: Clock) -> anyhow::Result<Runner> {
 pub fn webhooks(
     config: &Config,
     metrics: kpi_connect::ConnectorMetrics,
+    clock: Clock,
 ) -> anyhow::Result<WebhookReceiver> {
     let env = |name: &str| std::env::var(name).ok();
-    Ok(WebhookReceiver::from_config(config, &env, Some(metrics))?)
+    Ok(WebhookReceiver::from_config(
+        config,
+        &env,
+        Some(metrics),
+        clock,
+    )?)
 }
 
 /// The connectors crate's receiver behind the HTTP server's trait.

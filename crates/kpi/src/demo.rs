@@ -7,13 +7,14 @@
 //! customers coming back the following years; and two invalid events that land in the
 //! dead-letter stream.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
 use chrono::{DateTime, Datelike, Duration, NaiveDate, TimeZone, Utc};
-use serde_json::{json, Value};
+use kpi_model::event::SpendCategory;
+use kpi_model::money::Decimal;
+use kpi_model::{Event, EventData};
 
 use crate::publish::Outgoing;
 
@@ -41,10 +42,9 @@ impl Random {
         low + self.next() % (high - low + 1)
     }
 
-    /// An amount in cents between the bounds, as a decimal string.
-    fn money(&mut self, low_cents: u64, high_cents: u64) -> String {
-        let cents = self.between(low_cents, high_cents);
-        format!("{}.{:02}", cents / 100, cents % 100)
+    /// An amount in cents between the bounds.
+    fn money(&mut self, low_cents: u64, high_cents: u64) -> Decimal {
+        Decimal::new(self.between(low_cents, high_cents) as i64, 2)
     }
 }
 
@@ -107,44 +107,33 @@ const CHANNELS: &[Channel] = &[
 struct Builder<'s> {
     tenant: String,
     count: u64,
-    pending: BinaryHeap<Reverse<(DateTime<Utc>, u64, String)>>,
+    /// By time, then order of generation.
+    pending: BTreeMap<(DateTime<Utc>, u64), Outgoing>,
     sink: &'s mut dyn FnMut(Outgoing),
 }
 
 impl Builder<'_> {
-    fn emit(&mut self, event_type: &str, time: DateTime<Utc>, data: Value) {
+    fn emit(&mut self, time: DateTime<Utc>, data: EventData) {
         self.count += 1;
-        let line = json!({
-            "specversion": "1.0",
-            "id": format!("demo-{}-{:08}", self.tenant, self.count),
-            "source": "kpi-demo",
-            "type": event_type,
-            "time": time.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
-            "tenant": self.tenant,
-            "data": data,
-        })
-        .to_string();
-        self.pending.push(Reverse((time, self.count, line)));
+        let id = format!("demo-{}-{:08}", self.tenant, self.count);
+        // Demo times are whole seconds between 2000 and now: always representable.
+        let Some(event) = Event::new(&self.tenant, &id, "kpi-demo", time, data) else {
+            return;
+        };
+        self.pending
+            .insert((time, self.count), Outgoing::from_event(&event));
     }
 
     /// Hands over every event strictly before `until`, oldest first.
     fn release(&mut self, until: DateTime<Utc>) {
         while self
             .pending
-            .peek()
-            .is_some_and(|Reverse((time, _, _))| *time < until)
+            .first_key_value()
+            .is_some_and(|((time, _), _)| *time < until)
         {
-            let Some(Reverse((_, _, line))) = self.pending.pop() else {
+            let Some((_, event)) = self.pending.pop_first() else {
                 break;
             };
-            let event =
-                crate::publish::outgoing_from_line(&line, &self.tenant, 0).unwrap_or_else(|_| {
-                    Outgoing {
-                        subject: format!("kpi.events.{}.invalid", self.tenant),
-                        id: None,
-                        payload: line.into(),
-                    }
-                });
             (self.sink)(event);
         }
     }
@@ -177,7 +166,7 @@ pub fn stream_history(
     let mut out = Builder {
         tenant: tenant.to_string(),
         count: 0,
-        pending: BinaryHeap::new(),
+        pending: BTreeMap::new(),
         sink,
     };
     let today = now.date_naive();
@@ -201,30 +190,76 @@ pub fn stream_history(
                 if !past(reported) {
                     continue;
                 }
-                let data = json!({"date": day.to_string(), "amount": random.money(8000, 30000), "currency": "EUR",
-                    "channel": channel.name, "campaign": campaign, "source": channel.source, "account": "acct-1"});
-                out.emit("spend.reported", reported, data.clone());
+                let line = |amount| EventData::SpendReported {
+                    date: day,
+                    amount,
+                    currency: "EUR".into(),
+                    channel: Some(channel.name.into()),
+                    campaign: Some((*campaign).into()),
+                    category: SpendCategory::Media,
+                    source: Some(channel.source.into()),
+                    account: Some("acct-1".into()),
+                };
+                out.emit(reported, line(random.money(8000, 30000)));
                 let restated_at = reported + Duration::hours(7);
                 if random.chance(0.2) && past(restated_at) {
-                    let mut restated = data;
-                    restated["amount"] = json!(random.money(8000, 30000));
-                    out.emit("spend.reported", restated_at, restated);
+                    out.emit(restated_at, line(random.money(8000, 30000)));
                 }
             }
         }
+        let fixed = |amount: i64,
+                     channel: Option<&str>,
+                     campaign: Option<&str>,
+                     category,
+                     source: &str,
+                     account: Option<&str>| {
+            EventData::SpendReported {
+                date: day,
+                amount: Decimal::new(amount, 2),
+                currency: "EUR".into(),
+                channel: channel.map(str::to_string),
+                campaign: campaign.map(str::to_string),
+                category,
+                source: Some(source.into()),
+                account: account.map(str::to_string),
+            }
+        };
         if day.day() == 1 && past(at(day, 8 * 3600)) {
-            out.emit("spend.reported", at(day, 8 * 3600), json!({"date": day.to_string(), "amount": "39.00", "currency": "EUR",
-                "channel": "email", "campaign": "newsletter", "source": "mailchimp", "account": "plan", "category": "tools"}));
             out.emit(
-                "spend.reported",
                 at(day, 8 * 3600),
-                json!({"date": day.to_string(), "amount": "49.90", "currency": "EUR",
-                "category": "tools", "source": "billing", "account": "crm-subscription"}),
+                fixed(
+                    3900,
+                    Some("email"),
+                    Some("newsletter"),
+                    SpendCategory::Tools,
+                    "mailchimp",
+                    Some("plan"),
+                ),
+            );
+            out.emit(
+                at(day, 8 * 3600),
+                fixed(
+                    4990,
+                    None,
+                    None,
+                    SpendCategory::Tools,
+                    "billing",
+                    Some("crm-subscription"),
+                ),
             );
         }
         if day.month() == 10 && day.day() == 15 && past(at(day, 9 * 3600)) {
-            out.emit("spend.reported", at(day, 9 * 3600), json!({"date": day.to_string(), "amount": "3500.00", "currency": "EUR",
-                "channel": "events", "campaign": "trade-show", "source": "invoice", "category": "media"}));
+            out.emit(
+                at(day, 9 * 3600),
+                fixed(
+                    350_000,
+                    Some("events"),
+                    Some("trade-show"),
+                    SpendCategory::Media,
+                    "invoice",
+                    None,
+                ),
+            );
         }
 
         // Leads, their qualification and stages, and deals weeks later.
@@ -244,26 +279,31 @@ pub fn stream_history(
             }
             lead_count += 1;
             let lead_id = format!("L{lead_count}");
-            let mut data = json!({"lead_id": lead_id, "channel": channel.name});
-            if !channel.campaigns.is_empty() {
-                data["campaign"] = json!(
-                    channel.campaigns
-                        [random.between(0, channel.campaigns.len() as u64 - 1) as usize]
-                );
-            }
+            let campaign = (!channel.campaigns.is_empty()).then(|| {
+                channel.campaigns[random.between(0, channel.campaigns.len() as u64 - 1) as usize]
+                    .to_string()
+            });
             let qualified = random.chance(channel.qualified);
             let qualified_later = random.chance(0.3);
-            if !qualified_later {
-                data["qualified"] = json!(qualified);
-            }
-            out.emit("lead.created", created, data);
+            out.emit(
+                created,
+                EventData::LeadCreated {
+                    lead_id: lead_id.clone(),
+                    channel: Some(channel.name.into()),
+                    campaign,
+                    qualified: (!qualified_later).then_some(qualified),
+                    customer_id: None,
+                },
+            );
             if qualified_later {
                 let when = created + Duration::hours(random.between(2, 72) as i64);
                 if past(when) {
                     out.emit(
-                        "lead.qualified",
                         when,
-                        json!({"lead_id": lead_id, "qualified": qualified}),
+                        EventData::LeadQualified {
+                            lead_id: lead_id.clone(),
+                            qualified,
+                        },
                     );
                 }
             }
@@ -278,9 +318,11 @@ pub fn stream_history(
                 stage_time += Duration::hours(random.between(4, 240) as i64);
                 if past(stage_time) {
                     out.emit(
-                        "lead.stage_changed",
                         stage_time,
-                        json!({"lead_id": lead_id, "stage": stage}),
+                        EventData::LeadStageChanged {
+                            lead_id: lead_id.clone(),
+                            stage: stage.into(),
+                        },
                     );
                 }
             }
@@ -294,18 +336,27 @@ pub fn stream_history(
             customer_count += 1;
             let customer = format!("C{customer_count}");
             let deal_id = format!("D{lead_count}");
+            let won_deal = |deal_id: String, amount| EventData::DealWon {
+                deal_id,
+                customer_id: customer.clone(),
+                amount,
+                currency: "EUR".into(),
+                lead_id: Some(lead_id.clone()),
+                channel: None,
+                campaign: None,
+            };
             out.emit(
-                "deal.won",
                 won,
-                json!({"deal_id": deal_id, "customer_id": customer, "lead_id": lead_id,
-                "amount": random.money(30_000, 300_000), "currency": "EUR"}),
+                won_deal(deal_id.clone(), random.money(30_000, 300_000)),
             );
             let cancelled = won + Duration::days(random.between(2, 20) as i64);
             if random.chance(0.05) && past(cancelled) {
                 out.emit(
-                    "deal.lost",
                     cancelled,
-                    json!({"deal_id": deal_id, "lead_id": lead_id}),
+                    EventData::DealLost {
+                        deal_id,
+                        lead_id: Some(lead_id.clone()),
+                    },
                 );
                 continue;
             }
@@ -316,8 +367,13 @@ pub fn stream_history(
                 if !past(when) {
                     break;
                 }
-                out.emit("deal.won", when, json!({"deal_id": format!("{deal_id}-{}", when.year()), "customer_id": customer,
-                    "lead_id": lead_id, "amount": random.money(15_000, 150_000), "currency": "EUR"}));
+                out.emit(
+                    when,
+                    won_deal(
+                        format!("{deal_id}-{}", when.year()),
+                        random.money(15_000, 150_000),
+                    ),
+                );
             }
         }
         // Everything generated from now on is dated from this day on.
@@ -328,11 +384,30 @@ pub fn stream_history(
     // Two events a careful producer would not send: they go to the dead-letter stream.
     let yesterday = now - Duration::days(1);
     out.emit(
-        "deal.won",
         yesterday,
-        json!({"deal_id": "D-bad", "customer_id": "C-bad", "amount": "-120.00", "currency": "EUR"}),
+        EventData::DealWon {
+            deal_id: "D-bad".into(),
+            customer_id: "C-bad".into(),
+            amount: Decimal::new(-12_000, 2),
+            currency: "EUR".into(),
+            lead_id: None,
+            channel: None,
+            campaign: None,
+        },
     );
-    out.emit("spend.reported", yesterday, json!({"date": yesterday.date_naive().to_string(), "amount": "12000", "currency": "JPY", "channel": "social"}));
+    out.emit(
+        yesterday,
+        EventData::SpendReported {
+            date: yesterday.date_naive(),
+            amount: Decimal::new(12_000, 0),
+            currency: "JPY".into(),
+            channel: Some("social".into()),
+            campaign: None,
+            category: SpendCategory::Media,
+            source: None,
+            account: None,
+        },
+    );
 
     out.release(now + Duration::days(2));
 }

@@ -181,7 +181,7 @@ fn main() -> anyhow::Result<()> {
                 tenant,
             } => {
                 let config = kpi_config::Config::load(config.as_deref())?;
-                publish::publish_file(&config, &file, &tenant).await
+                publish::publish_file(&config, &file, &tenant, clock.now()).await
             }
             Command::Report {
                 tenant,

@@ -6,10 +6,10 @@ use std::path::Path;
 
 use anyhow::Context;
 use async_nats::jetstream;
-use bytes::Bytes;
 use indicatif::{ProgressBar, ProgressStyle};
 use kpi_config::Config;
 use kpi_model::event::{is_valid_tenant, EVENTS_SUBJECT_PREFIX};
+use kpi_model::{decode_event, DecodeLimits, EventData};
 use serde_json::Value;
 
 pub use kpi_connect::sink::{publish_all, Outgoing};
@@ -21,42 +21,76 @@ pub struct PublishSummary {
     pub duplicates: u64,
 }
 
-/// The subject of one JSON event line: its `tenant` (or the default) and its `type`.
+/// What `kpi publish` checks each line against: the engine's own decoder and the tenants'
+/// exchange rates, so that a file is refused (line and field named) before anything of it is
+/// published, rather than landing half in the dead-letter stream.
+pub struct LineChecks {
+    pub default_tenant: String,
+    pub tenants: kpi_model::Tenants,
+    pub limits: DecodeLimits,
+    pub now: chrono::DateTime<chrono::Utc>,
+}
+
+#[derive(serde::Deserialize)]
+struct Routing {
+    #[serde(rename = "type", default)]
+    event_type: Option<Value>,
+    #[serde(default)]
+    tenant: Option<Value>,
+}
+
+/// One JSON event line, decoded and checked, as it is published: its subject from its
+/// `tenant` (or the default) and `type`, its `id` as `Nats-Msg-Id`.
 pub fn outgoing_from_line(
     line: &str,
-    default_tenant: &str,
+    checks: &LineChecks,
     line_number: usize,
 ) -> anyhow::Result<Outgoing> {
-    let value: Value =
+    let routing: Routing =
         serde_json::from_str(line).with_context(|| format!("line {line_number}: not JSON"))?;
-    let event_type = value
-        .get("type")
-        .and_then(Value::as_str)
-        .with_context(|| format!("line {line_number}: field `type` is missing"))?;
-    let tenant = value
-        .get("tenant")
-        .and_then(Value::as_str)
-        .unwrap_or(default_tenant);
+    let Some(Value::String(event_type)) = routing.event_type else {
+        anyhow::bail!("line {line_number}: field `type` is missing");
+    };
+    let tenant = match &routing.tenant {
+        Some(Value::String(tenant)) => tenant.as_str(),
+        _ => checks.default_tenant.as_str(),
+    };
     anyhow::ensure!(
         is_valid_tenant(tenant),
-        "line {line_number}: tenant `{tenant}` is not [a-z0-9_-]{{1,64}}"
+        "line {line_number}: tenant `{}` is not [a-z0-9_-]{{1,64}}",
+        kpi_model::event::shown(tenant)
     );
-    anyhow::ensure!(
-        !event_type.is_empty() && !event_type.contains(['*', '>', ' ']),
-        "line {line_number}: field `type` cannot be part of a subject"
-    );
-    Ok(Outgoing {
-        subject: format!("{EVENTS_SUBJECT_PREFIX}{tenant}.{event_type}"),
-        id: value.get("id").and_then(Value::as_str).map(str::to_string),
-        payload: Bytes::from(line.to_string()),
-    })
+    let subject = format!("{EVENTS_SUBJECT_PREFIX}{tenant}.{event_type}");
+    let event = decode_event(&subject, line.as_bytes(), checks.now, &checks.limits)
+        .map_err(|rejection| anyhow::anyhow!("line {line_number}: {rejection}"))?;
+    if let EventData::DealWon {
+        amount, currency, ..
+    }
+    | EventData::SpendReported {
+        amount, currency, ..
+    } = &event.data
+    {
+        checks
+            .tenants
+            .get(tenant)
+            .to_reporting(*amount, currency)
+            .map_err(|rejection| anyhow::anyhow!("line {line_number}: {rejection}"))?;
+    }
+    Ok(Outgoing::from_event(&event))
 }
 
 pub async fn publish_file(
     config: &Config,
     file: &Path,
     default_tenant: &str,
+    now: chrono::DateTime<chrono::Utc>,
 ) -> anyhow::Result<()> {
+    let checks = LineChecks {
+        default_tenant: default_tenant.to_string(),
+        tenants: config.tenants(),
+        limits: config.decode_limits(),
+        now,
+    };
     let reader: Box<dyn BufRead> = if file == Path::new("-") {
         Box::new(std::io::BufReader::new(std::io::stdin()))
     } else {
@@ -70,7 +104,7 @@ pub async fn publish_file(
         if line.trim().is_empty() {
             continue;
         }
-        events.push(outgoing_from_line(&line, default_tenant, index + 1)?);
+        events.push(outgoing_from_line(&line, &checks, index + 1)?);
     }
     let summary = publish_events(config, events, &file.display().to_string()).await?;
     println!(

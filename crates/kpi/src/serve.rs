@@ -39,6 +39,7 @@ pub async fn run(config_path: Option<&Path>, clock: Clock) -> anyhow::Result<()>
     let webhooks = Arc::new(crate::connectors::webhooks(
         &config,
         connector_metrics.clone(),
+        clock,
     )?);
     let http_webhooks: Option<Arc<dyn kpi_http::Webhooks>> = if webhooks.is_empty() {
         None

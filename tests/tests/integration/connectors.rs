@@ -1122,7 +1122,7 @@ secret = "another-secret-of-16+"
     .await;
     assert_eq!(
         (status, reply["error"].as_str().unwrap()),
-        (400, "/submission_id: missing")
+        (400, "[0]: /submission_id: missing")
     );
 
     let (status, reply) = post(
@@ -1715,4 +1715,154 @@ async fn hubspot_reads_past_the_search_apis_ten_thousand_results() {
         || async { total(&engine, "bigcrm", "leads").await == CONTACTS },
     )
     .await;
+}
+
+/// The webhook checks every event as the engine will (the same decoder, the tenant's rates):
+/// a sender's mistake is a 400 naming the item and the field, and publishes nothing, never a
+/// 503 to retry forever; and amounts keep every digit, as on the NATS path.
+#[tokio::test]
+async fn webhooks_refuse_what_the_engine_would_reject_and_keep_amounts_exact() {
+    let nats = NatsServer::start();
+    let config = r#"
+[tenants.hooks]
+fx = { USD = 0.9 }
+
+[[connectors]]
+id = "events"
+kind = "webhook"
+tenant = "hooks"
+every = "1h"
+[connectors.params]
+secret = "another-secret-of-16+"
+
+[[connectors]]
+id = "orders"
+kind = "webhook"
+tenant = "hooks"
+every = "1h"
+[connectors.params]
+secret = "another-secret-of-16+"
+[connectors.params.mapping]
+event_type = "deal.won"
+items = "/orders"
+id = "/number"
+time = "/paid_at"
+[connectors.params.mapping.fields]
+deal_id = "/number"
+customer_id = "/buyer"
+amount = "/total"
+currency = "/currency"
+"#;
+    let mut engine = Engine::start(&nats.url(), config);
+    engine.wait_ready().await;
+    let client = reqwest::Client::new();
+    let post = |path: &'static str, body: String| {
+        let signature = kpi_connect::kinds::webhook::sign(
+            "another-secret-of-16+",
+            chrono::Utc::now().timestamp(),
+            body.as_bytes(),
+        );
+        let request = client
+            .post(format!("{}{path}", engine.base()))
+            .header("X-Kpi-Signature", signature)
+            .body(body);
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    };
+    // Written as text: through serde_json's Value the amount would become the float 0.125.
+    let good_text = r#"{"specversion":"1.0","id":"ok-1","source":"shop","type":"deal.won","time":"2026-11-21T10:00:00Z","data":{"deal_id":"D1","customer_id":"C1","amount":0.125000000000000001,"currency":"EUR"}}"#;
+    let good: Value = serde_json::from_str(good_text).unwrap();
+    let with = |field: &str, value: Value| {
+        let mut event = good.clone();
+        let pointer: Vec<&str> = field.split('.').collect();
+        match pointer.as_slice() {
+            [name] => event[*name] = value,
+            [outer, inner] => event[*outer][*inner] = value,
+            _ => unreachable!(),
+        }
+        event
+    };
+    let cases = [
+        (with("time", json!("x\r\ny")), "[1]: invalid_field: time"),
+        (
+            with("type", json!("deal.won\t")),
+            "[1]: invalid_field: type",
+        ),
+        (
+            with("data.amount", json!("-5")),
+            "[1]: negative_amount: data.amount",
+        ),
+        (
+            with("data.amount", json!("50000000000000000000000000000")),
+            "[1]: invalid_field: data.amount",
+        ),
+        (
+            with("data.currency", json!("JPY")),
+            "[1]: unknown_currency: data.currency",
+        ),
+        (
+            with("tenant", json!("other")),
+            "[1]: tenant_mismatch: tenant",
+        ),
+        (
+            with("data.deal_id", json!(null)),
+            "[1]: missing_field: data.deal_id",
+        ),
+        (
+            with("type", json!("deal.exploded")),
+            "[1]: unknown_type: type",
+        ),
+    ];
+    for (bad, want) in cases {
+        let body = format!("[{good_text},{bad}]");
+        let (status, reply) = post("/webhooks/events", body).await;
+        let error = reply["error"].as_str().unwrap_or_default().to_string();
+        assert_eq!(status, 400, "{bad}: {reply}");
+        assert!(error.starts_with(want), "{error} should start with {want}");
+        assert!(!error.contains(['\r', '\n', '\t']), "{error:?}");
+    }
+    // A mapped body: the faulty field is named with where it came from.
+    let (status, reply) = post(
+        "/webhooks/orders",
+        r#"{"orders":[{"number":"A1","paid_at":"2026-11-21T10:00:00Z","buyer":"C2","total":"12,50","currency":"EUR"}]}"#.into(),
+    )
+    .await;
+    assert_eq!(status, 400, "{reply}");
+    assert_eq!(
+        reply["error"],
+        "[0]: invalid_field: data.amount: expected a decimal as a string or number (mapping.fields.amount = /total)"
+    );
+
+    // Nothing of the refused requests was published.
+    let js = async_nats::jetstream::new(nats.client().await);
+    let mut stream = js.get_stream("KPI_EVENTS").await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 0);
+
+    // Good events: both paths keep all eighteen digits.
+    let (status, reply) = post("/webhooks/events", good_text.to_string()).await;
+    assert_eq!((status, reply), (202, json!({"accepted": 1})));
+    let (status, reply) = post(
+        "/webhooks/orders",
+        r#"{"orders":[{"number":"A2","paid_at":"2026-11-21T11:00:00Z","buyer":"C2","total":100.000000000000000001,"currency":"USD"}]}"#.into(),
+    )
+    .await;
+    assert_eq!((status, reply), (202, json!({"accepted": 1})));
+    let stored = |sequence: u64| {
+        let stream = stream.clone();
+        async move {
+            let message = stream.get_raw_message(sequence).await.unwrap();
+            serde_json::from_slice::<Value>(&message.payload).unwrap()["data"]["amount"].clone()
+        }
+    };
+    assert_eq!(stored(1).await, "0.125000000000000001");
+    assert_eq!(stored(2).await, "100.000000000000000001");
+    wait_until("both deals applied", Duration::from_secs(20), || async {
+        total(&engine, "hooks", "new_customers").await == 2
+    })
+    .await;
+    // 0.125000000000000001 + 100.000000000000000001 x 0.9, to the cent.
+    assert_eq!(total(&engine, "hooks", "revenue").await, "90.13");
 }

@@ -9,10 +9,12 @@
 //!   `x-sib-ratelimit-reset`, which is honoured.
 
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::emailing::EmailingCost;
 use super::{base, offset_pages, page_items, rfc3339, text};
+use kpi_model::EventData;
+
 use crate::http::Http;
 use crate::{ConnectError, Connector, Emit, RunContext, RunOutput};
 
@@ -204,15 +206,16 @@ impl Connector for Brevo {
             {
                 continue;
             }
-            let lead_id = format!("brevo-{id}");
-            let mut data = json!({"lead_id": lead_id, "channel": "email"});
-            if let Some(campaign) = &self.params.lead_campaign {
-                data["campaign"] = json!(campaign);
-            }
+            let data = EventData::LeadCreated {
+                lead_id: format!("brevo-{id}"),
+                channel: Some("email".into()),
+                campaign: self.params.lead_campaign.clone(),
+                qualified: None,
+                customer_id: None,
+            };
             output.emits.push(Emit::Event {
-                event_type: "lead.created",
                 time: created,
-                upstream_key: format!("contact:{id}:{data}"),
+                upstream_key: format!("contact:{id}:{}", crate::content_of(&data)),
                 version: None,
                 data,
             });

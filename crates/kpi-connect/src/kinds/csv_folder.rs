@@ -24,6 +24,9 @@ use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use kpi_model::event::SpendCategory;
+use kpi_model::EventData;
+
 use crate::{ConnectError, Connector, Emit, RunContext, RunOutput, SpendLine};
 
 /// What a CSV file holds.
@@ -149,20 +152,31 @@ pub fn parse(kind: CsvKind, reader: impl Read, name: &str) -> Result<Vec<Emit>, 
                 let date_text = required("date")?;
                 let date = NaiveDate::parse_from_str(&date_text, "%Y-%m-%d")
                     .map_err(|_| bad(line, format!("`date` `{date_text}` is not YYYY-MM-DD")))?;
+                let category = match field("category") {
+                    None => SpendCategory::Media,
+                    Some(text) => SpendCategory::parse(&text).ok_or_else(|| {
+                        bad(
+                            line,
+                            format!(
+                                "`category` `{text}` is not media, tools, prospecting or other"
+                            ),
+                        )
+                    })?,
+                };
                 let line_data = SpendLine {
                     date,
-                    amount: required("amount")?,
+                    amount: crate::amount(&required("amount")?)
+                        .map_err(|error| bad(line, error))?,
                     currency: required("currency")?,
                     channel: field("channel"),
                     campaign: field("campaign"),
-                    category: field("category"),
+                    category,
                     source: field("source").unwrap_or_else(|| "csv".into()),
                     account: field("account"),
                 };
                 match time("reported_at")? {
                     // A reported time makes the row a versioned event of its own.
                     Some(reported_at) => emits.push(Emit::Event {
-                        event_type: "spend.reported",
                         time: reported_at,
                         upstream_key: row_key,
                         version: None,
@@ -175,12 +189,6 @@ pub fn parse(kind: CsvKind, reader: impl Read, name: &str) -> Result<Vec<Emit>, 
                 let lead_id = required("lead_id")?;
                 let created_at =
                     time("created_at")?.ok_or_else(|| bad(line, "`created_at` is empty".into()))?;
-                let mut data = json!({"lead_id": lead_id});
-                for name in ["channel", "campaign", "customer_id"] {
-                    if let Some(value) = field(name) {
-                        data[name] = json!(value);
-                    }
-                }
                 let qualified = match row.get("qualified") {
                     None => None,
                     Some(text) => Some(parse_bool(text).ok_or_else(|| {
@@ -188,32 +196,35 @@ pub fn parse(kind: CsvKind, reader: impl Read, name: &str) -> Result<Vec<Emit>, 
                     })?),
                 };
                 let qualified_at = time("qualified_at")?;
-                if let (Some(qualified), None) = (qualified, qualified_at) {
-                    data["qualified"] = json!(qualified);
-                }
                 emits.push(Emit::Event {
-                    event_type: "lead.created",
                     time: created_at,
                     upstream_key: row_key.clone(),
                     version: None,
-                    data,
+                    data: EventData::LeadCreated {
+                        lead_id: lead_id.clone(),
+                        channel: field("channel"),
+                        campaign: field("campaign"),
+                        qualified: qualified.filter(|_| qualified_at.is_none()),
+                        customer_id: field("customer_id"),
+                    },
                 });
                 if let Some(at) = qualified_at {
                     emits.push(Emit::Event {
-                        event_type: "lead.qualified",
                         time: at,
                         upstream_key: row_key.clone(),
                         version: None,
-                        data: json!({"lead_id": lead_id, "qualified": qualified.unwrap_or(true)}),
+                        data: EventData::LeadQualified {
+                            lead_id: lead_id.clone(),
+                            qualified: qualified.unwrap_or(true),
+                        },
                     });
                 }
                 if let Some(stage) = field("stage") {
                     emits.push(Emit::Event {
-                        event_type: "lead.stage_changed",
                         time: time("stage_at")?.unwrap_or(created_at),
                         upstream_key: row_key,
                         version: None,
-                        data: json!({"lead_id": lead_id, "stage": stage}),
+                        data: EventData::LeadStageChanged { lead_id, stage },
                     });
                 }
             }
@@ -222,31 +233,26 @@ pub fn parse(kind: CsvKind, reader: impl Read, name: &str) -> Result<Vec<Emit>, 
                 let closed_at =
                     time("closed_at")?.ok_or_else(|| bad(line, "`closed_at` is empty".into()))?;
                 let status = required("status")?.to_ascii_lowercase();
-                let mut data = json!({"deal_id": deal_id});
-                let event_type = match status.as_str() {
-                    "won" => {
-                        for name in ["customer_id", "amount", "currency"] {
-                            data[name] = json!(required(name)?);
-                        }
-                        for name in ["lead_id", "channel", "campaign"] {
-                            if let Some(value) = field(name) {
-                                data[name] = json!(value);
-                            }
-                        }
-                        "deal.won"
-                    }
-                    "lost" => {
-                        if let Some(lead_id) = field("lead_id") {
-                            data["lead_id"] = json!(lead_id);
-                        }
-                        "deal.lost"
-                    }
+                let data = match status.as_str() {
+                    "won" => EventData::DealWon {
+                        deal_id,
+                        customer_id: required("customer_id")?,
+                        amount: crate::amount(&required("amount")?)
+                            .map_err(|error| bad(line, error))?,
+                        currency: required("currency")?,
+                        lead_id: field("lead_id"),
+                        channel: field("channel"),
+                        campaign: field("campaign"),
+                    },
+                    "lost" => EventData::DealLost {
+                        deal_id,
+                        lead_id: field("lead_id"),
+                    },
                     other => {
                         return Err(bad(line, format!("`status` `{other}` is not won or lost")))
                     }
                 };
                 emits.push(Emit::Event {
-                    event_type,
                     time: closed_at,
                     upstream_key: row_key,
                     version: None,
@@ -386,21 +392,24 @@ mod tests {
         let emits = parse(CsvKind::Deals, csv.as_bytes(), "deals.csv").expect("parsed");
         assert_eq!(emits.len(), 2);
         let Emit::Event {
-            event_type, data, ..
+            data: EventData::DealWon {
+                amount, lead_id, ..
+            },
+            ..
         } = &emits[0]
         else {
-            panic!("an event")
+            panic!("a won deal: {:?}", emits[0])
         };
-        assert_eq!(*event_type, "deal.won");
-        assert_eq!(data["amount"], "1250.00");
-        assert_eq!(data["lead_id"], "L1");
+        assert_eq!(amount.to_string(), "1250");
+        assert_eq!(lead_id.as_deref(), Some("L1"));
         let Emit::Event {
-            event_type, time, ..
+            data: EventData::DealLost { .. },
+            time,
+            ..
         } = &emits[1]
         else {
-            panic!("an event")
+            panic!("a lost deal: {:?}", emits[1])
         };
-        assert_eq!(*event_type, "deal.lost");
         assert_eq!(time.to_rfc3339(), "2026-03-05T00:00:00+00:00");
     }
 

@@ -8,6 +8,8 @@
 
 use chrono::{Datelike, NaiveDate};
 
+use kpi_model::event::SpendCategory;
+
 use crate::{ConnectError, Emit, SpendLine, Window};
 
 /// The cost settings of an emailing kind (from its params).
@@ -25,12 +27,10 @@ impl EmailingCost {
             ("cost_per_campaign", &self.cost_per_campaign),
         ] {
             if let Some(value) = value {
-                if crate::sum_decimals(std::slice::from_ref(value)).is_none()
-                    || value.starts_with('-')
-                {
+                if let Err(message) = crate::amount(value) {
                     return Err(ConnectError::Config {
                         key: key.into(),
-                        message: format!("`{value}` is not a non-negative decimal"),
+                        message,
                     });
                 }
             }
@@ -43,17 +43,18 @@ impl EmailingCost {
         date: NaiveDate,
         amount: &str,
         campaign: Option<String>,
-        category: &str,
+        category: SpendCategory,
         source: &str,
         account: &str,
     ) -> Emit {
         Emit::Spend(SpendLine {
             date,
-            amount: amount.to_string(),
+            // Checked by `validate` when the connector was built.
+            amount: crate::amount(amount).unwrap_or_default(),
             currency: self.currency.clone(),
             channel: Some("email".into()),
             campaign,
-            category: Some(category.into()),
+            category,
             source: source.into(),
             account: Some(account.into()),
         })
@@ -75,7 +76,7 @@ impl EmailingCost {
                     first,
                     price,
                     None,
-                    "tools",
+                    SpendCategory::Tools,
                     source,
                     &format!("{account}-plan"),
                 ));
@@ -97,8 +98,8 @@ impl EmailingCost {
         Some(self.line(
             date,
             cost,
-            Some(campaign.to_string()),
-            "media",
+            Some(kpi_model::event::clean_identifier(campaign)),
+            SpendCategory::Media,
             source,
             account,
         ))

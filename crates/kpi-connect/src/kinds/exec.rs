@@ -29,7 +29,10 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use chrono::NaiveDate;
+use kpi_model::event::{SpendCategory, EVENTS_SUBJECT_PREFIX};
+use kpi_model::{decode_event, DecodeLimits, Event};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
@@ -64,30 +67,36 @@ pub struct Exec {
     params: ExecParams,
 }
 
+/// One line of the plugin's output. Events and spend lines are kept as raw JSON, so that
+/// their amounts are read digit by digit.
 #[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-enum Message {
-    Event {
-        event: Value,
-    },
-    Spend {
-        spend: PluginSpend,
-    },
-    State {
-        state: Value,
-    },
-    Log {
-        #[serde(default)]
-        level: Option<String>,
-        message: String,
-    },
+struct Message<'a> {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(borrow, default)]
+    event: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    spend: Option<&'a RawValue>,
+    #[serde(default)]
+    state: Option<Value>,
+    #[serde(default)]
+    level: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct EventType {
+    #[serde(rename = "type", default)]
+    event_type: Option<String>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PluginSpend {
+struct PluginSpend<'a> {
     date: NaiveDate,
-    amount: Value,
+    #[serde(borrow)]
+    amount: &'a RawValue,
     currency: String,
     #[serde(default)]
     channel: Option<String>,
@@ -164,39 +173,33 @@ impl Exec {
                 if line.trim().is_empty() {
                     continue;
                 }
-                let message: Message = serde_json::from_str(&line).map_err(|error| {
-                    local(format!(
-                        "stdout line {number} is not a protocol message: {error}"
-                    ))
-                })?;
-                match message {
-                    Message::Event { event } => output.emits.push(Emit::Envelope(event)),
-                    Message::Spend { spend } => {
-                        let amount = super::scalar(&spend.amount).ok_or_else(|| {
-                            local(format!(
-                                "stdout line {number}: spend.amount {} is not a decimal",
-                                spend.amount
-                            ))
-                        })?;
-                        output.emits.push(Emit::Spend(SpendLine {
-                            date: spend.date,
-                            amount,
-                            currency: spend.currency,
-                            channel: spend.channel,
-                            campaign: spend.campaign,
-                            category: spend.category,
-                            source: spend.source,
-                            account: spend.account,
-                        }));
-                    }
-                    Message::State { state } => output.cursor = Some(state),
-                    Message::Log { level, message } => match level.as_deref() {
-                        Some("error") => error!(connector = %context.connector_id, "{message}"),
-                        Some("warn") | Some("warning") => {
-                            warn!(connector = %context.connector_id, "{message}")
+                let bad = |what: String| local(format!("stdout line {number}: {what}"));
+                let message: Message = serde_json::from_str(&line)
+                    .map_err(|error| bad(format!("not a protocol message: {error}")))?;
+                match (message.kind.as_str(), message.event, message.spend) {
+                    ("event", Some(raw), _) => output
+                        .emits
+                        .push(Emit::External(plugin_event(context, raw).map_err(bad)?)),
+                    ("spend", _, Some(raw)) => output
+                        .emits
+                        .push(Emit::Spend(plugin_spend(raw).map_err(bad)?)),
+                    ("state", _, _) => output.cursor = message.state,
+                    ("log", _, _) => {
+                        let text = message.message.unwrap_or_default();
+                        match message.level.as_deref() {
+                            Some("error") => error!(connector = %context.connector_id, "{text}"),
+                            Some("warn") | Some("warning") => {
+                                warn!(connector = %context.connector_id, "{text}")
+                            }
+                            _ => info!(connector = %context.connector_id, "{text}"),
                         }
-                        _ => info!(connector = %context.connector_id, "{message}"),
-                    },
+                    }
+                    (kind, _, _) => {
+                        return Err(bad(format!(
+                            "`{}` is not a message type (event, spend, state, log) with its field",
+                            kpi_model::event::shown(kind)
+                        )))
+                    }
                 }
             }
             let status = child
@@ -229,6 +232,53 @@ impl Exec {
         }
         Ok(output)
     }
+}
+
+/// A plugin's event: decoded and checked as the engine will, for the connector's tenant.
+fn plugin_event(context: &RunContext, raw: &RawValue) -> Result<Event, String> {
+    let event_type = serde_json::from_str::<EventType>(raw.get())
+        .ok()
+        .and_then(|only| only.event_type)
+        .ok_or_else(|| "event: `type` is missing".to_string())?;
+    let subject = format!("{EVENTS_SUBJECT_PREFIX}{}.{event_type}", context.tenant);
+    decode_event(
+        &subject,
+        raw.get().as_bytes(),
+        context.now,
+        &DecodeLimits::default(),
+    )
+    .map_err(|rejection| format!("event: {rejection}"))
+}
+
+/// A plugin's spend line, its amount read exactly.
+fn plugin_spend(raw: &RawValue) -> Result<SpendLine, String> {
+    let spend: PluginSpend =
+        serde_json::from_str(raw.get()).map_err(|error| format!("spend: {error}"))?;
+    let amount = kpi_model::money::parse_amount_json(spend.amount.get()).map_err(|error| {
+        format!(
+            "spend.amount {}: {error}",
+            kpi_model::event::shown(spend.amount.get())
+        )
+    })?;
+    let category = match spend.category.as_deref() {
+        None => SpendCategory::Media,
+        Some(text) => SpendCategory::parse(text).ok_or_else(|| {
+            format!(
+                "spend.category `{}` is not media, tools, prospecting or other",
+                kpi_model::event::shown(text)
+            )
+        })?,
+    };
+    Ok(SpendLine {
+        date: spend.date,
+        amount,
+        currency: spend.currency,
+        channel: spend.channel,
+        campaign: spend.campaign,
+        category,
+        source: spend.source,
+        account: spend.account,
+    })
 }
 
 impl Connector for Exec {
@@ -271,6 +321,7 @@ impl Connector for Exec {
 mod tests {
     use super::*;
     use crate::Window;
+    use kpi_model::EventData;
 
     fn context() -> RunContext {
         let today = chrono::NaiveDate::from_ymd_opt(2026, 12, 31).expect("a date");
@@ -301,16 +352,50 @@ mod tests {
     async fn messages_are_read_and_the_request_carries_the_state() {
         // The plugin echoes the state it was given as its new state.
         let plugin = shell(
-            r#"read request; echo '{"type":"log","message":"hi"}'; echo '{"type":"spend","spend":{"date":"2026-11-25","amount":12.5,"currency":"EUR","source":"x"}}'; echo "{\"type\":\"state\",\"state\":$(echo "$request" | sed 's/.*"state":\({[^}]*}\).*/\1/')}""#,
+            r#"read request; echo '{"type":"log","message":"hi"}'; echo '{"type":"spend","spend":{"date":"2026-11-25","amount":12.500000000000000001,"currency":"EUR","source":"x"}}'; echo '{"type":"event","event":{"specversion":"1.0","id":"p-1","source":"shop","type":"deal.won","time":"2026-11-25T10:00:00Z","data":{"deal_id":"D1","customer_id":"C1","amount":0.125000000000000001,"currency":"EUR"}}}'; echo "{\"type\":\"state\",\"state\":$(echo "$request" | sed 's/.*"state":\({[^}]*}\).*/\1/')}""#,
             10,
         );
         let output = Connector::run(&plugin, &context()).await.expect("ran");
         assert_eq!(output.cursor, Some(json!({"page": 3})));
-        assert_eq!(output.emits.len(), 1);
+        assert_eq!(output.emits.len(), 2);
         let Emit::Spend(line) = &output.emits[0] else {
             panic!("a spend line")
         };
-        assert_eq!(line.amount, "12.5");
+        // JSON numbers keep every digit the plugin wrote.
+        assert_eq!(line.amount.to_string(), "12.500000000000000001");
+        let Emit::External(event) = &output.emits[1] else {
+            panic!("an event")
+        };
+        assert_eq!(event.tenant, "acme");
+        let EventData::DealWon { amount, .. } = &event.data else {
+            panic!("a won deal")
+        };
+        assert_eq!(amount.to_string(), "0.125000000000000001");
+    }
+
+    #[tokio::test]
+    async fn an_event_the_engine_would_reject_fails_the_run_naming_line_and_field() {
+        let plugin = shell(
+            r#"echo '{"type":"event","event":{"specversion":"1.0","id":"p-1","source":"shop","type":"deal.won","time":"2026-11-25T10:00:00Z","data":{"deal_id":"D1","customer_id":"C1","amount":"-3","currency":"EUR"}}}'"#,
+            10,
+        );
+        let error = Connector::run(&plugin, &context())
+            .await
+            .expect_err("negative amount");
+        assert!(
+            error
+                .to_string()
+                .contains("stdout line 1: event: negative_amount: data.amount: -3 is negative"),
+            "{error}"
+        );
+        let other_tenant = shell(
+            r#"echo '{"type":"event","event":{"specversion":"1.0","id":"p-2","source":"shop","type":"deal.lost","tenant":"beta","time":"2026-11-25T10:00:00Z","data":{"deal_id":"D1"}}}'"#,
+            10,
+        );
+        let error = Connector::run(&other_tenant, &context())
+            .await
+            .expect_err("another tenant");
+        assert!(error.to_string().contains("tenant_mismatch"), "{error}");
     }
 
     #[tokio::test]
@@ -335,7 +420,7 @@ mod tests {
         assert!(
             chatty
                 .to_string()
-                .contains("stdout line 1 is not a protocol message"),
+                .contains("stdout line 1: not a protocol message"),
             "{chatty}"
         );
     }

@@ -13,6 +13,8 @@ use chrono::NaiveDate;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use kpi_model::event::SpendCategory;
+
 use super::oauth::RefreshToken;
 use super::{base, text};
 use crate::http::Http;
@@ -186,7 +188,7 @@ impl Connector for GoogleAds {
                 Some(other) => return Err(self.http.protocol(format!("costMicros {other}"))),
             };
             let entry = lines
-                .entry((campaign.to_string(), date))
+                .entry((kpi_model::event::clean_identifier(campaign), date))
                 .or_insert((0, currency.to_string()));
             entry.0 += micros;
         }
@@ -199,7 +201,7 @@ impl Connector for GoogleAds {
                     currency,
                     channel: Some(self.params.channel.clone()),
                     campaign: Some(campaign),
-                    category: None,
+                    category: SpendCategory::Media,
                     source: "google_ads".into(),
                     account: Some(self.customer_id.clone()),
                 })

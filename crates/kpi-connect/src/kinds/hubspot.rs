@@ -23,6 +23,9 @@ use chrono::{DateTime, Days, Utc};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use kpi_model::event::clean_identifier;
+use kpi_model::EventData;
+
 use super::{base, rfc3339, text};
 use crate::http::Http;
 use crate::{ConnectError, Connector, Emit, RunContext, RunOutput};
@@ -296,17 +299,19 @@ impl Connector for HubSpot {
                 .unwrap_or(created);
             latest = latest.max(modified);
             let version = Some(modified.timestamp_millis().max(0) as u64);
-            let mut data = json!({"lead_id": id});
-            if let Some(source) = text(&contact, "/properties/hs_analytics_source") {
-                data["channel"] = json!(channel_of_source(source));
-                if let Some(campaign) = text(&contact, "/properties/hs_analytics_source_data_1") {
-                    data["campaign"] = json!(campaign);
-                }
-            }
+            let source = text(&contact, "/properties/hs_analytics_source");
+            let data = EventData::LeadCreated {
+                lead_id: id.to_string(),
+                channel: source.map(|source| channel_of_source(source).to_string()),
+                campaign: source
+                    .and(text(&contact, "/properties/hs_analytics_source_data_1"))
+                    .map(clean_identifier),
+                qualified: None,
+                customer_id: None,
+            };
             output.emits.push(Emit::Event {
-                event_type: "lead.created",
                 time: created,
-                upstream_key: format!("contact:{id}:{data}"),
+                upstream_key: format!("contact:{id}:{}", crate::content_of(&data)),
                 version,
                 data,
             });
@@ -314,18 +319,22 @@ impl Connector for HubSpot {
                 text(&contact, "/properties/lifecyclestage").filter(|s| !s.is_empty())
             {
                 output.emits.push(Emit::Event {
-                    event_type: "lead.qualified",
                     time: modified,
                     upstream_key: format!("contact:{id}:qualified:{}", is_qualified_stage(stage)),
                     version: None,
-                    data: json!({"lead_id": id, "qualified": is_qualified_stage(stage)}),
+                    data: EventData::LeadQualified {
+                        lead_id: id.to_string(),
+                        qualified: is_qualified_stage(stage),
+                    },
                 });
                 output.emits.push(Emit::Event {
-                    event_type: "lead.stage_changed",
                     time: modified,
                     upstream_key: format!("contact:{id}:stage:{stage}"),
                     version: None,
-                    data: json!({"lead_id": id, "stage": stage}),
+                    data: EventData::LeadStageChanged {
+                        lead_id: id.to_string(),
+                        stage: clean_identifier(stage),
+                    },
                 });
             }
         }
@@ -363,29 +372,37 @@ impl Connector for HubSpot {
             let version = Some(modified.timestamp_millis().max(0) as u64);
             let contact = contacts.get(id);
             let won = text(deal, "/properties/hs_is_closed_won") == Some("true");
-            let mut data = json!({"deal_id": id});
-            if let Some(contact) = contact {
-                data["lead_id"] = json!(contact);
-            }
-            let event_type = if won {
+            let data = if won {
                 let Some(contact) = contact else {
                     // SPEC needs a customer: a won deal with no contact cannot count.
                     tracing::warn!(connector = %context.connector_id, deal = id, "won deal without an associated contact: skipped");
                     continue;
                 };
-                data["customer_id"] = json!(contact);
-                data["amount"] = json!(text(deal, "/properties/amount").unwrap_or("0"));
-                data["currency"] = json!(text(deal, "/properties/deal_currency_code")
-                    .filter(|code| !code.is_empty())
-                    .unwrap_or(&self.params.currency));
-                "deal.won"
+                let amount = text(deal, "/properties/amount")
+                    .filter(|a| !a.is_empty())
+                    .unwrap_or("0");
+                EventData::DealWon {
+                    deal_id: id.to_string(),
+                    customer_id: contact.clone(),
+                    amount: crate::amount(amount)
+                        .map_err(|error| self.http.protocol(format!("deal {id}: {error}")))?,
+                    currency: text(deal, "/properties/deal_currency_code")
+                        .filter(|code| !code.is_empty())
+                        .unwrap_or(&self.params.currency)
+                        .to_string(),
+                    lead_id: Some(contact.clone()),
+                    channel: None,
+                    campaign: None,
+                }
             } else {
-                "deal.lost"
+                EventData::DealLost {
+                    deal_id: id.to_string(),
+                    lead_id: contact.cloned(),
+                }
             };
             output.emits.push(Emit::Event {
-                event_type,
                 time: closed_at,
-                upstream_key: format!("deal:{id}:{data}"),
+                upstream_key: format!("deal:{id}:{}", crate::content_of(&data)),
                 version,
                 data,
             });

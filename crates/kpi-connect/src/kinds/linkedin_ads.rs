@@ -15,6 +15,8 @@ use chrono::{Datelike, NaiveDate};
 use serde::Deserialize;
 use serde_json::Value;
 
+use kpi_model::event::SpendCategory;
+
 use super::oauth::RefreshToken;
 use super::{base, text};
 use crate::http::Http;
@@ -204,7 +206,9 @@ impl Connector for LinkedInAds {
                 .ok_or_else(|| self.http.protocol("an element without dateRange.start"))?;
             let urn = text(element, "/pivotValues/0")
                 .ok_or_else(|| self.http.protocol("an element without pivotValues"))?;
-            let campaign = names.get(urn).cloned().unwrap_or_else(|| urn.to_string());
+            let campaign = kpi_model::event::clean_identifier(
+                names.get(urn).map(String::as_str).unwrap_or(urn),
+            );
             let cost = element
                 .get("costInLocalCurrency")
                 .and_then(super::scalar)
@@ -215,12 +219,11 @@ impl Connector for LinkedInAds {
         for ((campaign, date), costs) in lines {
             output.emits.push(Emit::Spend(SpendLine {
                 date,
-                amount: crate::sum_decimals(&costs)
-                    .ok_or_else(|| self.http.protocol(format!("costs {costs:?}")))?,
+                amount: crate::sum_amounts(&costs).map_err(|error| self.http.protocol(error))?,
                 currency: currency.clone(),
                 channel: Some(self.params.channel.clone()),
                 campaign: Some(campaign),
-                category: None,
+                category: SpendCategory::Media,
                 source: "linkedin_ads".into(),
                 account: Some(self.params.ad_account_id.clone()),
             }));

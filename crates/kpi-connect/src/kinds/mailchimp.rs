@@ -11,10 +11,12 @@
 
 use chrono::NaiveDate;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::emailing::EmailingCost;
 use super::{base, offset_pages, page_items, rfc3339, text};
+use kpi_model::EventData;
+
 use crate::http::Http;
 use crate::{ConnectError, Connector, Emit, RunContext, RunOutput};
 
@@ -202,15 +204,16 @@ impl Connector for Mailchimp {
                 else {
                     continue;
                 };
-                let lead_id = format!("mc-{id}");
-                let mut data = json!({"lead_id": lead_id, "channel": "email"});
-                if let Some(campaign) = &self.params.lead_campaign {
-                    data["campaign"] = json!(campaign);
-                }
+                let data = EventData::LeadCreated {
+                    lead_id: format!("mc-{id}"),
+                    channel: Some("email".into()),
+                    campaign: self.params.lead_campaign.clone(),
+                    qualified: None,
+                    customer_id: None,
+                };
                 output.emits.push(Emit::Event {
-                    event_type: "lead.created",
                     time: opted_in,
-                    upstream_key: format!("member:{id}:{data}"),
+                    upstream_key: format!("member:{id}:{}", crate::content_of(&data)),
                     version: None,
                     data,
                 });

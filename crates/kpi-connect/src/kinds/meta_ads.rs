@@ -19,6 +19,9 @@ use reqwest::StatusCode;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use kpi_model::event::SpendCategory;
+use kpi_model::EventData;
+
 use super::{base, text};
 use crate::http::{Http, Verdict};
 use crate::{ConnectError, Connector, Emit, RunContext, RunOutput, SpendLine};
@@ -237,13 +240,18 @@ impl Connector for MetaAds {
             let campaign_id = text(&row, "/campaign_id").unwrap_or(campaign);
             let currency = text(&row, "/account_currency")
                 .ok_or_else(|| self.http.protocol("a row without account_currency"))?;
+            let campaign = kpi_model::event::clean_identifier(campaign);
+            let spend = row
+                .get("spend")
+                .and_then(super::scalar)
+                .unwrap_or_else(|| "0".into());
             output.emits.push(Emit::Spend(SpendLine {
                 date,
-                amount: text(&row, "/spend").unwrap_or("0").to_string(),
+                amount: crate::amount(&spend).map_err(|error| self.http.protocol(error))?,
                 currency: currency.to_string(),
                 channel: Some(self.params.channel.clone()),
-                campaign: Some(campaign.to_string()),
-                category: None,
+                campaign: Some(campaign.clone()),
+                category: SpendCategory::Media,
                 source: "meta_ads".into(),
                 account: Some(self.account.clone()),
             }));
@@ -264,11 +272,16 @@ impl Connector for MetaAds {
             for rank in 1..=leads {
                 let lead_id = format!("meta-{campaign_id}-{date}-{rank}");
                 output.emits.push(Emit::Event {
-                    event_type: "lead.created",
                     time,
                     upstream_key: lead_id.clone(),
                     version: None,
-                    data: json!({"lead_id": lead_id, "channel": self.params.channel, "campaign": campaign}),
+                    data: EventData::LeadCreated {
+                        lead_id,
+                        channel: Some(self.params.channel.clone()),
+                        campaign: Some(campaign.clone()),
+                        qualified: None,
+                        customer_id: None,
+                    },
                 });
             }
         }

@@ -24,6 +24,9 @@ use chrono::{DateTime, Days, NaiveDateTime, Utc};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use kpi_model::event::clean_identifier;
+use kpi_model::EventData;
+
 use super::{base, text};
 use crate::http::Http;
 use crate::{ConnectError, Connector, Emit, RunContext, RunOutput};
@@ -230,14 +233,16 @@ impl Connector for Pipedrive {
             let lead_id = id_text(&lead, "/person_id")
                 .map(|person| format!("P{person}"))
                 .unwrap_or(id.clone());
-            let mut data = json!({"lead_id": lead_id});
-            if let Some(source) = text(&lead, "/source_name") {
-                data["channel"] = json!(self.channel(source));
-            }
+            let data = EventData::LeadCreated {
+                lead_id,
+                channel: text(&lead, "/source_name").map(|source| self.channel(source)),
+                campaign: None,
+                qualified: None,
+                customer_id: None,
+            };
             output.emits.push(Emit::Event {
-                event_type: "lead.created",
                 time: created,
-                upstream_key: format!("lead:{id}:{data}"),
+                upstream_key: format!("lead:{id}:{}", crate::content_of(&data)),
                 version: None,
                 data,
             });
@@ -278,28 +283,29 @@ impl Connector for Pipedrive {
                     .or_else(|| time(deal, "/add_time"))
                     .unwrap_or(context.now);
                 output.emits.push(Emit::Event {
-                    event_type: "lead.qualified",
                     time: reached,
                     upstream_key: format!("person:{lead_id}:qualified"),
                     version: None,
-                    data: json!({"lead_id": lead_id, "qualified": true}),
+                    data: EventData::LeadQualified {
+                        lead_id: lead_id.clone(),
+                        qualified: true,
+                    },
                 });
                 if let Some(stage) = id_text(deal, "/stage_id").and_then(|stage| stages.get(&stage))
                 {
                     output.emits.push(Emit::Event {
-                        event_type: "lead.stage_changed",
                         time: reached,
                         upstream_key: format!("person:{lead_id}:stage:{stage}"),
                         version: None,
-                        data: json!({"lead_id": lead_id, "stage": stage}),
+                        data: EventData::LeadStageChanged {
+                            lead_id: lead_id.clone(),
+                            stage: clean_identifier(stage),
+                        },
                     });
                 }
             }
-            let mut data = json!({"deal_id": format!("pd-{id}")});
-            if let Some(lead_id) = &person {
-                data["lead_id"] = json!(lead_id);
-            }
-            let (event_type, at, upstream_key) = match text(deal, "/status") {
+            let deal_id = format!("pd-{id}");
+            let (data, at, upstream_key) = match text(deal, "/status") {
                 Some("won") => {
                     let customer = person
                         .clone()
@@ -308,22 +314,34 @@ impl Connector for Pipedrive {
                         tracing::warn!(connector = %context.connector_id, deal = %id, "won deal without a person, organization or won_time: skipped");
                         continue;
                     };
-                    data["customer_id"] = json!(customer);
-                    data["amount"] = json!(deal
+                    let value = deal
                         .get("value")
                         .and_then(super::scalar)
-                        .unwrap_or_else(|| "0".into()));
-                    data["currency"] = json!(text(deal, "/currency").unwrap_or("EUR"));
-                    ("deal.won", won_at, format!("deal:{id}:{data}"))
+                        .unwrap_or_else(|| "0".into());
+                    let data = EventData::DealWon {
+                        deal_id,
+                        customer_id: customer,
+                        amount: crate::amount(&value)
+                            .map_err(|error| self.http.protocol(format!("deal {id}: {error}")))?,
+                        currency: text(deal, "/currency").unwrap_or("EUR").to_string(),
+                        lead_id: person.clone(),
+                        channel: None,
+                        campaign: None,
+                    };
+                    let key = format!("deal:{id}:{}", crate::content_of(&data));
+                    (data, won_at, key)
                 }
                 Some("lost") | Some("deleted") => {
                     let lost_at = time(deal, "/lost_time").or(updated).unwrap_or(context.now);
-                    ("deal.lost", lost_at, format!("deal:{id}:lost"))
+                    let data = EventData::DealLost {
+                        deal_id,
+                        lead_id: person.clone(),
+                    };
+                    (data, lost_at, format!("deal:{id}:lost"))
                 }
                 _ => continue,
             };
             output.emits.push(Emit::Event {
-                event_type,
                 time: at,
                 upstream_key,
                 version,

@@ -15,8 +15,14 @@
 //! of type `event_type`: its id from `id` (prefixed with the connector id), its time from
 //! `time` (RFC 3339 or Unix seconds), and `data` fields from JSON pointers.
 //!
+//! Every event is checked as the engine will check it (the same decoder, the tenant's exchange
+//! rates) before anything is published: a request with one bad event publishes nothing and is
+//! refused with 400 naming the item and the field, so a sender's mistake is never retried as
+//! if the engine were down. Amounts keep every digit the sender wrote (the body is read as raw
+//! JSON, never through binary floats).
+//!
 //! Replies: 202 `{"accepted": n}` once JetStream stored the events; 400 naming the bad field;
-//! 401; 404 for an unknown connector; 503 while NATS is not connected.
+//! 401; 404 for an unknown connector; 503 while NATS is not connected or does not store them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::OnceLock;
@@ -25,11 +31,13 @@ use async_nats::jetstream;
 use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
 use kpi_config::Config;
+use kpi_model::event::EVENTS_SUBJECT_PREFIX;
+use kpi_model::{decode_event, Clock, DecodeLimits, Event, EventData, TenantSettings, Tenants};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::value::RawValue;
+use serde_json::Value;
 use sha2::Sha256;
 
-use crate::runner::envelope;
 use crate::scheduler::ConnectorMetrics;
 use crate::sink::{publish_all, Outgoing};
 use crate::{ConnectError, Connector, RunContext, RunOutput};
@@ -92,6 +100,15 @@ impl Connector for Webhook {
             });
         }
         if let Some(mapping) = &params.mapping {
+            if kpi_model::EventType::parse(&mapping.event_type).is_none() {
+                return Err(ConnectError::Config {
+                    key: "mapping.event_type".into(),
+                    message: format!(
+                        "`{}` is not an event type (lead.created, lead.qualified, lead.stage_changed, deal.won, deal.lost, spend.reported)",
+                        mapping.event_type
+                    ),
+                });
+            }
             for (key, pointer) in [("mapping.id", &mapping.id), ("mapping.time", &mapping.time)]
                 .into_iter()
                 .chain(mapping.fields.values().map(|p| ("mapping.fields", p)))
@@ -149,6 +166,10 @@ fn refuse(status: u16, message: impl Into<String>) -> Refusal {
 /// The webhook connectors of the configuration, ready to receive.
 pub struct WebhookReceiver {
     endpoints: HashMap<String, Endpoint>,
+    tenants: Tenants,
+    limits: DecodeLimits,
+    /// Dates and the future-time check of the events (signatures use the wall clock).
+    clock: Clock,
     js: OnceLock<jetstream::Context>,
     metrics: Option<ConnectorMetrics>,
 }
@@ -158,6 +179,7 @@ impl WebhookReceiver {
         config: &Config,
         env: &dyn Fn(&str) -> Option<String>,
         metrics: Option<ConnectorMetrics>,
+        clock: Clock,
     ) -> Result<WebhookReceiver, ConnectError> {
         let mut endpoints = HashMap::new();
         for (index, connector) in config.connectors.iter().enumerate() {
@@ -184,6 +206,9 @@ impl WebhookReceiver {
         }
         Ok(WebhookReceiver {
             endpoints,
+            tenants: config.tenants(),
+            limits: config.decode_limits(),
+            clock,
             js: OnceLock::new(),
             metrics,
         })
@@ -260,11 +285,18 @@ impl WebhookReceiver {
             body,
             now,
         )?;
-        let value: Value = serde_json::from_slice(body)
+        let body: &RawValue = serde_json::from_slice(body)
             .map_err(|error| refuse(400, format!("body is not JSON: {error}")))?;
+        let settings = self.tenants.get(&endpoint.tenant);
+        let checks = Checks {
+            tenant: &endpoint.tenant,
+            settings,
+            limits: &self.limits,
+            now: self.clock.now(),
+        };
         let events = match &endpoint.params.mapping {
-            None => envelopes(value, &endpoint.tenant)?,
-            Some(mapping) => mapped(value, mapping, connector_id, &endpoint.tenant)?,
+            None => envelopes(body, &checks)?,
+            Some(mapping) => mapped(body, mapping, connector_id, &checks)?,
         };
         let js = self
             .js
@@ -349,80 +381,133 @@ fn decode_hex(text: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-fn envelopes(value: Value, tenant: &str) -> Result<Vec<Outgoing>, Refusal> {
-    let (items, many) = match value {
-        Value::Array(items) => (items, true),
-        other => (vec![other], false),
-    };
+/// What every event of a request is checked against: the engine's own rules.
+struct Checks<'a> {
+    tenant: &'a str,
+    settings: &'a TenantSettings,
+    limits: &'a DecodeLimits,
+    now: DateTime<Utc>,
+}
+
+impl Checks<'_> {
+    /// Decodes `envelope` as the engine will (and checks its currency has a rate): a refusal
+    /// names the field, prefixed by `at`.
+    fn event(&self, at: &str, event_type: &str, envelope: &[u8]) -> Result<Event, Refusal> {
+        let subject = format!("{EVENTS_SUBJECT_PREFIX}{}.{event_type}", self.tenant);
+        let event = decode_event(&subject, envelope, self.now, self.limits)
+            .map_err(|rejection| refuse(400, format!("{at}{rejection}")))?;
+        if let EventData::DealWon {
+            amount, currency, ..
+        }
+        | EventData::SpendReported {
+            amount, currency, ..
+        } = &event.data
+        {
+            self.settings
+                .to_reporting(*amount, currency)
+                .map_err(|rejection| refuse(400, format!("{at}{rejection}")))?;
+        }
+        Ok(event)
+    }
+}
+
+/// The items of a body: its elements if it is an array, else the body itself.
+fn items_of(body: &RawValue) -> Result<(Vec<&RawValue>, bool), Refusal> {
+    if body.get().trim_start().starts_with('[') {
+        let items: Vec<&RawValue> = serde_json::from_str(body.get())
+            .map_err(|error| refuse(400, format!("body is not JSON: {error}")))?;
+        Ok((items, true))
+    } else {
+        Ok((vec![body], false))
+    }
+}
+
+#[derive(Deserialize)]
+struct TypeOnly {
+    #[serde(rename = "type", default)]
+    event_type: Option<Value>,
+}
+
+fn envelopes(body: &RawValue, checks: &Checks<'_>) -> Result<Vec<Outgoing>, Refusal> {
+    let (items, many) = items_of(body)?;
     items
         .into_iter()
         .enumerate()
         .map(|(index, item)| {
-            let at = |field: &str| {
-                if many {
-                    format!("[{index}].{field}")
-                } else {
-                    field.to_string()
-                }
+            let at = if many {
+                format!("[{index}]: ")
+            } else {
+                String::new()
             };
-            let id = item
-                .get("id")
-                .and_then(Value::as_str)
-                .filter(|id| !id.is_empty())
-                .ok_or_else(|| refuse(400, format!("{}: missing", at("id"))))?
-                .to_string();
-            let event_type = item
-                .get("type")
-                .and_then(Value::as_str)
-                .filter(|t| !t.is_empty() && !t.contains(['*', '>', ' ']))
-                .ok_or_else(|| refuse(400, format!("{}: missing or not a type", at("type"))))?
-                .to_string();
-            if let Some(other) = item.get("tenant").and_then(Value::as_str) {
-                if other != tenant {
-                    return Err(refuse(
-                        400,
-                        format!("{}: `{other}` is not this webhook's tenant", at("tenant")),
-                    ));
-                }
-            }
-            Ok(Outgoing {
-                subject: format!("kpi.events.{tenant}.{event_type}"),
-                id: Some(id),
-                payload: bytes::Bytes::from(item.to_string()),
-            })
+            let event_type = match serde_json::from_str::<TypeOnly>(item.get()) {
+                Ok(TypeOnly {
+                    event_type: Some(Value::String(event_type)),
+                }) => event_type,
+                Ok(_) => return Err(refuse(400, format!("{at}missing_field: type: required"))),
+                Err(error) => return Err(refuse(400, format!("{at}invalid_json: {error}"))),
+            };
+            let event = checks.event(&at, &event_type, item.get().as_bytes())?;
+            Ok(Outgoing::from_event(&event))
         })
         .collect()
 }
 
+/// The value at a JSON pointer (RFC 6901) inside `raw`, still as raw JSON text (so numbers
+/// keep every digit).
+fn raw_pointer<'a>(raw: &'a RawValue, pointer: &str) -> Option<&'a RawValue> {
+    if pointer.is_empty() {
+        return Some(raw);
+    }
+    let mut current = raw;
+    for token in pointer.strip_prefix('/')?.split('/') {
+        let token = token.replace("~1", "/").replace("~0", "~");
+        let text: &'a str = current.get();
+        current = match text.trim_start().as_bytes().first() {
+            Some(b'{') => {
+                let object: HashMap<String, &'a RawValue> = serde_json::from_str(text).ok()?;
+                *object.get(&token)?
+            }
+            Some(b'[') => {
+                let array: Vec<&'a RawValue> = serde_json::from_str(text).ok()?;
+                *array.get(token.parse::<usize>().ok()?)?
+            }
+            _ => return None,
+        };
+    }
+    Some(current)
+}
+
 fn mapped(
-    value: Value,
+    body: &RawValue,
     mapping: &Mapping,
     connector_id: &str,
-    tenant: &str,
+    checks: &Checks<'_>,
 ) -> Result<Vec<Outgoing>, Refusal> {
     let items = match &mapping.items {
-        None => vec![value],
-        Some(pointer) => value
-            .pointer(pointer)
-            .and_then(Value::as_array)
-            .cloned()
+        None => vec![body],
+        Some(pointer) => raw_pointer(body, pointer)
+            .filter(|items| items.get().trim_start().starts_with('['))
+            .and_then(|items| serde_json::from_str::<Vec<&RawValue>>(items.get()).ok())
             .ok_or_else(|| refuse(400, format!("{pointer}: not an array")))?,
     };
+    let json_text = |text: &str| serde_json::to_string(text).unwrap_or_default();
     items
         .iter()
-        .map(|item| {
-            let scalar = |pointer: &str| -> Option<String> {
-                match item.pointer(pointer)? {
-                    Value::String(text) if !text.is_empty() => Some(text.clone()),
-                    Value::Number(number) => Some(number.to_string()),
-                    Value::Bool(flag) => Some(flag.to_string()),
-                    _ => None,
-                }
+        .enumerate()
+        .map(|(index, item)| {
+            let at = format!("[{index}]: ");
+            let value = |pointer: &str| -> Option<Value> {
+                raw_pointer(item, pointer).and_then(|raw| serde_json::from_str(raw.get()).ok())
             };
-            let id = scalar(&mapping.id)
-                .ok_or_else(|| refuse(400, format!("{}: missing", mapping.id)))?;
-            let time = match item.pointer(&mapping.time) {
-                Some(Value::String(text)) => DateTime::parse_from_rfc3339(text)
+            let id = match value(&mapping.id) {
+                Some(Value::String(text)) if !text.is_empty() => text,
+                Some(Value::Number(_)) | Some(Value::Bool(_)) => raw_pointer(item, &mapping.id)
+                    .map(|raw| raw.get().trim().to_string())
+                    .unwrap_or_default(),
+                _ => return Err(refuse(400, format!("{at}{}: missing", mapping.id))),
+            };
+            let time = match value(&mapping.time) {
+                Some(Value::String(text)) => DateTime::parse_from_rfc3339(&text)
                     .map(|time| time.with_timezone(&Utc))
                     .ok(),
                 Some(Value::Number(number)) => number
@@ -430,24 +515,43 @@ fn mapped(
                     .and_then(|seconds| DateTime::from_timestamp(seconds, 0)),
                 _ => None,
             }
-            .ok_or_else(|| refuse(400, format!("{}: missing or not a time", mapping.time)))?;
-            let mut data = json!({});
+            .ok_or_else(|| {
+                refuse(
+                    400,
+                    format!("{at}{}: missing or not a time", mapping.time),
+                )
+            })?;
+            let mut fields = Vec::new();
             for (field, pointer) in &mapping.fields {
-                if let Some(value) = item.pointer(pointer) {
-                    if !value.is_null() {
-                        data[field] = value.clone();
+                if let Some(raw) = raw_pointer(item, pointer) {
+                    if raw.get().trim() != "null" {
+                        fields.push(format!("{}:{}", json_text(field), raw.get()));
                     }
                 }
             }
-            let event_id = format!("{connector_id}-{id}");
-            Ok(envelope(
-                &event_id,
-                &format!("kpi-webhook/{connector_id}"),
-                tenant,
-                &mapping.event_type,
-                time,
-                data,
-            ))
+            let envelope = format!(
+                r#"{{"specversion":"1.0","id":{},"source":{},"type":{},"time":{},"tenant":{},"data":{{{}}}}}"#,
+                json_text(&format!("{connector_id}-{id}")),
+                json_text(&format!("kpi-webhook/{connector_id}")),
+                json_text(&mapping.event_type),
+                json_text(&time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)),
+                json_text(checks.tenant),
+                fields.join(",")
+            );
+            let event = checks
+                .event(&at, &mapping.event_type, envelope.as_bytes())
+                .map_err(|mut refusal| {
+                    // Name where the faulty field came from in the sender's body.
+                    if let Some((field, pointer)) = mapping.fields.iter().find(|(field, _)| {
+                        refusal.message.contains(&format!("data.{field}:"))
+                    }) {
+                        refusal.message.push_str(&format!(
+                            " (mapping.fields.{field} = {pointer})"
+                        ));
+                    }
+                    refusal
+                })?;
+            Ok(Outgoing::from_event(&event))
         })
         .collect()
 }
