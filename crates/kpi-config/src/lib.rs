@@ -93,6 +93,23 @@ pub struct HttpConfig {
     pub tls_cert_file: Option<PathBuf>,
     #[serde(default)]
     pub tls_key_file: Option<PathBuf>,
+    /// Longest a request may take before it is answered 503.
+    pub request_timeout_ms: u64,
+    /// Longest wait for a request's headers: on a new connection, and between two requests
+    /// of a kept-alive one (the idle timeout). Past it the connection is closed.
+    pub idle_timeout_ms: u64,
+    /// Open connections at most; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Requests handled at once at most (health probes aside); more are answered 503 with
+    /// `Retry-After` at once.
+    pub max_concurrent_requests: usize,
+    /// Largest request body (webhooks); a larger one is answered 413.
+    pub max_body_bytes: usize,
+    /// Rows (channels, campaigns, tenants) in one API answer at most; `limit` and `offset`
+    /// page through the rest.
+    pub max_rows: usize,
+    /// On shutdown, how long requests in flight may take to finish.
+    pub shutdown_timeout_ms: u64,
 }
 
 impl fmt::Debug for HttpConfig {
@@ -108,6 +125,13 @@ impl fmt::Debug for HttpConfig {
             .field("basic_auth_password_file", &self.basic_auth_password_file)
             .field("tls_cert_file", &self.tls_cert_file)
             .field("tls_key_file", &self.tls_key_file)
+            .field("request_timeout_ms", &self.request_timeout_ms)
+            .field("idle_timeout_ms", &self.idle_timeout_ms)
+            .field("max_connections", &self.max_connections)
+            .field("max_concurrent_requests", &self.max_concurrent_requests)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_rows", &self.max_rows)
+            .field("shutdown_timeout_ms", &self.shutdown_timeout_ms)
             .finish()
     }
 }
@@ -387,6 +411,22 @@ impl Config {
             ));
         }
         let http = &self.http;
+        for (key, value, least) in [
+            ("http.request_timeout_ms", http.request_timeout_ms, 100),
+            ("http.idle_timeout_ms", http.idle_timeout_ms, 100),
+            ("http.max_connections", http.max_connections as u64, 1),
+            (
+                "http.max_concurrent_requests",
+                http.max_concurrent_requests as u64,
+                1,
+            ),
+            ("http.max_body_bytes", http.max_body_bytes as u64, 1024),
+            ("http.max_rows", http.max_rows as u64, 1),
+        ] {
+            if value < least {
+                errors.push(format!("{key}: must be at least {least}"));
+            }
+        }
         match (
             &http.basic_auth_username,
             &http.basic_auth_password,

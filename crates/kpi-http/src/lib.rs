@@ -6,6 +6,7 @@
 
 pub mod metrics;
 pub mod security;
+pub mod server;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,7 +20,7 @@ use axum::{Json, Router};
 use chrono::Datelike;
 use kpi_ingest::EngineState;
 use kpi_model::event::is_valid_tenant;
-use kpi_model::{KpiReport, Period, RetentionReport, Window};
+use kpi_model::{KpiReport, Page, Period, RetentionReport, Rows, Window};
 use prometheus::{Encoder, TextEncoder};
 use serde_json::json;
 
@@ -56,6 +57,38 @@ impl IntoResponse for ApiError {
 
 type Params = Query<HashMap<String, String>>;
 
+/// What the API handlers read: the live state, and the longest list an answer may hold.
+#[derive(Clone)]
+struct Api {
+    state: Arc<EngineState>,
+    max_rows: usize,
+}
+
+/// `?limit=` (default and at most `max_rows`) and `?offset=` (default 0).
+fn rows(params: &HashMap<String, String>, max_rows: usize) -> Result<Rows, ApiError> {
+    let number = |name: &str, default: usize| -> Result<usize, ApiError> {
+        match params.get(name) {
+            None => Ok(default),
+            Some(text) => text.parse().map_err(|_| {
+                ApiError::bad_request(format!(
+                    "{name}: `{}` is not a whole number",
+                    kpi_model::event::shown(text)
+                ))
+            }),
+        }
+    };
+    let limit = number("limit", max_rows)?;
+    if limit == 0 || limit > max_rows {
+        return Err(ApiError::bad_request(format!(
+            "limit: must be between 1 and {max_rows} (http.max_rows)"
+        )));
+    }
+    Ok(Rows {
+        offset: number("offset", 0)?,
+        limit,
+    })
+}
+
 /// The tenant named by `?tenant=` (default `default`), which must be known: configured, or
 /// seen in at least one event.
 fn known_tenant(state: &EngineState, params: &HashMap<String, String>) -> Result<String, ApiError> {
@@ -74,11 +107,10 @@ fn known_tenant(state: &EngineState, params: &HashMap<String, String>) -> Result
     Ok(tenant.to_string())
 }
 
-async fn kpis(
-    State(state): State<Arc<EngineState>>,
-    Query(params): Params,
-) -> Result<Json<KpiReport>, ApiError> {
-    let tenant = known_tenant(&state, &params)?;
+async fn kpis(State(api): State<Api>, Query(params): Params) -> Result<Json<KpiReport>, ApiError> {
+    let state = &api.state;
+    let tenant = known_tenant(state, &params)?;
+    let rows = rows(&params, api.max_rows)?;
     let settings = state.tenants.get(&tenant);
     let period = match params.get("period") {
         Some(text) => text
@@ -87,19 +119,21 @@ async fn kpis(
         None => Window::Month.period_of(settings.today(state.clock.now())),
     };
     let aggregates = state.aggregates();
-    Ok(Json(KpiReport::build(
+    Ok(Json(KpiReport::build_rows(
         &tenant,
         &settings.currency,
         aggregates.tenant(&tenant),
         period,
+        rows,
     )))
 }
 
 async fn retention(
-    State(state): State<Arc<EngineState>>,
+    State(api): State<Api>,
     Query(params): Params,
 ) -> Result<Json<RetentionReport>, ApiError> {
-    let tenant = known_tenant(&state, &params)?;
+    let state = &api.state;
+    let tenant = known_tenant(state, &params)?;
     let year = match params.get("year") {
         Some(text) => text
             .parse::<i32>()
@@ -118,14 +152,28 @@ async fn retention(
     )))
 }
 
-async fn tenants(State(state): State<Arc<EngineState>>) -> Json<serde_json::Value> {
-    let mut names: std::collections::BTreeSet<String> = state
+async fn tenants(
+    State(api): State<Api>,
+    Query(params): Params,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let rows = rows(&params, api.max_rows)?;
+    let mut names: std::collections::BTreeSet<String> = api
+        .state
         .tenants
         .configured()
         .map(|(name, _)| name.clone())
         .collect();
-    names.extend(state.aggregates().tenants.keys().cloned());
-    Json(json!({ "tenants": names }))
+    names.extend(api.state.aggregates().tenants.keys().cloned());
+    let page = Page::of(rows, &[("tenants", names.len())]);
+    let names: Vec<String> = names
+        .into_iter()
+        .skip(rows.offset)
+        .take(rows.limit)
+        .collect();
+    Ok(Json(match page {
+        None => json!({ "tenants": names }),
+        Some(page) => json!({ "tenants": names, "page": page }),
+    }))
 }
 
 async fn healthz() -> Json<serde_json::Value> {
@@ -144,8 +192,8 @@ async fn readyz(State(state): State<Arc<EngineState>>) -> Response {
     }
 }
 
-async fn metrics_text(State(state): State<Arc<EngineState>>) -> Response {
-    let families = state.registry.gather();
+async fn metrics_text(State(api): State<Api>) -> Response {
+    let families = api.state.registry.gather();
     let mut body = Vec::new();
     match TextEncoder::new().encode(&families, &mut body) {
         Ok(()) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response(),
@@ -195,11 +243,12 @@ async fn webhook(
     }
 }
 
-/// The routes, over the shared state.
+/// The routes, over the shared state: everything but the health probes under `limits`.
 pub fn router(
     state: Arc<EngineState>,
     webhooks: Option<Arc<dyn Webhooks>>,
     basic_auth: Option<Arc<security::BasicAuth>>,
+    limits: &server::Limits,
 ) -> Router {
     let mut protected = Router::new()
         .route("/metrics", get(metrics_text))
@@ -212,19 +261,22 @@ pub fn router(
             security::require_basic_auth,
         ));
     }
-    let api = protected
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .fallback(not_found)
-        .with_state(state);
-    match webhooks {
-        Some(webhooks) => api.merge(
+    let mut limited = protected.fallback(not_found).with_state(Api {
+        state: state.clone(),
+        max_rows: limits.max_rows,
+    });
+    if let Some(webhooks) = webhooks {
+        limited = limited.merge(
             Router::new()
                 .route("/webhooks/{connector_id}", axum::routing::post(webhook))
                 .with_state(webhooks),
-        ),
-        None => api,
+        );
     }
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+        .merge(server::limited(limited, limits))
 }
 
 /// Binds `addr` (port 0 picks a free port) and returns the bound address and the server task;
@@ -234,28 +286,12 @@ pub async fn serve(
     state: Arc<EngineState>,
     webhooks: Option<Arc<dyn Webhooks>>,
     security: security::Security,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    limits: server::Limits,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let app = router(state, webhooks, security.basic_auth);
-    let stop = async move {
-        let _ = shutdown.wait_for(|stop| *stop).await;
-    };
-    let task = match security.tls {
-        Some(tls) => {
-            let listener = security::TlsListener::new(listener, tls)?;
-            tokio::spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stop)
-                    .await
-            })
-        }
-        None => tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stop)
-                .await
-        }),
-    };
+    let app = router(state, webhooks, security.basic_auth, &limits);
+    let task = tokio::spawn(server::run(listener, app, security.tls, limits, shutdown));
     Ok((bound, task))
 }

@@ -36,5 +36,5 @@ pub use event::{
 };
 pub use period::{Period, Window};
 pub use record::{Record, RecordKey};
-pub use report::{KpiReport, RetentionReport};
+pub use report::{KpiReport, Page, RetentionReport, Rows};
 pub use settings::{TenantSettings, Tenants};

@@ -47,6 +47,49 @@ pub struct KpiReport {
     pub total: KpiRow,
     pub channels: BTreeMap<String, KpiRow>,
     pub campaigns: BTreeMap<String, CampaignRow>,
+    /// Present only when the answer holds part of the channels or campaigns.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub page: Option<Page>,
+}
+
+/// Which rows of a long list an answer holds: `limit` rows from `offset`, in name order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rows {
+    pub offset: usize,
+    pub limit: usize,
+}
+
+impl Rows {
+    /// Every row.
+    pub const ALL: Rows = Rows {
+        offset: 0,
+        limit: usize::MAX,
+    };
+}
+
+/// What part of its lists an answer holds, when it does not hold them all.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Page {
+    pub offset: usize,
+    pub limit: usize,
+    /// How many rows each list has in all (`channels`, `campaigns`, `tenants`).
+    pub totals: BTreeMap<&'static str, usize>,
+    /// The `offset` of the next page, while some list has more rows.
+    pub next_offset: Option<usize>,
+}
+
+impl Page {
+    /// The page of `rows` over lists of these sizes; `None` when it holds them all.
+    pub fn of(rows: Rows, totals: &[(&'static str, usize)]) -> Option<Page> {
+        let largest = totals.iter().map(|(_, total)| *total).max().unwrap_or(0);
+        let end = rows.offset.saturating_add(rows.limit);
+        (rows.offset > 0 || end < largest).then(|| Page {
+            offset: rows.offset,
+            limit: rows.limit,
+            totals: totals.iter().copied().collect(),
+            next_offset: (end < largest).then_some(end),
+        })
+    }
 }
 
 /// The answer of `GET /api/v1/retention`.
@@ -150,6 +193,17 @@ impl KpiReport {
         aggregates: Option<&TenantAggregates>,
         period: Period,
     ) -> KpiReport {
+        KpiReport::build_rows(tenant, currency, aggregates, period, Rows::ALL)
+    }
+
+    /// As [`KpiReport::build`], with only `rows` of the channels and of the campaigns (by name).
+    pub fn build_rows(
+        tenant: &str,
+        currency: &str,
+        aggregates: Option<&TenantAggregates>,
+        period: Period,
+        rows: Rows,
+    ) -> KpiReport {
         let empty = PeriodCells::default();
         let cells = aggregates
             .and_then(|aggregates| aggregates.period(&period))
@@ -163,13 +217,24 @@ impl KpiReport {
             channels: cells
                 .channels
                 .iter()
+                .skip(rows.offset)
+                .take(rows.limit)
                 .map(|(name, cell)| (name.clone(), KpiRow::from_cell(cell, &stages)))
                 .collect(),
             campaigns: cells
                 .campaigns
                 .iter()
+                .skip(rows.offset)
+                .take(rows.limit)
                 .map(|(name, cell)| (name.clone(), CampaignRow::from_cell(cell)))
                 .collect(),
+            page: Page::of(
+                rows,
+                &[
+                    ("channels", cells.channels.len()),
+                    ("campaigns", cells.campaigns.len()),
+                ],
+            ),
         }
     }
 }

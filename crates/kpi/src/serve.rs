@@ -6,6 +6,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use kpi_config::Config;
@@ -59,6 +60,7 @@ pub async fn run(config_path: Option<&Path>, clock: Clock) -> anyhow::Result<()>
         state.clone(),
         http_webhooks,
         security,
+        http_limits(&config),
         stopped.clone(),
     )
     .await
@@ -108,6 +110,20 @@ pub async fn run(config_path: Option<&Path>, clock: Clock) -> anyhow::Result<()>
             Err(ingest_error.into())
         }
         Err(join_error) => Err(join_error.into()),
+    }
+}
+
+/// The HTTP server's limits, from `[http]`.
+fn http_limits(config: &Config) -> kpi_http::server::Limits {
+    let http = &config.http;
+    kpi_http::server::Limits {
+        request_timeout: Duration::from_millis(http.request_timeout_ms),
+        idle_timeout: Duration::from_millis(http.idle_timeout_ms),
+        max_connections: http.max_connections,
+        max_concurrent_requests: http.max_concurrent_requests,
+        max_body_bytes: http.max_body_bytes,
+        max_rows: http.max_rows,
+        shutdown_timeout: Duration::from_millis(http.shutdown_timeout_ms),
     }
 }
 

@@ -7,4 +7,5 @@ mod connectors;
 mod crash;
 mod dead_letters;
 mod deploy;
+mod http_limits;
 mod operations;
