@@ -7,5 +7,6 @@ mod connectors;
 mod crash;
 mod dead_letters;
 mod deploy;
+mod fuzz;
 mod http_limits;
 mod operations;
