@@ -103,6 +103,7 @@ pub struct NatsServer {
     child: Child,
     pub port: u16,
     store: tempfile::TempDir,
+    args: Vec<String>,
 }
 
 impl NatsServer {
@@ -112,9 +113,20 @@ impl NatsServer {
 
     /// Starts a server on a given port (or a random one with `None`).
     pub fn start_on(port: Option<u16>) -> NatsServer {
+        Self::start_with_args(port, &[])
+    }
+
+    /// Starts a server with more command-line arguments (e.g. `--user`, `--pass`).
+    pub fn start_with_args(port: Option<u16>, args: &[&str]) -> NatsServer {
         let store = tempfile::tempdir().unwrap();
-        let (child, port) = spawn_nats(store.path(), port);
-        NatsServer { child, port, store }
+        let args: Vec<String> = args.iter().map(|arg| arg.to_string()).collect();
+        let (child, port) = spawn_nats(store.path(), port, &args);
+        NatsServer {
+            child,
+            port,
+            store,
+            args,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -129,14 +141,14 @@ impl NatsServer {
     pub fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let (child, _) = spawn_nats(self.store.path(), Some(self.port));
+        let (child, _) = spawn_nats(self.store.path(), Some(self.port), &self.args);
         self.child = child;
     }
 }
 
 // The child is handed to `NatsServer`, whose `Drop` kills and waits it.
 #[allow(clippy::zombie_processes)]
-fn spawn_nats(store: &Path, port: Option<u16>) -> (Child, u16) {
+fn spawn_nats(store: &Path, port: Option<u16>, args: &[String]) -> (Child, u16) {
     let binary = nats_server_binary();
     let port_arg = port.map(|p| p.to_string()).unwrap_or_else(|| "-1".into());
     let mut child = Command::new(&binary)
@@ -145,6 +157,7 @@ fn spawn_nats(store: &Path, port: Option<u16>) -> (Child, u16) {
         .arg(store)
         .arg("--ports_file_dir")
         .arg(store)
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -315,6 +328,16 @@ impl Engine {
             .status()
             .unwrap();
         child.wait().unwrap()
+    }
+
+    /// The TOML appended to its configuration file from the next (re)start on.
+    pub fn set_extra_config(&mut self, extra_config: &str) {
+        self.extra_config = extra_config.to_string();
+    }
+
+    /// The engine's store directory (sled).
+    pub fn store_path(&self) -> PathBuf {
+        self.dir.path().join("store")
     }
 
     /// Starts the engine again on the same store.

@@ -41,6 +41,8 @@ pub struct NatsConfig {
     pub stream: String,
     pub rejected_stream: String,
     pub consumer: String,
+    /// Key-value bucket of the connectors' state.
+    pub connector_state_bucket: String,
     pub credentials_file: String,
     pub user: String,
     pub password: String,
@@ -58,6 +60,7 @@ impl fmt::Debug for NatsConfig {
             .field("stream", &self.stream)
             .field("rejected_stream", &self.rejected_stream)
             .field("consumer", &self.consumer)
+            .field("connector_state_bucket", &self.connector_state_bucket)
             .field("credentials_file", &self.credentials_file)
             .field("user", &self.user)
             .field("password", &hidden(&self.password))
@@ -366,6 +369,10 @@ impl Config {
             ("nats.stream", &self.nats.stream),
             ("nats.rejected_stream", &self.nats.rejected_stream),
             ("nats.consumer", &self.nats.consumer),
+            (
+                "nats.connector_state_bucket",
+                &self.nats.connector_state_bucket,
+            ),
         ] {
             if value.is_empty()
                 || !value

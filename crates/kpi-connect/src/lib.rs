@@ -15,13 +15,14 @@
 //!
 //! ## Invariants
 //!
-//! - Connectors never touch the store or the consumer: what they produce goes through
-//!   JetStream, so the engine's ingest stays the one path to keep correct.
+//! - Connectors never touch the engine's store or the consumer: what they produce goes
+//!   through JetStream, so the engine's ingest stays the one path to keep correct.
 //! - Event ids are deterministic: the same upstream row in the same version gives the same id
 //!   (and `Nats-Msg-Id`), so re-reads, retries and crashes between publishing and saving the
 //!   cursor never count anything twice.
 //! - A connector's state (cursor, versions of the spend lines it sent) is saved only after
-//!   JetStream stored every event of the run.
+//!   JetStream stored every event of the run, in a JetStream key-value bucket with
+//!   compare-and-set ([`state`]): two runs of one connector never interleave.
 //! - Secrets (`${ENV}` values) never appear in logs or errors: [`secrets::Redactor`].
 
 pub mod http;
@@ -31,6 +32,7 @@ pub mod runner;
 pub mod scheduler;
 pub mod secrets;
 pub mod sink;
+pub mod state;
 
 use std::future::Future;
 use std::time::Duration;
@@ -81,6 +83,9 @@ pub enum ConnectError {
     /// The connector state could not be read or saved.
     #[error("connector state: {0}")]
     State(String),
+    /// Another run holds the connector.
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl ConnectError {
@@ -119,6 +124,7 @@ impl ConnectError {
             ConnectError::Local(message) => ConnectError::Local(map(message)),
             ConnectError::Publish(message) => ConnectError::Publish(map(message)),
             ConnectError::State(message) => ConnectError::State(map(message)),
+            ConnectError::Busy(message) => ConnectError::Busy(map(message)),
         }
     }
 
@@ -129,6 +135,7 @@ impl ConnectError {
             ConnectError::RateLimited { .. }
                 | ConnectError::Transient { .. }
                 | ConnectError::Publish(_)
+                | ConnectError::Busy(_)
         )
     }
 }

@@ -18,13 +18,13 @@ use async_nats::jetstream;
 use chrono::{DateTime, Days, NaiveDate, SecondsFormat, Utc};
 use kpi_config::ConnectorConfig;
 use kpi_model::{decode_event, Clock, DecodeLimits, Event, EventData};
-use kpi_store::Store;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::registry::DynConnector;
 use crate::secrets::Redactor;
 use crate::sink::{publish_all, Outgoing};
+use crate::state::StateBucket;
 use crate::{ConnectError, Emit, RunContext, Window};
 
 /// A configured connector, ready to run.
@@ -133,16 +133,49 @@ impl Runner {
             .map_err(|error| self.redact(&error.to_string()))
     }
 
-    /// One run: read, publish, save the state. `since` overrides the start of the window.
+    /// One run: take the connector (its state and a lease), read, publish, save the state.
+    /// `since` overrides the start of the window. Refused while another run holds the
+    /// connector; a failed run keeps the state as it was.
     pub async fn run(
         &self,
         js: &jetstream::Context,
-        store: &Store,
+        states: &StateBucket,
+        since: Option<NaiveDate>,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<RunReport, ConnectError> {
+        let held = states.acquire(&self.id).await?;
+        let state = match held.state() {
+            None => ConnectorState::default(),
+            Some(bytes) => match serde_json::from_slice(bytes) {
+                Ok(state) => state,
+                Err(error) => {
+                    held.release().await;
+                    return Err(ConnectError::State(format!("unreadable, {error}")));
+                }
+            },
+        };
+        match self.run_from(js, state, since, progress).await {
+            Ok((report, state)) => {
+                let bytes = serde_json::to_vec(&state)
+                    .map_err(|error| ConnectError::State(error.to_string()))?;
+                held.commit(bytes).await?;
+                Ok(report)
+            }
+            Err(error) => {
+                held.release().await;
+                Err(error)
+            }
+        }
+    }
+
+    async fn run_from(
+        &self,
+        js: &jetstream::Context,
+        mut state: ConnectorState,
         since: Option<NaiveDate>,
         mut progress: impl FnMut(u64, u64),
-    ) -> Result<RunReport, ConnectError> {
+    ) -> Result<(RunReport, ConnectorState), ConnectError> {
         let now = self.clock.now();
-        let mut state = load_state(store, &self.id).await?;
         let window = self.window(&state, now.date_naive(), since);
         let context = self.context(window, state.cursor.clone(), now);
         let output = self
@@ -244,8 +277,7 @@ impl Runner {
         }
         state.until = Some(window.until);
         state.spend.retain(|_, sent| sent.date >= window.since);
-        save_state(store, &self.id, &state).await?;
-        Ok(report)
+        Ok((report, state))
     }
 
     fn redacted(&self, error: ConnectError) -> ConnectError {
@@ -298,6 +330,38 @@ fn checked(event: Event, now: DateTime<Utc>) -> Result<Outgoing, String> {
         Ok(_) => Ok(outgoing),
         Err(rejection) => Err(format!("event `{}`: {rejection}", event.id)),
     }
+}
+
+/// A saved state in words, for `kpi connectors state`.
+pub fn describe_state(bytes: &[u8]) -> Result<Vec<String>, ConnectError> {
+    let state: ConnectorState = serde_json::from_slice(bytes)
+        .map_err(|error| ConnectError::State(format!("unreadable, {error}")))?;
+    let mut lines = vec![
+        format!(
+            "cursor: {}",
+            state
+                .cursor
+                .as_ref()
+                .map(Value::to_string)
+                .unwrap_or_else(|| "none".into())
+        ),
+        format!(
+            "last run read up to: {}",
+            state
+                .until
+                .map(|day| day.to_string())
+                .unwrap_or_else(|| "never".into())
+        ),
+    ];
+    let days: Vec<NaiveDate> = state.spend.values().map(|sent| sent.date).collect();
+    lines.push(match (days.iter().min(), days.iter().max()) {
+        (Some(first), Some(last)) => format!(
+            "spend lines remembered: {} ({first} to {last})",
+            state.spend.len()
+        ),
+        _ => "spend lines remembered: none".into(),
+    });
+    Ok(lines)
 }
 
 /// The days a run reads: from `lookback_days` before `today`, or from the last day the last
@@ -369,31 +433,6 @@ pub fn import_events(
         events.push(checked(event, now).map_err(ConnectError::Local)?);
     }
     Ok(events)
-}
-
-async fn load_state(store: &Store, id: &str) -> Result<ConnectorState, ConnectError> {
-    let store = store.clone();
-    let id = id.to_string();
-    let bytes = tokio::task::spawn_blocking(move || store.connector_state(&id))
-        .await
-        .map_err(|error| ConnectError::State(error.to_string()))?
-        .map_err(|error| ConnectError::State(error.to_string()))?;
-    match bytes {
-        None => Ok(ConnectorState::default()),
-        Some(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|error| ConnectError::State(format!("unreadable, {error}"))),
-    }
-}
-
-async fn save_state(store: &Store, id: &str, state: &ConnectorState) -> Result<(), ConnectError> {
-    let bytes =
-        serde_json::to_vec(state).map_err(|error| ConnectError::State(error.to_string()))?;
-    let store = store.clone();
-    let id = id.to_string();
-    tokio::task::spawn_blocking(move || store.set_connector_state(&id, &bytes))
-        .await
-        .map_err(|error| ConnectError::State(error.to_string()))?
-        .map_err(|error| ConnectError::State(error.to_string()))
 }
 
 #[cfg(test)]

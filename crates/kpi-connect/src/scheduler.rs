@@ -16,12 +16,12 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use chrono::Utc;
-use kpi_store::Store;
 use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::runner::Runner;
+use crate::state::StateBucket;
 
 /// The `kpi_connector_*` metrics.
 #[derive(Clone)]
@@ -125,17 +125,17 @@ impl Scheduler {
     pub fn spawn(
         self,
         js: jetstream::Context,
-        store: Store,
+        states: StateBucket,
         shutdown: watch::Receiver<bool>,
     ) -> Vec<tokio::task::JoinHandle<()>> {
         self.runners
             .into_iter()
             .map(|runner| {
                 let js = js.clone();
-                let store = store.clone();
+                let states = states.clone();
                 let metrics = self.metrics.clone();
                 let shutdown = shutdown.clone();
-                tokio::spawn(run_forever(runner, js, store, metrics, shutdown))
+                tokio::spawn(run_forever(runner, js, states, metrics, shutdown))
             })
             .collect()
     }
@@ -144,7 +144,7 @@ impl Scheduler {
 async fn run_forever(
     runner: Arc<Runner>,
     js: jetstream::Context,
-    store: Store,
+    states: StateBucket,
     metrics: ConnectorMetrics,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -156,7 +156,7 @@ async fn run_forever(
         }
         let started = Instant::now();
         let outcome = tokio::select! {
-            outcome = runner.run(&js, &store, None, |_, _| {}) => outcome,
+            outcome = runner.run(&js, &states, None, |_, _| {}) => outcome,
             _ = shutdown.changed() => return,
         };
         metrics

@@ -140,16 +140,31 @@ impl Staged {
     }
 }
 
-/// Connects to NATS (with its settings and credentials) and records connection state.
-pub async fn connect(
+/// Who connects: the engine keeps trying until NATS answers (and reconnects for ever); a
+/// command fails at once with the server's reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Connection {
+    Engine,
+    Command,
+}
+
+/// The options of every connection to NATS, from `[nats]`: servers, credentials (a `.creds`
+/// file, user and password, or a token) and time-outs. Every command and the engine connect
+/// with these.
+async fn connect_options(
     config: &Config,
-    state: Option<Arc<EngineState>>,
-) -> Result<async_nats::Client, IngestError> {
+    connection: Connection,
+) -> Result<async_nats::ConnectOptions, IngestError> {
     let nats = &config.nats;
     let mut options = async_nats::ConnectOptions::new()
-        .name("kpi-engine")
-        .connection_timeout(Duration::from_secs(5))
-        .retry_on_initial_connect();
+        .name(match connection {
+            Connection::Engine => "kpi-engine",
+            Connection::Command => "kpi-command",
+        })
+        .connection_timeout(Duration::from_secs(5));
+    if connection == Connection::Engine {
+        options = options.retry_on_initial_connect();
+    }
     if !nats.credentials_file.is_empty() {
         options = options
             .credentials_file(&nats.credentials_file)
@@ -165,6 +180,34 @@ pub async fn connect(
     if !nats.token.is_empty() {
         options = options.token(nats.token.clone());
     }
+    Ok(options)
+}
+
+/// Connects a command (`kpi publish`, `demo`, `import`, `connectors ...`) to NATS with the
+/// configured servers and credentials; fails with the server's reason.
+pub async fn connect_command(config: &Config) -> Result<async_nats::Client, IngestError> {
+    let options = connect_options(config, Connection::Command).await?;
+    let url = &config.nats.url;
+    tokio::time::timeout(Duration::from_secs(30), options.connect(url.as_str()))
+        .await
+        .map_err(|_| IngestError::Connect {
+            url: url.clone(),
+            message: "no answer within 30 s".into(),
+        })?
+        .map_err(|error| IngestError::Connect {
+            url: url.clone(),
+            message: error.to_string(),
+        })
+}
+
+/// Connects the engine to NATS (with its settings and credentials) and records connection
+/// state in the engine's metrics.
+pub async fn connect(
+    config: &Config,
+    state: Option<Arc<EngineState>>,
+) -> Result<async_nats::Client, IngestError> {
+    let nats = &config.nats;
+    let mut options = connect_options(config, Connection::Engine).await?;
     if let Some(state) = state {
         options = options.event_callback(move |event| {
             let state = state.clone();

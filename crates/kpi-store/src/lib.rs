@@ -6,7 +6,7 @@
 //! | `b` | tenant, 0, record kind, bucket number (`u32` big-endian) | the records of a bucket ([`bucket`]) |
 //! | `n` | counter kind, tenant, 0, label | `u64` big-endian (absolute value) |
 //! | `x` | stream sequence (`u64` big-endian) | empty: this message was dead-lettered |
-//! | `c` | connector id | the connector's state (cursor, versions of the spend lines it sent) |
+//! | `c` | connector id | a connector's state as earlier versions kept it; `kpi serve` moves it to the `KPI_CONNECTORS` key-value bucket at start and removes it here |
 //! | `w` | commit sequence (`u64` big-endian) | redo entry: the record writes of a large commit |
 //!
 //! Records are grouped in buckets (see [`bucket`] for why): writing a record rewrites its
@@ -506,7 +506,7 @@ impl Store {
         Ok((aggregates, filter, count))
     }
 
-    /// The state a connector saved last (opaque to the store).
+    /// The state a connector saved here, as earlier versions did (opaque to the store).
     pub fn connector_state(&self, connector_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self
             .db
@@ -514,7 +514,15 @@ impl Store {
             .map(|value| value.to_vec()))
     }
 
-    /// Saves a connector's state durably (flushed before returning).
+    /// Forgets a connector's state (once moved elsewhere).
+    pub fn remove_connector_state(&self, connector_id: &str) -> Result<(), StoreError> {
+        self.db.remove(connector_key(connector_id))?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Saves a connector's state durably (flushed before returning); only earlier versions and
+    /// tests of the move to the key-value bucket write it.
     pub fn set_connector_state(&self, connector_id: &str, state: &[u8]) -> Result<(), StoreError> {
         self.db.insert(connector_key(connector_id), state)?;
         self.db.flush()?;

@@ -3,15 +3,15 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use chrono::NaiveDate;
 use indicatif::{ProgressBar, ProgressStyle};
 use kpi_config::Config;
 use kpi_connect::kinds::csv_folder::CsvKind;
 use kpi_connect::kinds::webhook::WebhookReceiver;
+use kpi_connect::state::StateBucket;
 use kpi_connect::Runner;
 use kpi_model::Clock;
-use kpi_store::Store;
 
 /// The connectors' secret values, masked in every log line (an upstream could echo one in an
 /// error message).
@@ -165,17 +165,10 @@ pub async fn run(
     clock: Clock,
 ) -> anyhow::Result<()> {
     let runner = find(config, id, clock)?;
-    let store_path = config.store.path.clone();
-    let cache = config.store.cache_capacity_mb * 1024 * 1024;
-    let store = tokio::task::spawn_blocking(move || Store::open(&store_path, cache))
-        .await?
-        .with_context(|| {
-            "the connector state lives in the engine's store, which `kpi serve` holds while it runs: \
-             stop the engine for a foreground run, or let its scheduler run the connector"
-        })?;
-    let client = kpi_ingest::connect(config, None).await?;
+    let client = kpi_ingest::connect_command(config).await?;
     let js = async_nats::jetstream::new(client.clone());
     kpi_ingest::ensure_streams(&js, config).await?;
+    let states = state_bucket(&js, config, "kpi connectors run").await?;
     let progress = ProgressBar::new(0);
     progress.set_style(
         ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} events")
@@ -184,7 +177,7 @@ pub async fn run(
     );
     progress.set_message(format!("{id}: publishing"));
     let report = runner
-        .run(&js, &store, since, |done, total| {
+        .run(&js, &states, since, |done, total| {
             progress.set_length(total);
             progress.set_position(done);
         })
@@ -196,6 +189,78 @@ pub async fn run(
         "{id}: read {} to {}; published {} events ({} already in the stream), {} spend lines unchanged",
         report.window.since, report.window.until, report.published, report.duplicates, report.unchanged
     );
+    Ok(())
+}
+
+async fn state_bucket(
+    js: &async_nats::jetstream::Context,
+    config: &Config,
+    by: &str,
+) -> anyhow::Result<StateBucket> {
+    Ok(StateBucket::open(js, &config.nats.connector_state_bucket, 1, by).await?)
+}
+
+/// `kpi connectors state ID`: what the connector saved, and who holds it.
+pub async fn state(config: &Config, id: &str, json: bool) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        config.connectors.iter().any(|c| c.id == id),
+        "no connector `{id}` in the configuration"
+    );
+    let client = kpi_ingest::connect_command(config).await?;
+    let js = async_nats::jetstream::new(client);
+    let states = state_bucket(&js, config, "kpi connectors state").await?;
+    let Some((manifest, bytes)) = states.read(id).await? else {
+        println!("{id}: no saved state (its next run reads from scratch)");
+        return Ok(());
+    };
+    if json {
+        println!("{}", String::from_utf8_lossy(&bytes));
+        return Ok(());
+    }
+    match manifest.saved_at {
+        Some(at) => println!(
+            "{id}: state saved {} in {} (generation {}, {} bytes)",
+            at.to_rfc3339(),
+            states.name(),
+            manifest.generation,
+            manifest.bytes
+        ),
+        None => println!("{id}: no saved state yet"),
+    }
+    if !bytes.is_empty() {
+        for line in kpi_connect::runner::describe_state(&bytes)? {
+            println!("  {line}");
+        }
+    }
+    match &manifest.lease {
+        Some(lease) => println!(
+            "  held by {} ({}) since {}, lease until {}",
+            lease.by,
+            lease.owner,
+            lease.since.to_rfc3339(),
+            lease.until.to_rfc3339()
+        ),
+        None => println!("  not running"),
+    }
+    Ok(())
+}
+
+/// `kpi connectors reset ID`: forgets the connector's state; its next run reads from scratch
+/// (the first-run window, or everything for CRM kinds), which re-sends nothing that counts
+/// twice (event ids are deterministic).
+pub async fn reset(config: &Config, id: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        config.connectors.iter().any(|c| c.id == id),
+        "no connector `{id}` in the configuration"
+    );
+    let client = kpi_ingest::connect_command(config).await?;
+    let js = async_nats::jetstream::new(client);
+    let states = state_bucket(&js, config, "kpi connectors reset").await?;
+    if states.reset(id).await? {
+        println!("{id}: state forgotten; its next run reads from scratch");
+    } else {
+        println!("{id}: had no saved state");
+    }
     Ok(())
 }
 

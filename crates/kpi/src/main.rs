@@ -125,14 +125,23 @@ enum ConnectorsCommand {
     List,
     /// Check a connector's credentials and reachability.
     Check { id: String },
-    /// Run a connector once in the foreground (with the engine stopped: the connector state
-    /// lives in its store).
+    /// Run a connector once in the foreground (also while `kpi serve` runs; refused while a
+    /// scheduled run of it is in progress).
     Run {
         id: String,
         /// Read from this day (YYYY-MM-DD) instead of the stored cursor: a backfill.
         #[arg(long)]
         since: Option<chrono::NaiveDate>,
     },
+    /// Show a connector's saved state (cursor, last day read, spend lines) and who runs it.
+    State {
+        id: String,
+        /// Print the saved state as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget a connector's saved state: its next run reads from scratch.
+    Reset { id: String },
 }
 
 fn init_tracing() {
@@ -204,6 +213,10 @@ fn main() -> anyhow::Result<()> {
                     ConnectorsCommand::Run { id, since } => {
                         connectors::run(&config, &id, since, clock).await
                     }
+                    ConnectorsCommand::State { id, json } => {
+                        connectors::state(&config, &id, json).await
+                    }
+                    ConnectorsCommand::Reset { id } => connectors::reset(&config, &id).await,
                 }
             }
             Command::Import {

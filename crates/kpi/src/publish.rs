@@ -120,11 +120,8 @@ pub async fn publish_events(
     events: Vec<Outgoing>,
     what: &str,
 ) -> anyhow::Result<PublishSummary> {
-    let client = async_nats::ConnectOptions::new()
-        .name("kpi-publish")
-        .connect(config.nats.url.as_str())
-        .await
-        .with_context(|| format!("cannot connect to NATS at {}", config.nats.url))?;
+    // The same connection as `kpi serve`'s: its servers, credentials and time-outs.
+    let client = kpi_ingest::connect_command(config).await?;
     let js = jetstream::new(client.clone());
     kpi_ingest::ensure_streams(&js, config).await?;
 

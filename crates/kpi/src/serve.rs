@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use kpi_config::Config;
+use kpi_connect::state::StateBucket;
 use kpi_http::KpiCollector;
 use kpi_ingest::{EngineState, Ingest};
 use kpi_model::Clock;
@@ -75,11 +76,16 @@ pub async fn run(config_path: Option<&Path>, clock: Clock) -> anyhow::Result<()>
 
     let client = kpi_ingest::connect(&config, Some(state.clone())).await?;
     webhooks.set_jetstream(async_nats::jetstream::new(client.clone()));
-    let connector_tasks = kpi_connect::Scheduler::new(runners, connector_metrics).spawn(
+    let connector_ids: Vec<String> = runners.iter().map(|runner| runner.id.clone()).collect();
+    let scheduler = kpi_connect::Scheduler::new(runners, connector_metrics);
+    let connectors = tokio::spawn(start_connectors(
+        scheduler,
+        connector_ids,
         async_nats::jetstream::new(client.clone()),
+        config.nats.connector_state_bucket.clone(),
         store.clone(),
         stopped.clone(),
-    );
+    ));
     let ingest = Ingest::new(config, store.clone(), state, filter);
     let mut ingest_task = tokio::spawn(ingest.run(client, stopped));
 
@@ -96,8 +102,10 @@ pub async fn run(config_path: Option<&Path>, clock: Clock) -> anyhow::Result<()>
         }
     };
     let _ = http.await;
-    for task in connector_tasks {
-        let _ = task.await;
+    if let Ok(tasks) = connectors.await {
+        for task in tasks {
+            let _ = task.await;
+        }
     }
     tokio::task::spawn_blocking(move || store.flush()).await??;
     match result {
@@ -111,6 +119,58 @@ pub async fn run(config_path: Option<&Path>, clock: Clock) -> anyhow::Result<()>
         }
         Err(join_error) => Err(join_error.into()),
     }
+}
+
+/// Opens the connectors' state bucket once NATS answers, moves there what earlier versions
+/// kept in the store, and starts the connectors; returns their tasks.
+async fn start_connectors(
+    scheduler: kpi_connect::Scheduler,
+    connector_ids: Vec<String>,
+    js: async_nats::jetstream::Context,
+    bucket: String,
+    store: Store,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let states = loop {
+        match StateBucket::open(&js, &bucket, 1, "kpi serve").await {
+            Ok(states) => break states,
+            Err(error) => {
+                tracing::warn!(%error, "connector state bucket unavailable; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = stopped.wait_for(|stop| *stop) => return Vec::new(),
+                }
+            }
+        }
+    };
+    for id in connector_ids {
+        if let Err(error) = move_connector_state(&states, &store, &id).await {
+            error!(connector = %id, %error, "could not move the connector's state to the key-value bucket; it starts from the store's copy next time");
+        }
+    }
+    scheduler.spawn(js, states, stopped)
+}
+
+/// Moves a connector's state from the store (where versions before the key-value bucket kept
+/// it) to the bucket, once.
+async fn move_connector_state(states: &StateBucket, store: &Store, id: &str) -> anyhow::Result<()> {
+    let legacy = {
+        let store = store.clone();
+        let id = id.to_string();
+        tokio::task::spawn_blocking(move || store.connector_state(&id)).await??
+    };
+    let Some(bytes) = legacy else {
+        return Ok(());
+    };
+    if states.import(id, &bytes).await? {
+        info!(connector = %id, bucket = %states.name(), bytes = bytes.len(), "moved the connector's state from the store to the key-value bucket");
+    } else {
+        info!(connector = %id, bucket = %states.name(), "the key-value bucket already has the connector's state; the store's older copy is dropped");
+    }
+    let store = store.clone();
+    let id = id.to_string();
+    tokio::task::spawn_blocking(move || store.remove_connector_state(&id)).await??;
+    Ok(())
 }
 
 /// The HTTP server's limits, from `[http]`.

@@ -1549,8 +1549,8 @@ async fn connector_commands_list_check_and_backfill_in_the_foreground() {
     let mock: Shared = Arc::default();
     let address = start_google_mock(mock.clone()).await;
     let base = format!("http://{address}");
-    // An engine to read the results, and a second configuration on its own store for the
-    // foreground runs (a running engine holds its store).
+    // An engine to read the results (without the connector), and a configuration with it for
+    // the foreground runs, which need no engine of their own.
     let mut engine = Engine::start(&nats.url(), "");
     engine.wait_ready().await;
     let work = tempfile::tempdir().unwrap();

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod api;
+mod connector_state;
 mod connectors;
 mod crash;
 mod dead_letters;
