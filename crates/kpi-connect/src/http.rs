@@ -199,13 +199,27 @@ enum Failure {
     },
 }
 
-/// `Retry-After: 30` or `Retry-After: Wed, 21 Oct 2026 07:28:00 GMT`; Brevo says it as
-/// `x-sib-ratelimit-reset: 30`.
+/// How long the upstream asks to wait, from the headers platforms use:
+/// - `Retry-After: 30` or `Retry-After: Wed, 21 Oct 2026 07:28:00 GMT` (RFC 9110);
+/// - Brevo's `x-sib-ratelimit-reset: 30` and Pipedrive's `x-ratelimit-reset: 2`, seconds
+///   until the limit resets;
+/// - Meta's `X-Business-Use-Case-Usage` (and `X-Ad-Account-Usage`), whose entries carry
+///   `estimated_time_to_regain_access` in minutes
+///   (<https://developers.facebook.com/docs/graph-api/overview/rate-limiting>).
 fn retry_after(response: &Response) -> Option<Duration> {
     let headers = response.headers();
+    if let Some(wait) = ["x-business-use-case-usage", "x-ad-account-usage"]
+        .iter()
+        .filter_map(|name| headers.get(*name)?.to_str().ok())
+        .filter_map(meta_regain_access)
+        .max()
+    {
+        return Some(wait);
+    }
     let value = headers
         .get(reqwest::header::RETRY_AFTER)
-        .or_else(|| headers.get("x-sib-ratelimit-reset"))?
+        .or_else(|| headers.get("x-sib-ratelimit-reset"))
+        .or_else(|| headers.get("x-ratelimit-reset"))?
         .to_str()
         .ok()?
         .trim();
@@ -217,6 +231,33 @@ fn retry_after(response: &Response) -> Option<Duration> {
         .num_milliseconds()
         .max(0);
     Some(Duration::from_millis(seconds as u64))
+}
+
+/// The longest `estimated_time_to_regain_access` (minutes) of a Meta usage header: an object
+/// of arrays of usage entries (business use case), or one entry (ad account); `None` when it
+/// says 0 or nothing.
+fn meta_regain_access(header: &str) -> Option<Duration> {
+    let value: Value = serde_json::from_str(header).ok()?;
+    let mut minutes: Option<u64> = None;
+    let mut take = |entry: &Value| {
+        if let Some(m) = entry
+            .get("estimated_time_to_regain_access")
+            .and_then(Value::as_u64)
+        {
+            minutes = Some(minutes.map_or(m, |current| current.max(m)));
+        }
+    };
+    take(&value);
+    if let Value::Object(map) = &value {
+        for entries in map.values() {
+            for entry in entries.as_array().into_iter().flatten() {
+                take(entry);
+            }
+        }
+    }
+    minutes
+        .filter(|m| *m > 0)
+        .map(|m| Duration::from_secs(m * 60))
 }
 
 /// Google APIs put the wait in the error details: `"retryDelay": "30s"`.
@@ -308,6 +349,22 @@ mod tests {
         );
         assert_eq!(upstream_message("Bad gateway"), "Bad gateway");
         assert_eq!(upstream_message(""), "(empty body)");
+    }
+
+    #[test]
+    fn meta_usage_headers_say_how_many_minutes_to_wait() {
+        let business = r#"{"66782684":[{"type":"ads_management","call_count":95,"total_cputime":20,"total_time":20,"estimated_time_to_regain_access":0},{"type":"ads_insights","call_count":100,"total_cputime":30,"total_time":40,"estimated_time_to_regain_access":7}]}"#;
+        assert_eq!(
+            meta_regain_access(business),
+            Some(Duration::from_secs(7 * 60))
+        );
+        let account = r#"{"acc_id_util_pct":100,"reset_time_duration":120,"estimated_time_to_regain_access":2}"#;
+        assert_eq!(meta_regain_access(account), Some(Duration::from_secs(120)));
+        assert_eq!(
+            meta_regain_access(r#"{"1":[{"estimated_time_to_regain_access":0}]}"#),
+            None
+        );
+        assert_eq!(meta_regain_access("not json"), None);
     }
 
     #[test]

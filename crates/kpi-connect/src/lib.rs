@@ -33,6 +33,7 @@ pub mod scheduler;
 pub mod secrets;
 pub mod sink;
 pub mod state;
+pub mod versions;
 
 use std::future::Future;
 use std::time::Duration;
@@ -194,6 +195,12 @@ pub struct SpendLine {
     pub category: SpendCategory,
     pub source: String,
     pub account: Option<String>,
+    /// When upstream reported this amount (a CSV column): the event's time. Without it, the
+    /// runner dates a new amount now.
+    pub reported_at: Option<DateTime<Utc>>,
+    /// The set this line is read in, for [`Coverage::Group`] (a CSV file); `None`: the
+    /// window's lines.
+    pub group: Option<String>,
 }
 
 impl SpendLine {
@@ -267,6 +274,19 @@ pub struct RunOutput {
     pub emits: Vec<Emit>,
     /// The cursor the next run starts from; `None` keeps the previous one.
     pub cursor: Option<Value>,
+    /// The sets of spend lines this run read completely: a line sent earlier in one of them
+    /// and not among `emits` is withdrawn (sent again with amount 0).
+    pub coverage: Vec<Coverage>,
+}
+
+/// A set of spend lines a run read completely.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Coverage {
+    /// Every line of the run's window days (without a group): what an ad platform's report
+    /// of those days returns.
+    Window,
+    /// Every line of one group (a CSV file's lines, whatever their dates).
+    Group(String),
 }
 
 /// A connector kind, typed. Implementations are listed in [`registry`].
@@ -284,6 +304,12 @@ pub trait Connector: Sized + Send + Sync + 'static {
     /// Builds the connector from its params (after `${ENV}` expansion); errors name the key
     /// under `params.`.
     fn new(params: Self::Params) -> Result<Self, ConnectError>;
+
+    /// The version of the platform's API it calls, for kinds whose platform switches versions
+    /// off ([`versions`]).
+    fn api_version(&self) -> Option<&str> {
+        None
+    }
 
     /// Checks credentials and reachability; returns what it found, for the operator.
     fn check(

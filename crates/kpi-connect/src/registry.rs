@@ -21,6 +21,8 @@ type Builder = fn(Map<String, Value>, &str) -> Result<Box<dyn DynConnector>, Con
 pub trait DynConnector: Send + Sync {
     /// See [`Connector::POLLS`].
     fn polls(&self) -> bool;
+    /// See [`Connector::api_version`].
+    fn api_version(&self) -> Option<&str>;
     fn check<'a>(&'a self, context: &'a RunContext) -> BoxFuture<'a, Result<String, ConnectError>>;
     fn run<'a>(&'a self, context: &'a RunContext)
         -> BoxFuture<'a, Result<RunOutput, ConnectError>>;
@@ -29,6 +31,10 @@ pub trait DynConnector: Send + Sync {
 impl<T: Connector> DynConnector for T {
     fn polls(&self) -> bool {
         T::POLLS
+    }
+
+    fn api_version(&self) -> Option<&str> {
+        Connector::api_version(self)
     }
 
     fn check<'a>(&'a self, context: &'a RunContext) -> BoxFuture<'a, Result<String, ConnectError>> {

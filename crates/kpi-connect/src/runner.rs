@@ -10,8 +10,18 @@
 //! sent as a new event with a newer `time`, which replaces the earlier value in the engine
 //! (SPEC: last writer wins). The id of that event is derived from the line, the amount and the
 //! time, so an amount that goes back to an earlier value is still a new event.
+//!
+//! Spend that disappears upstream is withdrawn: when a kind says it read a set of lines
+//! completely ([`Coverage`]: every line of the window's days, or every line of one CSV file),
+//! a line it sent earlier in that set and did not read again (a day whose cost became zero,
+//! which ad platforms leave out; a refund; a renamed campaign, whose old name's lines vanish) is
+//! sent again with amount 0 and a newer `time`.
+//!
+//! Other events are sent again only when something the engine reads from them changed: the
+//! state keeps, per entity attribute (a lead's creation, qualification or stage, a deal), a
+//! fingerprint of what was sent last, for the entities read within the window.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -25,7 +35,7 @@ use crate::registry::DynConnector;
 use crate::secrets::Redactor;
 use crate::sink::{publish_all, Outgoing};
 use crate::state::StateBucket;
-use crate::{ConnectError, Emit, RunContext, Window};
+use crate::{ConnectError, Coverage, Emit, RunContext, Window};
 
 /// A configured connector, ready to run.
 pub struct Runner {
@@ -49,6 +59,10 @@ pub struct RunReport {
     pub duplicates: u64,
     /// Spend lines read with the amount already sent.
     pub unchanged: u64,
+    /// Lead and deal events read as they were sent last (not sent again).
+    pub unchanged_events: u64,
+    /// Spend lines sent earlier that upstream no longer has: sent again with amount 0.
+    pub withdrawn: u64,
 }
 
 /// The durable state of a connector.
@@ -58,8 +72,11 @@ struct ConnectorState {
     cursor: Option<Value>,
     /// The last day the last successful run read.
     until: Option<NaiveDate>,
-    /// Spend lines of the recent window, by line key: what was sent last.
+    /// Spend lines of the recent window (and of CSV files), by line key: what was sent last.
     spend: BTreeMap<String, SentSpend>,
+    /// Lead and deal attributes read within the window, by entity: what was sent last.
+    #[serde(default)]
+    sent: BTreeMap<String, SentEvent>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -68,6 +85,55 @@ struct SentSpend {
     amount: String,
     currency: String,
     time: DateTime<Utc>,
+    /// The set the line was read in (a CSV file's name); empty for the window's lines.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    group: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct SentEvent {
+    /// What the engine reads from the event (see [`fingerprint`]).
+    fingerprint: String,
+    /// The last day a run read it.
+    seen: NaiveDate,
+}
+
+/// Which entity attribute an event sets: a lead's creation, qualification or stage, or a
+/// deal (won and lost are two states of one deal).
+fn entity_of(data: &EventData) -> String {
+    match data {
+        EventData::LeadCreated { lead_id, .. } => format!("lead.created:{lead_id}"),
+        EventData::LeadQualified { lead_id, .. } => format!("lead.qualified:{lead_id}"),
+        EventData::LeadStageChanged { lead_id, stage } => {
+            format!("lead.stage_changed:{lead_id}:{stage}")
+        }
+        EventData::DealWon { deal_id, .. } | EventData::DealLost { deal_id, .. } => {
+            format!("deal:{deal_id}")
+        }
+        EventData::SpendReported { .. } => String::new(),
+    }
+}
+
+/// What the engine reads from an event: its data, and its time where the time places it in a
+/// period (a lead's creation, a deal's win). A qualification, a stage or a loss sent again at
+/// a later time with the same content changes no KPI.
+fn fingerprint(data: &EventData, time: DateTime<Utc>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(data.event_type().as_str());
+    hasher.update([0]);
+    hasher.update(crate::content_of(data));
+    if matches!(
+        data,
+        EventData::LeadCreated { .. } | EventData::DealWon { .. }
+    ) {
+        hasher.update([0]);
+        hasher.update(time.to_rfc3339_opts(SecondsFormat::Nanos, true));
+    }
+    hasher.finalize()[..12]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 impl Runner {
@@ -92,6 +158,22 @@ impl Runner {
             redactor: Redactor::new(secrets),
             clock,
         })
+    }
+
+    /// The platform API version it calls, if its kind has versions.
+    pub fn api_version(&self) -> Option<&str> {
+        self.connector.api_version()
+    }
+
+    /// When that version is switched off, if this build knows.
+    pub fn api_sunset(&self) -> Option<crate::versions::ApiVersion> {
+        crate::versions::lookup(&self.kind, self.api_version()?)
+    }
+
+    /// A warning when that version is past, or within 60 days of, its sunset (or unknown).
+    pub fn api_warning(&self) -> Option<String> {
+        let version = self.api_version()?;
+        crate::versions::warning(&self.kind, version, self.clock.now().date_naive())
     }
 
     /// Whether the scheduler runs it (see [`crate::Connector::POLLS`]).
@@ -189,44 +271,45 @@ impl Runner {
             published: 0,
             duplicates: 0,
             unchanged: 0,
+            unchanged_events: 0,
+            withdrawn: 0,
         };
+        let today = now.date_naive();
         let mut outgoing = Vec::with_capacity(output.emits.len());
+        let mut read: BTreeSet<String> = BTreeSet::new();
         for emit in output.emits {
             match emit {
                 Emit::Spend(line) => {
                     let key = line.key().to_text();
+                    read.insert(key.clone());
                     let amount = line.amount.normalize().to_string();
-                    if let Some(sent) = state.spend.get(&key) {
+                    let sent = state.spend.get(&key);
+                    if let Some(sent) = sent {
                         if sent.amount == amount && sent.currency == line.currency {
                             report.unchanged += 1;
                             continue;
                         }
                     }
-                    // Strictly newer than what was sent, whatever the clock did.
-                    let time = match state.spend.get(&key) {
-                        Some(sent) if sent.time >= now => {
-                            sent.time + chrono::Duration::milliseconds(1)
-                        }
-                        _ => now,
+                    let time = match line.reported_at {
+                        // A line that says when it was reported keeps that time: a later
+                        // report of it wins, an earlier one loses (SPEC: last writer wins).
+                        Some(reported_at) => reported_at,
+                        None => newer_than(sent, now),
                     };
-                    let time_text = time.to_rfc3339_opts(SecondsFormat::Millis, true);
-                    let id = self.event_id(&[
-                        "spend.reported",
-                        &key,
-                        &amount,
-                        &line.currency,
-                        &time_text,
-                    ]);
+                    let id = self.spend_id(&key, &amount, &line.currency, time);
                     outgoing.push(self.outgoing(&id, time, line.data(), now)?);
-                    state.spend.insert(
-                        key,
-                        SentSpend {
-                            date: line.date,
-                            amount,
-                            currency: line.currency,
-                            time,
-                        },
-                    );
+                    if sent.is_none_or(|sent| time > sent.time) {
+                        state.spend.insert(
+                            key,
+                            SentSpend {
+                                date: line.date,
+                                amount,
+                                currency: line.currency,
+                                time,
+                                group: line.group.unwrap_or_default(),
+                            },
+                        );
+                    }
                 }
                 Emit::Event {
                     time,
@@ -234,6 +317,10 @@ impl Runner {
                     version,
                     data,
                 } => {
+                    if self.unchanged(&mut state, &data, time, today) {
+                        report.unchanged_events += 1;
+                        continue;
+                    }
                     let event_type = data.event_type();
                     let parts = [event_type.as_str(), upstream_key.as_str()];
                     let id = match version {
@@ -252,8 +339,56 @@ impl Runner {
                             ),
                         });
                     }
+                    if self.unchanged(&mut state, &event.data, event.time.to_datetime(), today) {
+                        report.unchanged_events += 1;
+                        continue;
+                    }
                     outgoing.push(Outgoing::from_event(&event));
                 }
+            }
+        }
+
+        // Lines the kind read completely and no longer returned: withdrawn (amount 0).
+        for coverage in &output.coverage {
+            let gone: Vec<String> = state
+                .spend
+                .iter()
+                .filter(|(key, sent)| {
+                    !read.contains(*key)
+                        && sent.amount != "0"
+                        && match coverage {
+                            Coverage::Window => {
+                                sent.group.is_empty()
+                                    && (window.since..=window.until).contains(&sent.date)
+                            }
+                            Coverage::Group(group) => sent.group == *group,
+                        }
+                })
+                .map(|(key, _)| key.clone())
+                .collect();
+            for key in gone {
+                let Some(line) = kpi_model::record::SpendLineKey::from_text(&key) else {
+                    continue;
+                };
+                let Some(sent) = state.spend.get_mut(&key) else {
+                    continue;
+                };
+                let time = newer_than(Some(sent), now);
+                let id = self.spend_id(&key, "0", &sent.currency, time);
+                let data = EventData::SpendReported {
+                    date: line.date,
+                    amount: kpi_model::money::Decimal::ZERO,
+                    currency: sent.currency.clone(),
+                    channel: line.channel,
+                    campaign: line.campaign,
+                    category: line.category,
+                    source: line.source,
+                    account: line.account,
+                };
+                outgoing.push(self.outgoing(&id, time, data, now)?);
+                sent.amount = "0".into();
+                sent.time = time;
+                report.withdrawn += 1;
             }
         }
 
@@ -276,7 +411,12 @@ impl Runner {
             state.cursor = output.cursor;
         }
         state.until = Some(window.until);
-        state.spend.retain(|_, sent| sent.date >= window.since);
+        // The window's lines and the entities read within it are remembered; a CSV file's
+        // lines as long as the file's next version may withdraw them.
+        state
+            .spend
+            .retain(|_, sent| !sent.group.is_empty() || sent.date >= window.since);
+        state.sent.retain(|_, sent| sent.seen >= window.since);
         Ok((report, state))
     }
 
@@ -290,6 +430,34 @@ impl Runner {
 
     fn event_id(&self, parts: &[&str]) -> String {
         crate::event_id(&self.id, parts)
+    }
+
+    /// The id of a spend line's version: its identity, amount, currency and time.
+    fn spend_id(&self, key: &str, amount: &str, currency: &str, time: DateTime<Utc>) -> String {
+        let time_text = time.to_rfc3339_opts(SecondsFormat::Millis, true);
+        self.event_id(&["spend.reported", key, amount, currency, &time_text])
+    }
+
+    /// Whether the event says what was sent last for its entity attribute; remembers it
+    /// either way (read today).
+    fn unchanged(
+        &self,
+        state: &mut ConnectorState,
+        data: &EventData,
+        time: DateTime<Utc>,
+        today: NaiveDate,
+    ) -> bool {
+        let print = fingerprint(data, time);
+        let entry = state.sent.entry(entity_of(data)).or_insert(SentEvent {
+            fingerprint: String::new(),
+            seen: today,
+        });
+        entry.seen = today;
+        if entry.fingerprint == print {
+            return true;
+        }
+        entry.fingerprint = print;
+        false
     }
 
     /// The event `id` of this connector, checked against SPEC the way the engine will read
@@ -314,6 +482,15 @@ impl Runner {
         )
         .ok_or_else(|| invalid(format!("event `{id}`: time {time} is out of range")))?;
         checked(event, now).map_err(invalid)
+    }
+}
+
+/// A time for a new version of a line sent at `sent.time`: now, or just after it if the
+/// clock went back.
+fn newer_than(sent: Option<&SentSpend>, now: DateTime<Utc>) -> DateTime<Utc> {
+    match sent {
+        Some(sent) if sent.time >= now => sent.time + chrono::Duration::milliseconds(1),
+        _ => now,
     }
 }
 
@@ -413,7 +590,7 @@ pub fn import_events(
                         &line.currency,
                     ],
                 );
-                (id, now, line.data())
+                (id, line.reported_at.unwrap_or(now), line.data())
             }
             Emit::Event {
                 time,

@@ -9,7 +9,9 @@
 //! - `kpi_connector_last_run_duration_seconds{connector}`;
 //! - `kpi_connector_events_total{connector}`: events JetStream stored;
 //! - `kpi_connector_up{connector}`: 1 if the last run succeeded;
-//! - `kpi_connector_interval_seconds{connector}`: its `every` (for "gone silent" alerts).
+//! - `kpi_connector_interval_seconds{connector}`: its `every` (for "gone silent" alerts);
+//! - `kpi_connector_api_sunset_timestamp_seconds{connector}`: when the platform switches off
+//!   the API version it calls (kinds with versions; see [`crate::versions`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,6 +34,7 @@ pub struct ConnectorMetrics {
     pub events: IntCounterVec,
     pub up: IntGaugeVec,
     pub interval: GaugeVec,
+    pub api_sunset: GaugeVec,
 }
 
 impl ConnectorMetrics {
@@ -79,6 +82,13 @@ impl ConnectorMetrics {
                 ),
                 &["connector"],
             )?,
+            api_sunset: GaugeVec::new(
+                Opts::new(
+                    "kpi_connector_api_sunset_timestamp_seconds",
+                    "Unix time at which the platform switches off the API version the connector calls",
+                ),
+                &["connector"],
+            )?,
         };
         registry.register(Box::new(metrics.runs.clone()))?;
         registry.register(Box::new(metrics.last_success.clone()))?;
@@ -86,15 +96,27 @@ impl ConnectorMetrics {
         registry.register(Box::new(metrics.events.clone()))?;
         registry.register(Box::new(metrics.up.clone()))?;
         registry.register(Box::new(metrics.interval.clone()))?;
+        registry.register(Box::new(metrics.api_sunset.clone()))?;
         Ok(metrics)
     }
 
     /// Makes every configured connector's series exist from the start (a connector that never
     /// succeeded shows `runs_total{outcome="success"} 0`, which alert rules can see).
-    fn declare(&self, connector: &str, interval: Duration) {
+    fn declare(&self, runner: &Runner) {
+        let connector = runner.id.as_str();
         self.interval
             .with_label_values(&[connector])
-            .set(interval.as_secs_f64());
+            .set(runner.interval.as_secs_f64());
+        if let Some(version) = runner.api_sunset() {
+            let sunset = version
+                .sunset()
+                .and_hms_opt(0, 0, 0)
+                .unwrap_or_default()
+                .and_utc();
+            self.api_sunset
+                .with_label_values(&[connector])
+                .set(sunset.timestamp() as f64);
+        }
         self.runs.with_label_values(&[connector, "success"]);
         self.runs.with_label_values(&[connector, "error"]);
         self.events.with_label_values(&[connector]);
@@ -112,7 +134,10 @@ impl Scheduler {
     /// Schedules every runner that polls (webhooks receive through the HTTP server).
     pub fn new(runners: Vec<Runner>, metrics: ConnectorMetrics) -> Scheduler {
         for runner in &runners {
-            metrics.declare(&runner.id, runner.interval);
+            metrics.declare(runner);
+            if let Some(warning) = runner.api_warning() {
+                warn!(connector = %runner.id, kind = %runner.kind, "{warning}");
+            }
         }
         let runners: Vec<Runner> = runners.into_iter().filter(Runner::polls).collect();
         Scheduler {
@@ -177,7 +202,8 @@ async fn run_forever(
                 metrics.up.with_label_values(&[&id]).set(1);
                 info!(connector = %id, since = %report.window.since, until = %report.window.until,
                     published = report.published, duplicates = report.duplicates,
-                    unchanged = report.unchanged, "connector run succeeded");
+                    unchanged = report.unchanged, withdrawn = report.withdrawn,
+                    unchanged_events = report.unchanged_events, "connector run succeeded");
                 backoff = Duration::from_secs(5);
                 runner.interval
             }

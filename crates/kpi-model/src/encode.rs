@@ -173,6 +173,30 @@ impl SpendLineKey {
     }
 }
 
+impl SpendLineKey {
+    /// The identity [`SpendLineKey::to_text`] wrote.
+    pub fn from_text(text: &str) -> Option<SpendLineKey> {
+        type Parts = (
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            String,
+            String,
+        );
+        let (source, account, channel, campaign, category, date): Parts =
+            serde_json::from_str(text).ok()?;
+        Some(SpendLineKey {
+            source,
+            account,
+            channel,
+            campaign,
+            category: SpendCategory::parse(&category)?,
+            date: chrono::NaiveDate::parse_from_str(&date, "%Y-%m-%d").ok()?,
+        })
+    }
+}
+
 impl SpendCategory {
     /// The category named `text` (`media`, `tools`, `prospecting`, `other`).
     pub fn parse(text: &str) -> Option<SpendCategory> {

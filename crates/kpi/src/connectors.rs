@@ -149,6 +149,19 @@ pub fn list(config: &Config) -> anyhow::Result<()> {
 
 pub async fn check(config: &Config, id: &str, clock: Clock) -> anyhow::Result<()> {
     let runner = find(config, id, clock)?;
+    if let Some(version) = runner.api_version() {
+        match runner.api_sunset() {
+            Some(entry) => println!(
+                "{id}: API version {version}, switched off on {}{}",
+                entry.sunset(),
+                if entry.announced { "" } else { " (estimated)" }
+            ),
+            None => println!("{id}: API version {version}"),
+        }
+    }
+    if let Some(warning) = runner.api_warning() {
+        eprintln!("warning: {id}: {warning}");
+    }
     match runner.check().await {
         Ok(found) => {
             println!("{id}: ok, {found}");
@@ -186,8 +199,14 @@ pub async fn run(
     progress.finish_and_clear();
     client.flush().await?;
     println!(
-        "{id}: read {} to {}; published {} events ({} already in the stream), {} spend lines unchanged",
-        report.window.since, report.window.until, report.published, report.duplicates, report.unchanged
+        "{id}: read {} to {}; published {} events ({} already in the stream), {} spend lines unchanged, {} withdrawn, {} leads and deals unchanged",
+        report.window.since,
+        report.window.until,
+        report.published,
+        report.duplicates,
+        report.unchanged,
+        report.withdrawn,
+        report.unchanged_events
     );
     Ok(())
 }

@@ -26,12 +26,20 @@ struct Seen {
 }
 
 /// Google Ads and Google's OAuth token endpoint, as documented: `POST /token` (form, refresh
-/// token grant) and `POST /v21/customers/{id}/googleAds:searchStream` (JSON array of batches).
+/// token grant, <https://developers.google.com/identity/protocols/oauth2/web-server#offline>)
+/// and `POST /v26/customers/{id}/googleAds:searchStream`: a JSON array of batches of
+/// `results` in lowerCamelCase, int64 as strings, `fieldMask`, `requestId`, and
+/// `queryResourceConsumption` in the final batch
+/// (<https://developers.google.com/google-ads/api/rest/design/json-mappings>). Rows whose
+/// selected metrics are all zero are left out of a date-segmented report
+/// (<https://developers.google.com/google-ads/api/docs/reporting/zero-metrics>).
 #[derive(Default)]
 struct GoogleMock {
     tokens_issued: u32,
     /// Replies to play before the normal ones: (status, Retry-After, body).
     script: VecDeque<(u16, Option<&'static str>, Value)>,
+    /// The second round: day 1 of `brand` restated, day 2 of `generic` refunded (its cost is
+    /// zero, so Google leaves the row out) and campaign 222 renamed `generic-2025`.
     restated: bool,
     seen: Vec<Seen>,
 }
@@ -82,36 +90,37 @@ async fn search_stream(State(mock): State<Shared>, headers: HeaderMap, body: Str
     } else if let Some(scripted) = mock.script.pop_front() {
         scripted
     } else {
-        let brand = if mock.restated {
-            "20000000"
-        } else {
-            "12340000"
+        let row = |id: &str, name: &str, micros: &str, day: &str| {
+            json!({"customer": {"resourceName": "customers/1234567890", "currencyCode": "EUR"},
+                   "campaign": {"resourceName": format!("customers/1234567890/campaigns/{id}"), "id": id, "name": name},
+                   "metrics": {"costMicros": micros}, "segments": {"date": day}})
         };
-        // Two batches, as searchStream streams them.
+        let field_mask =
+            "customer.currencyCode,campaign.id,campaign.name,metrics.costMicros,segments.date";
+        let (first, second) = if mock.restated {
+            (
+                vec![
+                    row("111", "brand", "20000000", &day1),
+                    row("222", "generic-2025", "5500000", &day1),
+                ],
+                vec![],
+            )
+        } else {
+            (
+                vec![
+                    row("111", "brand", "12340000", &day1),
+                    row("222", "generic", "5500000", &day1),
+                ],
+                vec![row("222", "generic", "7250000", &day2)],
+            )
+        };
+        // Two batches, as searchStream streams them; the resource consumption in the last.
         (
             200,
             None,
             json!([
-                {"results": [
-                    {"customer": {"resourceName": "customers/1234567890", "currencyCode": "EUR"},
-                     "campaign": {"resourceName": "customers/1234567890/campaigns/111", "id": "111", "name": "brand"},
-                     "metrics": {"costMicros": brand}, "segments": {"date": day1}},
-                    {"customer": {"resourceName": "customers/1234567890", "currencyCode": "EUR"},
-                     "campaign": {"resourceName": "customers/1234567890/campaigns/222", "id": "222", "name": "generic"},
-                     "metrics": {"costMicros": "5500000"}, "segments": {"date": day1}}
-                 ],
-                 "fieldMask": "customer.currencyCode,campaign.id,campaign.name,metrics.costMicros,segments.date",
-                 "requestId": "req-1"},
-                {"results": [
-                    {"customer": {"resourceName": "customers/1234567890", "currencyCode": "EUR"},
-                     "campaign": {"resourceName": "customers/1234567890/campaigns/222", "id": "222", "name": "generic"},
-                     "metrics": {"costMicros": "7250000"}, "segments": {"date": day2}},
-                    {"customer": {"resourceName": "customers/1234567890", "currencyCode": "EUR"},
-                     "campaign": {"resourceName": "customers/1234567890/campaigns/333", "id": "333", "name": "paused"},
-                     "metrics": {}, "segments": {"date": day2}}
-                 ],
-                 "fieldMask": "customer.currencyCode,campaign.id,campaign.name,metrics.costMicros,segments.date",
-                 "requestId": "req-1"}
+                {"results": first, "fieldMask": field_mask, "requestId": "req-1"},
+                {"results": second, "fieldMask": field_mask, "requestId": "req-1", "queryResourceConsumption": "2148"}
             ]),
         )
     };
@@ -135,7 +144,7 @@ async fn start_google_mock(mock: Shared) -> SocketAddr {
     let app = Router::new()
         .route("/token", post(token))
         .route(
-            "/v21/customers/1234567890/googleAds:searchStream",
+            "/v26/customers/1234567890/googleAds:searchStream",
             post(search_stream),
         )
         .with_state(mock);
@@ -182,10 +191,19 @@ async fn google_ads_spend_is_refreshed_retried_restated_and_resumed() {
     let nats = NatsServer::start();
     let mock: Shared = Arc::default();
     mock.lock().unwrap().script.extend([
+        // A rate limit as the Google Ads API signals it: google.rpc.Status with a
+        // GoogleAdsFailure whose quota details give the wait
+        // (<https://developers.google.com/google-ads/api/docs/best-practices/understand-api-errors>,
+        // QuotaErrorDetails.retry_delay); no Retry-After header.
         (
             429,
-            Some("1"),
-            json!({"error": {"code": 429, "message": "Resource has been exhausted (e.g. check quota).", "status": "RESOURCE_EXHAUSTED"}}),
+            None,
+            json!({"error": {"code": 429, "message": "Resource has been exhausted (e.g. check quota).", "status": "RESOURCE_EXHAUSTED",
+                "details": [{"@type": "type.googleapis.com/google.ads.googleads.v26.errors.GoogleAdsFailure",
+                    "errors": [{"errorCode": {"quotaError": "RESOURCE_TEMPORARILY_EXHAUSTED"},
+                        "message": "Too many requests in a short amount of time.",
+                        "details": {"quotaErrorDetails": {"rateScope": "DEVELOPER", "rateName": "Number of operations for basic access", "retryDelay": "1s"}}}],
+                    "requestId": "req-0"}]}}),
         ),
         (
             503,
@@ -208,7 +226,7 @@ async fn google_ads_spend_is_refreshed_retried_restated_and_resumed() {
     let mut engine = Engine::start_with_env(&nats.url(), &config, &env);
     engine.wait_ready().await;
 
-    // 12.34 + 5.50 (day 1) + 7.25 (day 2) + 0 (a paused campaign without cost)
+    // 12.34 + 5.50 (day 1) + 7.25 (day 2)
     wait_until(
         "the first run's spend in the API",
         Duration::from_secs(30),
@@ -234,7 +252,7 @@ async fn google_ads_spend_is_refreshed_retried_restated_and_resumed() {
         );
         assert!(
             streams[2].at.duration_since(streams[1].at) >= Duration::from_millis(950),
-            "Retry-After: 1 was not honoured"
+            "the retryDelay of 1s was not honoured"
         );
         let success = streams[3];
         assert_eq!(success.headers["authorization"], "Bearer ya29.t2");
@@ -292,7 +310,23 @@ async fn google_ads_spend_is_refreshed_retried_restated_and_resumed() {
             "kpi_connector_events_total",
             &[("connector", "gads")]
         ),
-        Some(4.0)
+        Some(3.0)
+    );
+    // The version it calls, v26, is switched off in November 2027.
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "kpi_connector_api_sunset_timestamp_seconds",
+            &[("connector", "gads")]
+        ),
+        Some(
+            chrono::NaiveDate::from_ymd_opt(2027, 11, 1)
+                .unwrap()
+                .and_hms_opt(0, 0, 0)
+                .unwrap()
+                .and_utc()
+                .timestamp() as f64
+        )
     );
     assert!(metric_value(
         &metrics,
@@ -310,18 +344,30 @@ async fn google_ads_spend_is_refreshed_retried_restated_and_resumed() {
         assert!(!log.contains(secret), "secret {secret} in the log");
     }
 
-    // Google restates day 1 of `brand`: the new value replaces the old one.
+    // Google restates day 1 of `brand` (20.00 replaces 12.34), leaves out day 2 of `generic`
+    // (refunded: zero cost) and names campaign 222 `generic-2025`: the lines `generic` had are
+    // withdrawn, not left to count twice.
     mock.lock().unwrap().restated = true;
     wait_until("the restated spend", Duration::from_secs(20), || async {
-        paid_search_spend(&engine).await.as_deref() == Some("32.75")
+        paid_search_spend(&engine).await.as_deref() == Some("25.50")
     })
     .await;
     let (_, all) = engine.get("/api/v1/kpis?tenant=acme&period=all").await;
     assert_eq!(all["campaigns"]["brand"]["spend"], "20.00");
+    assert_eq!(all["campaigns"]["generic"]["spend"], "0.00");
+    assert_eq!(all["campaigns"]["generic-2025"]["spend"], "5.50");
+    let day2 = kpi_tests::today()
+        .checked_sub_days(Days::new(2))
+        .unwrap()
+        .to_string();
+    let (_, refunded) = engine
+        .get(&format!("/api/v1/kpis?tenant=acme&period={day2}"))
+        .await;
+    assert_eq!(refunded["total"]["spend"], "0.00", "{refunded}");
 
     // After a restart the stored state says what was sent: a run sends nothing new.
     restart_sends_nothing_new(&mut engine, "gads").await;
-    assert_eq!(paid_search_spend(&engine).await.as_deref(), Some("32.75"));
+    assert_eq!(paid_search_spend(&engine).await.as_deref(), Some("25.50"));
 }
 
 async fn total(engine: &Engine, tenant: &str, field: &str) -> Value {
@@ -540,8 +586,13 @@ async fn social_channel(engine: &Engine) -> Value {
     body["channels"]["social"].clone()
 }
 
-/// The Meta Marketing API's asynchronous insights, as documented: start a report run, poll it,
-/// read its pages through `paging.next`.
+/// The Meta Marketing API's asynchronous insights, as documented: `POST /act_{id}/insights`
+/// starts a report run (`report_run_id`), `GET /{run}` reports its `async_status` until `Job
+/// Completed`, and `GET /{run}/insights` gives its rows in pages linked by `paging.next`
+/// (<https://developers.facebook.com/docs/marketing-api/insights/best-practices>,
+/// <https://developers.facebook.com/docs/graph-api/results/>); numbers are strings. Rate
+/// limits are errors in the body (code 17, subcode 2446079) with an `X-Business-Use-Case-Usage`
+/// header (<https://developers.facebook.com/docs/marketing-api/overview/rate-limiting>).
 #[derive(Default)]
 struct MetaMock {
     base: String,
@@ -554,7 +605,7 @@ type SharedMeta = Arc<Mutex<MetaMock>>;
 
 async fn meta_start(State(mock): State<SharedMeta>, body: String) -> Response {
     mock.lock().unwrap().seen.push(("start".into(), body));
-    axum::Json(json!({"report_run_id": "6001"})).into_response()
+    axum::Json(json!({"report_run_id": "6023920149050"})).into_response()
 }
 
 async fn meta_poll(
@@ -566,13 +617,28 @@ async fn meta_poll(
     mock.seen.push(("poll".into(), query.unwrap_or_default()));
     mock.polls += 1;
     match mock.polls {
-        1 => axum::Json(json!({"id": run, "async_status": "Job Running", "async_percent_completion": 40})).into_response(),
-        2 => (
-            StatusCode::BAD_REQUEST,
-            axum::Json(json!({"error": {"message": "(#17) User request limit reached", "type": "OAuthException", "code": 17, "error_subcode": 2446079, "fbtrace_id": "A1b2"}})),
+        1 => axum::Json(
+            json!({"id": run, "async_status": "Job Running", "async_percent_completion": 40}),
         )
-            .into_response(),
-        _ => axum::Json(json!({"id": run, "async_status": "Job Completed", "async_percent_completion": 100})).into_response(),
+        .into_response(),
+        2 => {
+            let mut response = (
+                StatusCode::BAD_REQUEST,
+                axum::Json(json!({"error": {"message": "(#17) User request limit reached", "type": "OAuthException", "code": 17, "error_subcode": 2446079, "fbtrace_id": "EJplcsCHuLu"}})),
+            )
+                .into_response();
+            response.headers_mut().insert(
+                "x-business-use-case-usage",
+                r#"{"555":[{"type":"ads_insights","call_count":100,"total_cputime":30,"total_time":40,"estimated_time_to_regain_access":0}]}"#
+                    .parse()
+                    .unwrap(),
+            );
+            response
+        }
+        _ => axum::Json(
+            json!({"id": run, "async_status": "Job Completed", "async_percent_completion": 100}),
+        )
+        .into_response(),
     }
 }
 
@@ -593,16 +659,30 @@ async fn meta_rows(
                "actions": [{"action_type": "link_click", "value": "40"}, {"action_type": "lead", "value": leads}],
                "date_start": day1, "date_stop": day1})
     };
+    // The second round: day 1 of `retarget` restated, `prospecting` without delivery (Meta
+    // returns no row for it) and `lookalike` renamed `lookalike-eu`.
     if query.contains("after=CURSOR1") {
-        return axum::Json(json!({"data": [row("c3", "lookalike", "3.00", "0")],
+        let lookalike = if mock.restated {
+            "lookalike-eu"
+        } else {
+            "lookalike"
+        };
+        return axum::Json(json!({"data": [row("c3", lookalike, "3.00", "0")],
             "paging": {"cursors": {"before": "CURSOR1", "after": "CURSOR2"}}}))
         .into_response();
     }
-    let retarget = if mock.restated { "9.50" } else { "8.25" };
+    let first = if mock.restated {
+        vec![row("c1", "retarget", "9.50", "2")]
+    } else {
+        vec![
+            row("c1", "retarget", "8.25", "2"),
+            row("c2", "prospecting", "10.00", "1"),
+        ]
+    };
     axum::Json(json!({
-        "data": [row("c1", "retarget", retarget, "2"), row("c2", "prospecting", "10.00", "1")],
+        "data": first,
         "paging": {"cursors": {"before": "CURSOR0", "after": "CURSOR1"},
-                   "next": format!("{}/v23.0/6001/insights?access_token=meta-token-5&limit=500&after=CURSOR1", mock.base)}
+                   "next": format!("{}/v27.0/6023920149050/insights?access_token=meta-token-5&limit=500&after=CURSOR1", mock.base)}
     }))
     .into_response()
 }
@@ -612,9 +692,9 @@ async fn meta_ads_report_run_is_polled_paged_and_restated() {
     let nats = NatsServer::start();
     let mock: SharedMeta = Arc::default();
     let app = Router::new()
-        .route("/v23.0/act_555/insights", post(meta_start))
-        .route("/v23.0/{run}", axum::routing::get(meta_poll))
-        .route("/v23.0/{run}/insights", axum::routing::get(meta_rows))
+        .route("/v27.0/act_555/insights", post(meta_start))
+        .route("/v27.0/{run}", axum::routing::get(meta_poll))
+        .route("/v27.0/{run}/insights", axum::routing::get(meta_rows))
         .with_state(mock.clone());
     let base = serve_mock(flaky(app)).await;
     mock.lock().unwrap().base = base.clone();
@@ -668,17 +748,23 @@ poll_interval_s = 1
         "the token is in the log"
     );
 
+    // 9.50 (restated) + 0 (no delivery: withdrawn) + 3.00 (under its new name only)
     mock.lock().unwrap().restated = true;
     wait_until(
         "the restated Meta spend",
         Duration::from_secs(30),
-        || async { social_channel(&engine).await["spend"] == "22.50" },
+        || async { social_channel(&engine).await["spend"] == "12.50" },
     )
     .await;
+    let (_, all) = engine.get("/api/v1/kpis?tenant=acme&period=all").await;
+    assert_eq!(all["campaigns"]["prospecting"]["spend"], "0.00");
+    assert_eq!(all["campaigns"]["lookalike"]["spend"], "0.00");
+    assert_eq!(all["campaigns"]["lookalike-eu"]["spend"], "3.00");
+    // Leads already counted stay: a lead count that shrinks removes none.
     assert_eq!(social_channel(&engine).await["leads"], 3);
     assert!(engine.log().contains("HTTP 503: upstream connect error"));
     restart_sends_nothing_new(&mut engine, "meta").await;
-    assert_eq!(social_channel(&engine).await["spend"], "22.50");
+    assert_eq!(social_channel(&engine).await["spend"], "12.50");
 }
 
 /// HubSpot's CRM search and associations APIs, as documented.
@@ -873,39 +959,75 @@ base_url = "{base}"
     );
 }
 
-/// Pipedrive's v1 leads (offset paging) and v2 deals (cursor paging), as documented.
+/// Pipedrive as documented, under a company domain (`https://{company}.pipedrive.com/api/v1`,
+/// <https://pipedrive.readme.io/docs/core-api-concepts-requests>): the Leads Inbox
+/// `GET /api/v1/leads`, paged with `start`/`limit` (at most 500) and a flat
+/// `additional_data: {start, limit, more_items_in_collection}`
+/// (<https://developers.pipedrive.com/docs/api/v1/Leads#getLeads>, `GetLeadsResponse`), deals
+/// and stages in API v2 with cursor paging (`additional_data.next_cursor`,
+/// <https://developers.pipedrive.com/docs/api/v1/Deals#getDeals> v2), the token in
+/// `x-api-token`, and 429 with the `x-ratelimit-*` headers
+/// (<https://pipedrive.readme.io/docs/core-api-concepts-rate-limiting>).
 #[derive(Default)]
 struct PipedriveMock {
     deal_requests: Vec<(Instant, String, u16)>,
+    lead_queries: Vec<String>,
     tokens: Vec<String>,
 }
 
 type SharedPipedrive = Arc<Mutex<PipedriveMock>>;
+
+/// 620 leads: more than one page. The one of person 7, whose deal is won, is the newest.
+const PIPEDRIVE_LEADS: usize = 620;
+
+fn pipedrive_lead(n: usize) -> Value {
+    let (person, source) = match n {
+        619 => (json!(7), "Web forms"),
+        618 => (json!(8), "Prospector"),
+        617 => (Value::Null, "Manually created"),
+        _ => (json!(1000 + n), "Web forms"),
+    };
+    let added = format!("2026-01-{:02}T09:{:02}:00.000Z", 1 + n / 60, n % 60);
+    json!({"id": format!("adf21080-0e10-11eb-879b-{n:012}"), "title": format!("Lead {n}"),
+           "owner_id": 1, "creator_id": 1, "label_ids": [], "person_id": person, "organization_id": null,
+           "source_name": source, "origin": "API", "origin_id": null, "channel": 52, "channel_id": "Jun23 Billboards",
+           "is_archived": false, "was_seen": false, "value": {"amount": 999, "currency": "USD"},
+           "expected_close_date": null, "next_activity_id": null, "add_time": added, "update_time": added,
+           "visible_to": "3", "cc_email": "company+1+lead@dev.pipedrivemail.com"})
+}
 
 async fn pipedrive_leads(
     State(mock): State<SharedPipedrive>,
     headers: HeaderMap,
     axum::extract::RawQuery(query): axum::extract::RawQuery,
 ) -> Response {
-    mock.lock()
-        .unwrap()
-        .tokens
-        .push(headers["x-api-token"].to_str().unwrap().to_string());
-    let lead = |id: &str, person: Option<u32>, source: &str, added: &str| {
-        json!({"id": id, "title": format!("{id} lead"), "person_id": person, "organization_id": null,
-               "source_name": source, "origin": "API", "add_time": added, "update_time": added, "is_archived": false})
-    };
-    if query.unwrap_or_default().contains("start=2") {
-        axum::Json(json!({"success": true, "data": [lead("c3b1", None, "Manually created", "2026-01-07T09:00:00.000Z")],
-            "additional_data": {"pagination": {"start": 2, "limit": 500, "more_items_in_collection": false}}}))
-        .into_response()
-    } else {
-        axum::Json(json!({"success": true, "data": [
-            lead("a1f0", Some(7), "Web forms", "2026-01-05T09:00:00.000Z"),
-            lead("b2e9", Some(8), "Prospector", "2026-01-06T09:00:00.000Z")],
-            "additional_data": {"pagination": {"start": 0, "limit": 2, "more_items_in_collection": true, "next_start": 2}}}))
-        .into_response()
+    let query = query.unwrap_or_default();
+    {
+        let mut mock = mock.lock().unwrap();
+        mock.tokens
+            .push(headers["x-api-token"].to_str().unwrap().to_string());
+        mock.lead_queries.push(query.clone());
     }
+    let param = |name: &str| -> Option<usize> {
+        query
+            .split('&')
+            .find_map(|pair| pair.strip_prefix(&format!("{name}=")))
+            .and_then(|value| value.parse().ok())
+    };
+    let start = param("start").unwrap_or(0);
+    let limit = param("limit").unwrap_or(100).min(500);
+    // Leads changed since `updated_since`: none after the first read (they are all older).
+    let leads: Vec<Value> = if query.contains("updated_since=") {
+        Vec::new()
+    } else {
+        (start..(start + limit).min(PIPEDRIVE_LEADS))
+            .map(pipedrive_lead)
+            .collect()
+    };
+    let more = !query.contains("updated_since=") && start + limit < PIPEDRIVE_LEADS;
+    axum::Json(json!({"success": true, "data": leads,
+        "additional_data": {"start": start, "limit": limit, "more_items_in_collection": more}}))
+    .into_response()
 }
 
 async fn pipedrive_deals(
@@ -920,12 +1042,16 @@ async fn pipedrive_deals(
     if first {
         let mut response = (
             StatusCode::TOO_MANY_REQUESTS,
-            axum::Json(json!({"success": false, "error": "Request over limit", "errorCode": 429})),
+            axum::Json(json!({"success": false, "error": "Request over limit", "error_info": "Please check developers.pipedrive.com", "data": null, "additional_data": null})),
         )
             .into_response();
-        response
-            .headers_mut()
-            .insert("retry-after", "1".parse().unwrap());
+        for (name, value) in [
+            ("x-ratelimit-limit", "40"),
+            ("x-ratelimit-remaining", "0"),
+            ("x-ratelimit-reset", "1"),
+        ] {
+            response.headers_mut().insert(name, value.parse().unwrap());
+        }
         return response;
     }
     let deal = |id: u32, person: u32, status: &str, stage: u32, value: u32| {
@@ -948,12 +1074,21 @@ async fn pipedrive_deals(
     }
 }
 
-async fn pipedrive_stages() -> Response {
-    axum::Json(json!({"success": true, "data": [
-        {"id": 1, "name": "Qualified", "pipeline_id": 1, "order_nr": 1},
-        {"id": 2, "name": "Proposal Made", "pipeline_id": 1, "order_nr": 2}],
-        "additional_data": {"next_cursor": null}}))
-    .into_response()
+async fn pipedrive_stages(axum::extract::RawQuery(query): axum::extract::RawQuery) -> Response {
+    let stage = |id: u32, name: &str| {
+        json!({"id": id, "order_nr": id, "name": name, "is_deleted": false, "deal_probability": 100,
+               "pipeline_id": 1, "is_deal_rot_enabled": false, "days_to_rotten": null,
+               "add_time": "2024-01-01T00:00:00Z", "update_time": "2024-01-01T00:00:00Z"})
+    };
+    if query.unwrap_or_default().contains("cursor=s2") {
+        axum::Json(json!({"success": true, "data": [stage(2, "Proposal Made")],
+            "additional_data": {"next_cursor": null}}))
+        .into_response()
+    } else {
+        axum::Json(json!({"success": true, "data": [stage(1, "Qualified")],
+            "additional_data": {"next_cursor": "s2"}}))
+        .into_response()
+    }
 }
 
 #[tokio::test]
@@ -961,7 +1096,7 @@ async fn pipedrive_leads_and_deals_are_paged_and_linked_by_person() {
     let nats = NatsServer::start();
     let mock: SharedPipedrive = Arc::default();
     let app = Router::new()
-        .route("/v1/leads", axum::routing::get(pipedrive_leads))
+        .route("/api/v1/leads", axum::routing::get(pipedrive_leads))
         .route("/api/v2/deals", axum::routing::get(pipedrive_deals))
         .route("/api/v2/stages", axum::routing::get(pipedrive_stages))
         .with_state(mock.clone());
@@ -989,8 +1124,18 @@ channel = {{ "Manually created" = "outbound" }}
         || async { total(&engine, "pdco", "revenue").await == "2500.00" },
     )
     .await;
+    wait_until(
+        "every lead, both pages",
+        Duration::from_secs(30),
+        || async { total(&engine, "pdco", "leads").await == PIPEDRIVE_LEADS },
+    )
+    .await;
     let (_, all) = engine.get("/api/v1/kpis?tenant=pdco&period=all").await;
-    assert_eq!(all["total"]["leads"], 3);
+    assert_eq!(
+        all["channels"]["unattributed"]["revenue"],
+        Value::Null,
+        "{all}"
+    );
     assert_eq!(all["total"]["qualified_leads"], 2);
     assert_eq!(all["total"]["converted_leads"], 1);
     assert_eq!(all["channels"]["web_forms"]["revenue"], "2500.00");
@@ -1013,7 +1158,38 @@ channel = {{ "Manually created" = "outbound" }}
             .deal_requests
             .iter()
             .any(|(_, query, _)| query.contains("cursor=c2")));
+        assert!(
+            mock.lead_queries[0].contains("start=0") && mock.lead_queries[0].contains("limit=500")
+        );
+        assert!(mock
+            .lead_queries
+            .iter()
+            .any(|query| query.contains("start=500")));
     }
+    // Later runs read what changed since their cursor and send nothing that did not change.
+    let events = |metrics: String| {
+        metric_value(
+            &metrics,
+            "kpi_connector_events_total",
+            &[("connector", "pipedrive")],
+        )
+    };
+    let sent = events(engine.metrics().await);
+    wait_until("two more runs", Duration::from_secs(20), || async {
+        mock.lock()
+            .unwrap()
+            .lead_queries
+            .iter()
+            .filter(|q| q.contains("updated_since="))
+            .count()
+            >= 2
+    })
+    .await;
+    assert_eq!(
+        events(engine.metrics().await),
+        sent,
+        "unchanged leads and deals sent again"
+    );
     restart_sends_nothing_new(&mut engine, "pipedrive").await;
     assert_eq!(total(&engine, "pdco", "revenue").await, "2500.00");
 }
@@ -1275,6 +1451,15 @@ async fn email_channel(engine: &Engine, tenant: &str) -> Value {
 }
 
 #[tokio::test]
+/// LinkedIn's Marketing API as documented: versioned `/rest/` endpoints
+/// (`LinkedIn-Version: YYYYMM`, `X-Restli-Protocol-Version: 2.0.0`,
+/// <https://learn.microsoft.com/linkedin/marketing/versioning>); `adAnalytics` answers every
+/// element at once, without paging, and leaves out what had no activity
+/// (<https://learn.microsoft.com/linkedin/marketing/integrations/ads-reporting/ads-reporting>);
+/// campaign search pages with `pageToken` / `metadata.nextPageToken`
+/// (<https://learn.microsoft.com/linkedin/marketing/integrations/ads/cursor-based-pagination>);
+/// errors are `{"message", "serviceErrorCode", "status"}` and a rate limit a 429
+/// (<https://learn.microsoft.com/linkedin/shared/api-guide/concepts/error-handling>).
 async fn linkedin_ads_analytics_are_read_with_rest_li_parameters() {
     let nats = NatsServer::start();
     let seen: Arc<Mutex<Vec<(Instant, String, u16)>>> = Arc::default();
@@ -1283,11 +1468,14 @@ async fn linkedin_ads_analytics_are_read_with_rest_li_parameters() {
     let date = |d: chrono::NaiveDate| json!({"year": chrono::Datelike::year(&d), "month": chrono::Datelike::month(&d), "day": chrono::Datelike::day(&d)});
     let restated = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let tokens = Arc::new(std::sync::atomic::AtomicU32::new(0));
-    let analytics = json!({"elements": [
-        {"costInLocalCurrency": "40.5", "dateRange": {"start": date(day(1)), "end": date(day(1))}, "pivotValues": ["urn:li:sponsoredCampaign:901"]},
-        {"costInLocalCurrency": "9.50", "dateRange": {"start": date(day(1)), "end": date(day(1))}, "pivotValues": ["urn:li:sponsoredCampaign:902"]},
-        {"costInLocalCurrency": "10", "dateRange": {"start": date(day(2)), "end": date(day(2))}, "pivotValues": ["urn:li:sponsoredCampaign:901"]}],
-        "paging": {"start": 0, "count": 10, "links": []}});
+    let element = |cost: &str, back: u64, campaign: u32| {
+        json!({"costInLocalCurrency": cost, "dateRange": {"start": date(day(back)), "end": date(day(back))},
+               "pivotValues": [format!("urn:li:sponsoredCampaign:{campaign}")], "impressions": 165, "clicks": 11})
+    };
+    let analytics = json!({"elements": [element("40.5", 1, 901), element("9.502617801047121", 1, 902), element("10", 2, 901)]});
+    // The second round: day 1 of campaign 901 restated, 902 without activity (left out), and
+    // 901 renamed.
+    let restated_analytics = json!({"elements": [element("45.00", 1, 901), element("10", 2, 901)]});
     let app = Router::new()
         .route("/oauth/v2/accessToken", post({
             let tokens = tokens.clone();
@@ -1303,15 +1491,21 @@ async fn linkedin_ads_analytics_are_read_with_rest_li_parameters() {
         .route("/rest/adAccounts/508", axum::routing::get(|headers: HeaderMap| async move {
             if header(&headers, "authorization") == "Bearer AQV-li-1" {
                 // The first token has expired: the connector must mint another one.
-                return (StatusCode::UNAUTHORIZED, axum::Json(json!({"status": 401, "serviceErrorCode": 65600, "code": "EXPIRED_ACCESS_TOKEN", "message": "The token used in the request has expired"}))).into_response();
+                return (StatusCode::UNAUTHORIZED, axum::Json(json!({"status": 401, "serviceErrorCode": 65600, "message": "The token used in the request has expired"}))).into_response();
             }
             axum::Json(json!({"id": 508, "name": "Acme", "currency": "EUR", "status": "ACTIVE"})).into_response()
         }))
-        .route("/rest/adAccounts/508/adCampaigns", axum::routing::get(|axum::extract::RawQuery(query): axum::extract::RawQuery| async move {
-            if query.unwrap_or_default().contains("pageToken=p2") {
-                axum::Json(json!({"elements": [{"id": 902, "name": "retarget-li"}], "metadata": {}}))
-            } else {
-                axum::Json(json!({"elements": [{"id": 901, "name": "b2b-awareness"}], "metadata": {"nextPageToken": "p2"}}))
+        .route("/rest/adAccounts/508/adCampaigns", axum::routing::get({
+            let restated = restated.clone();
+            move |axum::extract::RawQuery(query): axum::extract::RawQuery| {
+                let name = if restated.load(std::sync::atomic::Ordering::SeqCst) { "b2b-awareness-q4" } else { "b2b-awareness" };
+                async move {
+                    if query.unwrap_or_default().contains("pageToken=p2") {
+                        axum::Json(json!({"elements": [{"id": 902, "name": "retarget-li", "account": "urn:li:sponsoredAccount:508"}], "metadata": {}}))
+                    } else {
+                        axum::Json(json!({"elements": [{"id": 901, "name": name, "account": "urn:li:sponsoredAccount:508"}], "metadata": {"nextPageToken": "p2"}}))
+                    }
+                }
             }
         }))
         .route("/rest/adAnalytics", axum::routing::get({
@@ -1319,19 +1513,19 @@ async fn linkedin_ads_analytics_are_read_with_rest_li_parameters() {
             let restated = restated.clone();
             move |headers: HeaderMap, axum::extract::RawQuery(query): axum::extract::RawQuery| {
                 let seen = seen.clone();
-                let mut analytics = analytics.clone();
-                if restated.load(std::sync::atomic::Ordering::SeqCst) {
-                    analytics["elements"][0]["costInLocalCurrency"] = json!("45.00");
-                }
+                let analytics = if restated.load(std::sync::atomic::Ordering::SeqCst) {
+                    restated_analytics.clone()
+                } else {
+                    analytics.clone()
+                };
                 async move {
                     let mut seen = seen.lock().unwrap();
                     let query = format!("{} {} {}", query.unwrap_or_default(), header(&headers, "linkedin-version"), header(&headers, "x-restli-protocol-version"));
                     let status = if seen.is_empty() { 429 } else { 200 };
                     seen.push((Instant::now(), query, status));
                     if status == 429 {
-                        let mut response = (StatusCode::TOO_MANY_REQUESTS, axum::Json(json!({"status": 429, "message": "Resource level throttle APPLICATION DAY limit for calls to this resource is reached."}))).into_response();
-                        response.headers_mut().insert("retry-after", "1".parse().unwrap());
-                        return response;
+                        // No Retry-After is documented: the connector backs off on its own.
+                        return (StatusCode::TOO_MANY_REQUESTS, axum::Json(json!({"status": 429, "serviceErrorCode": 101, "message": "Resource level throttle APPLICATION DAY limit for calls to this resource is reached."}))).into_response();
                     }
                     axum::Json(analytics).into_response()
                 }
@@ -1367,7 +1561,7 @@ token_url = "{base}/oauth/v2/accessToken"
     assert_eq!(body["campaigns"]["retarget-li"]["spend"], "9.50");
     let query = {
         let seen = seen.lock().unwrap();
-        assert!(seen[1].0.duration_since(seen[0].0) >= Duration::from_millis(950));
+        assert!(seen[1].0.duration_since(seen[0].0) >= Duration::from_millis(200));
         seen[1].1.clone()
     };
     for part in [
@@ -1382,7 +1576,7 @@ token_url = "{base}/oauth/v2/accessToken"
         ),
         "accounts=List(urn%3Ali%3AsponsoredAccount%3A508)",
         "costInLocalCurrency",
-        " 202510 2.0.0",
+        " 202608 2.0.0",
     ] {
         assert!(query.contains(part), "{part} missing from {query}");
     }
@@ -1395,20 +1589,23 @@ token_url = "{base}/oauth/v2/accessToken"
     assert!(log.contains("HTTP 503: upstream connect error"), "{log}");
     assert!(!log.contains("li-secret-1"));
 
-    // LinkedIn restates day 1 of b2b-awareness: replaced, not added.
+    // LinkedIn restates day 1 of 901 (replaced, not added), reports nothing for 902 (its line
+    // is withdrawn) and 901 is renamed: its lines move to the new name.
     restated.store(true, std::sync::atomic::Ordering::SeqCst);
     wait_until(
         "the restated LinkedIn spend",
         Duration::from_secs(30),
         || async {
             let (_, body) = engine.get("/api/v1/kpis?tenant=lico&period=all").await;
-            body["channels"]["social"]["spend"] == "64.50"
+            body["channels"]["social"]["spend"] == "55.00"
         },
     )
     .await;
     restart_sends_nothing_new(&mut engine, "linkedin").await;
     let (_, body) = engine.get("/api/v1/kpis?tenant=lico&period=all").await;
-    assert_eq!(body["campaigns"]["b2b-awareness"]["spend"], "55.00");
+    assert_eq!(body["campaigns"]["b2b-awareness-q4"]["spend"], "55.00");
+    assert_eq!(body["campaigns"]["b2b-awareness"]["spend"], "0.00");
+    assert_eq!(body["campaigns"]["retarget-li"]["spend"], "0.00");
 }
 
 #[tokio::test]
@@ -1636,7 +1833,7 @@ async fn connector_commands_list_check_and_backfill_in_the_foreground() {
         String::from_utf8_lossy(&run.stderr)
     );
     assert!(out.contains(&format!("gads: read {since} to")), "{out}");
-    assert!(out.contains("published 4 events"), "{out}");
+    assert!(out.contains("published 3 events"), "{out}");
     let query = mock
         .lock()
         .unwrap()
@@ -1652,7 +1849,7 @@ async fn connector_commands_list_check_and_backfill_in_the_foreground() {
     let again = kpi(&["connectors", "run", "gads"]).await.unwrap();
     let out = String::from_utf8_lossy(&again.stdout);
     assert!(out.contains("published 0 events"), "{out}");
-    assert!(out.contains("4 spend lines unchanged"), "{out}");
+    assert!(out.contains("3 spend lines unchanged"), "{out}");
     wait_until("the backfilled spend", Duration::from_secs(20), || async {
         let (status, body) = engine.get("/api/v1/kpis?tenant=acme&period=all").await;
         status == 200 && body["channels"]["paid_search"]["spend"] == "25.09"

@@ -27,7 +27,7 @@ use sha2::{Digest, Sha256};
 use kpi_model::event::SpendCategory;
 use kpi_model::EventData;
 
-use crate::{ConnectError, Connector, Emit, RunContext, RunOutput, SpendLine};
+use crate::{ConnectError, Connector, Coverage, Emit, RunContext, RunOutput, SpendLine};
 
 /// What a CSV file holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -163,7 +163,7 @@ pub fn parse(kind: CsvKind, reader: impl Read, name: &str) -> Result<Vec<Emit>, 
                         )
                     })?,
                 };
-                let line_data = SpendLine {
+                emits.push(Emit::Spend(SpendLine {
                     date,
                     amount: crate::amount(&required("amount")?)
                         .map_err(|error| bad(line, error))?,
@@ -173,17 +173,10 @@ pub fn parse(kind: CsvKind, reader: impl Read, name: &str) -> Result<Vec<Emit>, 
                     category,
                     source: field("source").unwrap_or_else(|| "csv".into()),
                     account: field("account"),
-                };
-                match time("reported_at")? {
-                    // A reported time makes the row a versioned event of its own.
-                    Some(reported_at) => emits.push(Emit::Event {
-                        time: reported_at,
-                        upstream_key: row_key,
-                        version: None,
-                        data: line_data.data(),
-                    }),
-                    None => emits.push(Emit::Spend(line_data)),
-                }
+                    // A reported time dates the amount: a later report of the line wins.
+                    reported_at: time("reported_at")?,
+                    group: Some(name.to_string()),
+                }));
             }
             CsvKind::Leads => {
                 let lead_id = required("lead_id")?;
@@ -373,6 +366,10 @@ impl Connector for CsvFolder {
             output
                 .emits
                 .extend(parse(self.params.kind, bytes.as_slice(), &name)?);
+            // The file's new version holds all its lines: one it no longer has is withdrawn.
+            if self.params.kind == CsvKind::Spend {
+                output.coverage.push(Coverage::Group(name.clone()));
+            }
             imported.insert(name, digest);
         }
         output.cursor = Some(json!(imported));

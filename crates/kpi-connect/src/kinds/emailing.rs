@@ -57,6 +57,8 @@ impl EmailingCost {
             category,
             source: source.into(),
             account: Some(account.into()),
+            reported_at: None,
+            group: None,
         })
     }
 

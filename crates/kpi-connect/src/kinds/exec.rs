@@ -38,7 +38,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 use tracing::{error, info, warn};
 
-use crate::{ConnectError, Connector, Emit, RunContext, RunOutput, SpendLine};
+use crate::{ConnectError, Connector, Coverage, Emit, RunContext, RunOutput, SpendLine};
 
 /// `[connectors.params]` of `exec`.
 #[derive(Debug, Deserialize)]
@@ -161,7 +161,12 @@ impl Exec {
             // A plugin that does not read its request is not an error.
             let _ = stdin.write_all(body.as_bytes()).await;
             drop(stdin);
-            let mut output = RunOutput::default();
+            // A plugin's spend lines are all its lines of the window's days (one missing is
+            // withdrawn), unless it says it reports spend partially.
+            let mut output = RunOutput {
+                coverage: vec![Coverage::Window],
+                ..RunOutput::default()
+            };
             let mut lines = BufReader::new(stdout).lines();
             let mut number = 0;
             while let Some(line) = lines
@@ -184,6 +189,7 @@ impl Exec {
                         .emits
                         .push(Emit::Spend(plugin_spend(raw).map_err(bad)?)),
                     ("state", _, _) => output.cursor = message.state,
+                    ("spend_partial", _, _) => output.coverage.clear(),
                     ("log", _, _) => {
                         let text = message.message.unwrap_or_default();
                         match message.level.as_deref() {
@@ -196,7 +202,7 @@ impl Exec {
                     }
                     (kind, _, _) => {
                         return Err(bad(format!(
-                            "`{}` is not a message type (event, spend, state, log) with its field",
+                            "`{}` is not a message type (event, spend, spend_partial, state, log) with its field",
                             kpi_model::event::shown(kind)
                         )))
                     }
@@ -278,6 +284,8 @@ fn plugin_spend(raw: &RawValue) -> Result<SpendLine, String> {
         category,
         source: spend.source,
         account: spend.account,
+        reported_at: None,
+        group: None,
     })
 }
 

@@ -18,7 +18,9 @@ use kpi_model::event::SpendCategory;
 use super::oauth::RefreshToken;
 use super::{base, text};
 use crate::http::Http;
-use crate::{micros_to_decimal, ConnectError, Connector, Emit, RunContext, RunOutput, SpendLine};
+use crate::{
+    micros_to_decimal, ConnectError, Connector, Coverage, Emit, RunContext, RunOutput, SpendLine,
+};
 
 /// `[connectors.params]` of `google_ads`.
 #[derive(Debug, Deserialize)]
@@ -52,8 +54,11 @@ fn default_base_url() -> String {
 fn default_token_url() -> String {
     "https://oauth2.googleapis.com/token".into()
 }
+/// The newest version the platform supports (see [`crate::versions`]).
 fn default_api_version() -> String {
-    "v21".into()
+    crate::versions::default_version(<GoogleAds as Connector>::KIND)
+        .unwrap_or_default()
+        .into()
 }
 fn default_channel() -> String {
     "paid_search".into()
@@ -142,6 +147,10 @@ impl Connector for GoogleAds {
         })
     }
 
+    fn api_version(&self) -> Option<&str> {
+        Some(&self.params.api_version)
+    }
+
     async fn check(&self, _context: &RunContext) -> Result<String, ConnectError> {
         let rows = self
             .search_stream(
@@ -204,12 +213,17 @@ impl Connector for GoogleAds {
                     category: SpendCategory::Media,
                     source: "google_ads".into(),
                     account: Some(self.customer_id.clone()),
+                    reported_at: None,
+                    group: None,
                 })
             })
             .collect();
+        // The report holds every campaign-day with a cost in the window: a day it leaves out
+        // (zero metrics) cost nothing.
         Ok(RunOutput {
             emits,
             cursor: None,
+            coverage: vec![Coverage::Window],
         })
     }
 }

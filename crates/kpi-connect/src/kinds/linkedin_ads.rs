@@ -20,7 +20,7 @@ use kpi_model::event::SpendCategory;
 use super::oauth::RefreshToken;
 use super::{base, text};
 use crate::http::Http;
-use crate::{ConnectError, Connector, Emit, RunContext, RunOutput, SpendLine};
+use crate::{ConnectError, Connector, Coverage, Emit, RunContext, RunOutput, SpendLine};
 
 /// `[connectors.params]` of `linkedin_ads`.
 #[derive(Debug, Deserialize)]
@@ -49,8 +49,11 @@ fn default_base_url() -> String {
 fn default_token_url() -> String {
     "https://www.linkedin.com/oauth/v2/accessToken".into()
 }
+/// The newest version the platform supports (see [`crate::versions`]).
 fn default_version() -> String {
-    "202510".into()
+    crate::versions::default_version(<LinkedInAds as Connector>::KIND)
+        .unwrap_or_default()
+        .into()
 }
 fn default_channel() -> String {
     "social".into()
@@ -165,6 +168,10 @@ impl Connector for LinkedInAds {
         })
     }
 
+    fn api_version(&self) -> Option<&str> {
+        Some(&self.params.api_version)
+    }
+
     async fn check(&self, _context: &RunContext) -> Result<String, ConnectError> {
         let account = self
             .get(&format!("/rest/adAccounts/{}", self.params.ad_account_id))
@@ -215,7 +222,11 @@ impl Connector for LinkedInAds {
                 .unwrap_or_else(|| "0".into());
             lines.entry((campaign, date)).or_default().push(cost);
         }
-        let mut output = RunOutput::default();
+        // adAnalytics returns every campaign-day with activity: one it leaves out cost nothing.
+        let mut output = RunOutput {
+            coverage: vec![Coverage::Window],
+            ..RunOutput::default()
+        };
         for ((campaign, date), costs) in lines {
             output.emits.push(Emit::Spend(SpendLine {
                 date,
@@ -226,6 +237,8 @@ impl Connector for LinkedInAds {
                 category: SpendCategory::Media,
                 source: "linkedin_ads".into(),
                 account: Some(self.params.ad_account_id.clone()),
+                reported_at: None,
+                group: None,
             }));
         }
         Ok(output)

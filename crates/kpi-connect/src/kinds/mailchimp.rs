@@ -18,7 +18,7 @@ use super::{base, offset_pages, page_items, rfc3339, text};
 use kpi_model::EventData;
 
 use crate::http::Http;
-use crate::{ConnectError, Connector, Emit, RunContext, RunOutput};
+use crate::{ConnectError, Connector, Coverage, Emit, RunContext, RunOutput};
 
 /// `[connectors.params]` of `mailchimp`.
 #[derive(Debug, Deserialize)]
@@ -156,7 +156,12 @@ impl Connector for Mailchimp {
             .unwrap_or_default()
             .and_utc();
         let account = "mailchimp";
-        let mut output = RunOutput::default();
+        // The plan's and the campaigns' lines of the window's days are all computed or read
+        // each run: a campaign that is gone withdraws its cost.
+        let mut output = RunOutput {
+            coverage: vec![Coverage::Window],
+            ..RunOutput::default()
+        };
         output
             .emits
             .extend(self.cost.plan_lines(context.window, "mailchimp", account));

@@ -24,7 +24,7 @@ use kpi_model::EventData;
 
 use super::{base, text};
 use crate::http::{Http, Verdict};
-use crate::{ConnectError, Connector, Emit, RunContext, RunOutput, SpendLine};
+use crate::{ConnectError, Connector, Coverage, Emit, RunContext, RunOutput, SpendLine};
 
 /// `[connectors.params]` of `meta_ads`.
 #[derive(Debug, Deserialize)]
@@ -54,8 +54,11 @@ pub struct MetaAdsParams {
 fn default_base_url() -> String {
     "https://graph.facebook.com".into()
 }
+/// The newest version the platform supports (see [`crate::versions`]).
 fn default_api_version() -> String {
-    "v23.0".into()
+    crate::versions::default_version(<MetaAds as Connector>::KIND)
+        .unwrap_or_default()
+        .into()
 }
 fn default_channel() -> String {
     "social".into()
@@ -208,6 +211,10 @@ impl Connector for MetaAds {
         })
     }
 
+    fn api_version(&self) -> Option<&str> {
+        Some(&self.params.api_version)
+    }
+
     async fn check(&self, _context: &RunContext) -> Result<String, ConnectError> {
         let account: Value = self
             .http
@@ -230,7 +237,11 @@ impl Connector for MetaAds {
         let rows = self
             .report_rows(context.window.since, context.window.until)
             .await?;
-        let mut output = RunOutput::default();
+        // The insights report covers every campaign-day with delivery in the window.
+        let mut output = RunOutput {
+            coverage: vec![Coverage::Window],
+            ..RunOutput::default()
+        };
         for row in rows {
             let date = text(&row, "/date_start")
                 .and_then(|date| NaiveDate::parse_from_str(date, "%Y-%m-%d").ok())
@@ -254,6 +265,8 @@ impl Connector for MetaAds {
                 category: SpendCategory::Media,
                 source: "meta_ads".into(),
                 account: Some(self.account.clone()),
+                reported_at: None,
+                group: None,
             }));
             if !self.params.emit_leads {
                 continue;

@@ -1,7 +1,8 @@
 //! `pipedrive`: leads and deals from Pipedrive.
 //!
-//! - Leads (Leads Inbox): `GET /v1/leads`, paged with `start` / `limit` until
-//!   `additional_data.pagination.more_items_in_collection` is false. A lead becomes
+//! - Leads (Leads Inbox): `GET /api/v1/leads`, paged with `start` / `limit` until the flat
+//!   `additional_data.more_items_in_collection` is false, `updated_since` the cursor minus the
+//!   window after the first run. A lead becomes
 //!   `lead.created` at its `add_time`; its id is the lead's person (`P{person_id}`) when it has
 //!   one, so that the person's deals find it; its channel is its `source_name` (`Web forms` →
 //!   `web_forms`) unless `channel` maps it.
@@ -13,10 +14,13 @@
 //! - Authentication: an API token in the `x-api-token` header; 429 replies are retried after
 //!   their `Retry-After`.
 //!
-//! Deals are read incrementally: the first run reads all, later ones from the latest
-//! `update_time` seen minus the window (`lookback_days`). Leads are few for an SME and have no
-//! modification filter: every run reads them all (unchanged ones are duplicates and cost
-//! nothing downstream).
+//! Leads and deals are read incrementally: the first run reads all, later ones from the latest
+//! `update_time` seen minus the window (`lookback_days`); what is read again unchanged is not
+//! sent again (the runner's fingerprints). `base_url` is the company domain
+//! (`https://acme.pipedrive.com`; `https://api.pipedrive.com` works too): paths are
+//! `/api/v1/...` and `/api/v2/...` under it. Rate limits: a 429 is retried after its
+//! `Retry-After`, or `x-ratelimit-reset` (seconds until the 2-second window resets,
+//! <https://pipedrive.readme.io/docs/core-api-concepts-rate-limiting>).
 
 use std::collections::HashMap;
 
@@ -108,34 +112,53 @@ impl Pipedrive {
             .await
     }
 
-    async fn leads(&self) -> Result<Vec<Value>, ConnectError> {
+    /// The Leads Inbox, `updated_since` when given. `GET /api/v1/leads` pages with
+    /// `start`/`limit` and answers with a flat `additional_data: {start, limit,
+    /// more_items_in_collection}` (<https://developers.pipedrive.com/docs/api/v1/Leads#getLeads>);
+    /// the nested `additional_data.pagination` of other v1 endpoints is read too.
+    async fn leads(&self, since: Option<DateTime<Utc>>) -> Result<Vec<Value>, ConnectError> {
+        const LIMIT: u64 = 500;
         let mut leads = Vec::new();
         let mut start = 0u64;
         loop {
-            let reply = self
-                .get(
-                    "/v1/leads",
-                    &[("start", start.to_string()), ("limit", "500".into())],
-                )
-                .await?;
-            if let Some(Value::Array(data)) = reply.data {
-                leads.extend(data);
+            let mut query = vec![("start", start.to_string()), ("limit", LIMIT.to_string())];
+            if let Some(since) = since {
+                query.push((
+                    "updated_since",
+                    since.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                ));
             }
-            let pagination = reply
+            let reply = self.get("/api/v1/leads", &query).await?;
+            let count = match reply.data {
+                Some(Value::Array(data)) => {
+                    let count = data.len() as u64;
+                    leads.extend(data);
+                    count
+                }
+                _ => 0,
+            };
+            let paging = reply
                 .additional_data
                 .as_ref()
-                .and_then(|data| data.get("pagination"));
-            let more = pagination
+                .map(|data| data.get("pagination").unwrap_or(data).clone());
+            let more = paging
+                .as_ref()
                 .and_then(|p| p.get("more_items_in_collection"))
                 .and_then(Value::as_bool)
                 .unwrap_or(false);
-            match pagination
-                .and_then(|p| p.get("next_start"))
-                .and_then(Value::as_u64)
-            {
-                Some(next) if more => start = next,
-                _ => return Ok(leads),
+            if !more || count == 0 {
+                return Ok(leads);
             }
+            let next = paging
+                .as_ref()
+                .and_then(|p| p.get("next_start"))
+                .and_then(Value::as_u64);
+            let limit = paging
+                .as_ref()
+                .and_then(|p| p.get("limit"))
+                .and_then(Value::as_u64)
+                .unwrap_or(count);
+            start = next.unwrap_or(start + limit.max(count));
         }
     }
 
@@ -168,18 +191,36 @@ impl Pipedrive {
         }
     }
 
+    /// Stage names, `GET /api/v2/stages`, cursor-paged like deals.
     async fn stage_names(&self) -> Result<HashMap<String, String>, ConnectError> {
-        let reply = self
-            .get("/api/v2/stages", &[("limit", "500".into())])
-            .await?;
-        Ok(reply
-            .data
-            .as_ref()
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(|stage| Some((id_text(stage, "/id")?, identifier(text(stage, "/name")?))))
-            .collect())
+        let mut names = HashMap::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut query = vec![("limit", "500".to_string())];
+            if let Some(cursor) = &cursor {
+                query.push(("cursor", cursor.clone()));
+            }
+            let reply = self.get("/api/v2/stages", &query).await?;
+            names.extend(
+                reply
+                    .data
+                    .as_ref()
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|stage| {
+                        Some((id_text(stage, "/id")?, identifier(text(stage, "/name")?)))
+                    }),
+            );
+            cursor = reply
+                .additional_data
+                .as_ref()
+                .and_then(|data| text(data, "/next_cursor"))
+                .map(str::to_string);
+            if cursor.is_none() {
+                return Ok(names);
+            }
+        }
     }
 
     fn channel(&self, source: &str) -> String {
@@ -212,7 +253,7 @@ impl Connector for Pipedrive {
     }
 
     async fn check(&self, _context: &RunContext) -> Result<String, ConnectError> {
-        let reply = self.get("/v1/users/me", &[]).await?;
+        let reply = self.get("/api/v1/users/me", &[]).await?;
         let user = reply.data.unwrap_or_default();
         Ok(format!(
             "signed in as {} ({})",
@@ -223,7 +264,30 @@ impl Connector for Pipedrive {
 
     async fn run(&self, context: &RunContext) -> Result<RunOutput, ConnectError> {
         let mut output = RunOutput::default();
-        for lead in self.leads().await? {
+        let window_days = (context.window.until - context.window.since)
+            .num_days()
+            .max(0) as u64;
+        // From a cursor, minus the window (CRMs change records late); the first run reads all.
+        let since_cursor = |name: &str| {
+            context
+                .cursor
+                .as_ref()
+                .and_then(|cursor| time(cursor, name))
+                .map(|cursor| {
+                    (
+                        cursor,
+                        cursor
+                            .checked_sub_days(Days::new(window_days))
+                            .unwrap_or(cursor),
+                    )
+                })
+        };
+        let leads_cursor = since_cursor("/leads_updated_after");
+        let mut latest_lead = leads_cursor.map(|(cursor, _)| cursor);
+        for lead in self.leads(leads_cursor.map(|(_, since)| since)).await? {
+            if let Some(updated) = time(&lead, "/update_time") {
+                latest_lead = Some(latest_lead.map_or(updated, |latest| latest.max(updated)));
+            }
             let Some(id) = id_text(&lead, "/id") else {
                 continue;
             };
@@ -248,19 +312,9 @@ impl Connector for Pipedrive {
             });
         }
 
-        let cursor = context
-            .cursor
-            .as_ref()
-            .and_then(|cursor| time(cursor, "/updated_after"));
-        let window_days = (context.window.until - context.window.since)
-            .num_days()
-            .max(0) as u64;
-        let since = match cursor {
-            Some(cursor) => cursor
-                .checked_sub_days(Days::new(window_days))
-                .unwrap_or(cursor),
-            None => DateTime::<Utc>::UNIX_EPOCH,
-        };
+        let deals_cursor = since_cursor("/updated_after");
+        let cursor = deals_cursor.map(|(cursor, _)| cursor);
+        let since = deals_cursor.map_or(DateTime::<Utc>::UNIX_EPOCH, |(_, since)| since);
         let deals = self.deals(since).await?;
         let stages = if deals.is_empty() {
             HashMap::new()
@@ -348,7 +402,11 @@ impl Connector for Pipedrive {
                 data,
             });
         }
-        output.cursor = Some(json!({"updated_after": latest.to_rfc3339()}));
+        let mut next = json!({"updated_after": latest.to_rfc3339()});
+        if let Some(latest_lead) = latest_lead {
+            next["leads_updated_after"] = json!(latest_lead.to_rfc3339());
+        }
+        output.cursor = Some(next);
         Ok(output)
     }
 }
