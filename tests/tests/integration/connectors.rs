@@ -1608,29 +1608,93 @@ token_url = "{base}/oauth/v2/accessToken"
     assert_eq!(body["campaigns"]["retarget-li"]["spend"], "0.00");
 }
 
+/// The page `offset..offset + count` of `items` (`count` at most `max`), with the total: the
+/// offset paging of Mailchimp (`count`/`offset`, `total_items`) and Brevo (`limit`/`offset`,
+/// `count`).
+fn offset_page(items: &[Value], query: &str, count_name: &str, max: usize) -> (Vec<Value>, usize) {
+    let param = |name: &str| -> Option<usize> {
+        query
+            .split('&')
+            .find_map(|pair| pair.strip_prefix(&format!("{name}=")))
+            .and_then(|value| value.parse().ok())
+    };
+    let offset = param("offset").unwrap_or(0);
+    let count = param(count_name).unwrap_or(10).min(max);
+    let page = items.iter().skip(offset).take(count).cloned().collect();
+    (page, items.len())
+}
+
+/// Mailchimp's Marketing API 3.0 as documented: `GET /3.0/reports` and
+/// `GET /3.0/lists/{list_id}/members`, paged with `count` (at most 1000) and `offset`, the
+/// collection's size in `total_items` (<https://mailchimp.com/developer/marketing/api/reports/>,
+/// <https://mailchimp.com/developer/marketing/api/list-members/>); Basic auth with any user and
+/// the API key (<https://mailchimp.com/developer/marketing/docs/fundamentals/>). 1,001 reports
+/// and 1,050 subscribers: two pages each.
 #[tokio::test]
 async fn mailchimp_costs_and_subscribers_are_paged() {
     let nats = NatsServer::start();
     let yesterday = kpi_tests::now() - chrono::Duration::days(1);
     let sent = yesterday.to_rfc3339();
+    let deleted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reports: Vec<Value> = (0..1001)
+        .map(|n| {
+            let title = if n == 0 { "black-friday".to_string() } else { format!("news-{n}") };
+            json!({"id": format!("42694e9e{n:02}"), "campaign_title": title, "type": "regular",
+                   "list_id": "aud-1", "subject_line": "Our news", "emails_sent": 1200, "send_time": sent,
+                   "opens": {"opens_total": 300}, "clicks": {"clicks_total": 40}, "unsubscribed": 2})
+        })
+        .collect();
+    let members: Vec<Value> = (0..1050)
+        .map(|n| {
+            json!({"id": format!("852aaa9532cb36adfb5e9fef7a4206a9{n:04}"), "email_address": format!("m{n}@example.com"),
+                   "status": "subscribed", "timestamp_signup": "", "timestamp_opt": "2026-11-20T08:00:00+00:00",
+                   "last_changed": "2026-11-20T08:00:00+00:00", "source": "Hosted Signup Form", "list_id": "aud-1"})
+        })
+        .collect();
     let app = Router::new()
-        .route("/3.0/reports", axum::routing::get(move |headers: HeaderMap, axum::extract::RawQuery(query): axum::extract::RawQuery| {
-            let sent = sent.clone();
-            async move {
-                // Basic auth, any user name, the API key as password: "kpi-engine:key-us21".
-                assert_eq!(header(&headers, "authorization"), "Basic a3BpLWVuZ2luZTprZXktdXMyMQ==");
-                let query = query.unwrap_or_default();
-                assert!(query.contains("since_send_time="), "{query}");
-                let title = if query.contains("offset=1") { "black-friday" } else { "november-news" };
-                axum::Json(json!({"reports": [{"id": title, "campaign_title": title, "type": "regular", "send_time": sent, "emails_sent": 1200}], "total_items": 2}))
-            }
-        }))
-        .route("/3.0/lists/{list}/members", axum::routing::get(|axum::extract::Path(list): axum::extract::Path<String>| async move {
-            assert_eq!(list, "aud-1");
-            let member = |id: &str| json!({"id": id, "email_address": format!("{id}@example.com"), "status": "subscribed",
-                "timestamp_opt": "2026-11-20T08:00:00+00:00", "source": "Hosted Signup Form"});
-            axum::Json(json!({"members": [member("m1"), member("m2"), member("m3")], "list_id": "aud-1", "total_items": 3}))
-        }));
+        .route(
+            "/3.0/reports",
+            axum::routing::get({
+                let deleted = deleted.clone();
+                move |headers: HeaderMap,
+                      axum::extract::RawQuery(query): axum::extract::RawQuery| {
+                    let mut reports = reports.clone();
+                    // The second round: campaign black-friday was deleted, its report is gone.
+                    if deleted.load(std::sync::atomic::Ordering::SeqCst) {
+                        reports.remove(0);
+                    }
+                    async move {
+                        // Basic auth, any user name, the API key as password: "kpi-engine:key-us21".
+                        assert_eq!(
+                            header(&headers, "authorization"),
+                            "Basic a3BpLWVuZ2luZTprZXktdXMyMQ=="
+                        );
+                        let query = query.unwrap_or_default();
+                        assert!(query.contains("since_send_time="), "{query}");
+                        let (page, total) = offset_page(&reports, &query, "count", 1000);
+                        axum::Json(json!({"reports": page, "total_items": total}))
+                    }
+                }
+            }),
+        )
+        .route(
+            "/3.0/lists/{list}/members",
+            axum::routing::get(
+                move |axum::extract::Path(list): axum::extract::Path<String>,
+                      axum::extract::RawQuery(query): axum::extract::RawQuery| {
+                    let members = members.clone();
+                    async move {
+                        assert_eq!(list, "aud-1");
+                        let query = query.unwrap_or_default();
+                        assert!(query.contains("status=subscribed"), "{query}");
+                        let (page, total) = offset_page(&members, &query, "count", 1000);
+                        axum::Json(
+                            json!({"members": page, "list_id": "aud-1", "total_items": total}),
+                        )
+                    }
+                },
+            ),
+        );
     let base = serve_mock(flaky(app)).await;
     let config = format!(
         r#"
@@ -1638,21 +1702,21 @@ async fn mailchimp_costs_and_subscribers_are_paged() {
 id = "mailchimp"
 kind = "mailchimp"
 tenant = "mailco"
-every = "1h"
+every = "1s"
 lookback_days = 40
 [connectors.params]
 api_key = "${{MAILCHIMP_KEY}}"
 list_id = "aud-1"
 lead_campaign = "newsletter"
 monthly_plan_price = "59.00"
-cost_per_campaign = "12.50"
+cost_per_campaign = "0.50"
 base_url = "{base}"
 "#
     );
     let mut engine = Engine::start_with_env(&nats.url(), &config, &[("MAILCHIMP_KEY", "key-us21")]);
     engine.wait_ready().await;
     // The plan on each 1st of a month inside the 40-day window (one or two, depending on the
-    // day), and two campaigns of 12.50.
+    // day), and 1,001 campaigns of 0.50.
     let today = kpi_tests::today();
     let window_start = today.checked_sub_days(Days::new(40)).unwrap();
     let firsts = window_start
@@ -1660,7 +1724,7 @@ base_url = "{base}"
         .take_while(|day| *day <= today)
         .filter(|day| day.day() == 1)
         .count();
-    let expected = format!("{:.2}", 59.0 * firsts as f64 + 25.0);
+    let expected = format!("{:.2}", 59.0 * firsts as f64 + 500.50);
     wait_until(
         "Mailchimp spend and leads",
         Duration::from_secs(30),
@@ -1668,13 +1732,42 @@ base_url = "{base}"
     )
     .await;
     let email = email_channel(&engine, "mailco").await;
-    assert_eq!(email["leads"], 3);
+    assert_eq!(email["leads"], 1050);
     let (_, body) = engine.get("/api/v1/kpis?tenant=mailco&period=all").await;
-    assert_eq!(body["campaigns"]["black-friday"]["spend"], "12.50");
+    assert_eq!(body["campaigns"]["black-friday"]["spend"], "0.50");
+    // Runs every second: the unchanged subscribers are not sent again.
+    let sent_events = |metrics: String| {
+        metric_value(
+            &metrics,
+            "kpi_connector_events_total",
+            &[("connector", "mailchimp")],
+        )
+    };
+    let first = sent_events(engine.metrics().await);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(sent_events(engine.metrics().await), first);
+
+    // A deleted campaign's report is gone: its cost is withdrawn.
+    deleted.store(true, std::sync::atomic::Ordering::SeqCst);
+    let expected = format!("{:.2}", 59.0 * firsts as f64 + 500.00);
+    wait_until(
+        "the deleted campaign's cost withdrawn",
+        Duration::from_secs(30),
+        || async { email_channel(&engine, "mailco").await["spend"] == expected.as_str() },
+    )
+    .await;
+    let (_, body) = engine.get("/api/v1/kpis?tenant=mailco&period=all").await;
+    assert_eq!(body["campaigns"]["black-friday"]["spend"], "0.00");
     restart_sends_nothing_new(&mut engine, "mailchimp").await;
-    assert_eq!(email_channel(&engine, "mailco").await["leads"], 3);
+    assert_eq!(email_channel(&engine, "mailco").await["leads"], 1050);
 }
 
+/// Brevo's API v3 as documented: `GET /v3/contacts` (`limit` at most 1000, `offset`,
+/// `createdSince`; `contacts` and `count`, <https://developers.brevo.com/reference/get-contacts>)
+/// and `GET /v3/emailCampaigns` (`limit` at most 100, `status=sent`; `campaigns` and `count`),
+/// the `api-key` header, and a 429 whose `x-sib-ratelimit-reset` says when to come back
+/// (<https://developers.brevo.com/docs/limit-headers>). 1,020 contacts and 105 campaigns: two
+/// pages each.
 #[tokio::test]
 async fn brevo_contacts_honour_its_rate_limit_header_and_list_filter() {
     let nats = NatsServer::start();
@@ -1682,29 +1775,48 @@ async fn brevo_contacts_honour_its_rate_limit_header_and_list_filter() {
     let sent = (kpi_tests::now() - chrono::Duration::days(2))
         .format("%Y-%m-%dT%H:%M:%S%.3fZ")
         .to_string();
+    let campaigns: Vec<Value> = (0..105)
+        .map(|n| {
+            json!({"id": n + 1, "name": if n == 0 { "winter-promo".to_string() } else { format!("promo-{n}") },
+                   "subject": "Winter", "type": "classic", "status": "sent", "sentDate": sent,
+                   "createdAt": sent, "modifiedAt": sent, "statistics": {"globalStats": {}}})
+        })
+        .collect();
+    // 1,020 contacts, one in three in list 7 (not followed).
+    let contacts: Vec<Value> = (1..=1020u64)
+        .map(|id| {
+            let list = if id % 3 == 0 { 7 } else { 2 };
+            json!({"id": id, "email": format!("c{id}@example.com"), "emailBlacklisted": false, "smsBlacklisted": false,
+                   "createdAt": "2026-11-20T08:00:00.000+01:00", "modifiedAt": "2026-11-20T08:00:00.000+01:00",
+                   "listIds": [list], "attributes": {}})
+        })
+        .collect();
     let app = Router::new()
-        .route("/v3/emailCampaigns", axum::routing::get(move |headers: HeaderMap| {
-            let sent = sent.clone();
+        .route("/v3/emailCampaigns", axum::routing::get(move |headers: HeaderMap, axum::extract::RawQuery(query): axum::extract::RawQuery| {
+            let campaigns = campaigns.clone();
             async move {
                 assert_eq!(header(&headers, "api-key"), "xkeysib-123");
-                axum::Json(json!({"campaigns": [{"id": 4, "name": "winter-promo", "status": "sent", "sentDate": sent}], "count": 1}))
+                let (page, count) = offset_page(&campaigns, &query.unwrap_or_default(), "limit", 100);
+                axum::Json(json!({"campaigns": page, "count": count}))
             }
         }))
         .route("/v3/contacts", axum::routing::get({
             let calls = calls.clone();
-            move || {
+            move |axum::extract::RawQuery(query): axum::extract::RawQuery| {
                 let calls = calls.clone();
+                let contacts = contacts.clone();
                 async move {
                     let mut calls = calls.lock().unwrap();
                     calls.push(Instant::now());
                     if calls.len() == 1 {
                         let mut response = (StatusCode::TOO_MANY_REQUESTS, axum::Json(json!({"code": "too_many_requests", "message": "The expected rate limit is exceeded."}))).into_response();
-                        response.headers_mut().insert("x-sib-ratelimit-reset", "1".parse().unwrap());
+                        for (name, value) in [("x-sib-ratelimit-limit", "10"), ("x-sib-ratelimit-remaining", "0"), ("x-sib-ratelimit-reset", "1")] {
+                            response.headers_mut().insert(name, value.parse().unwrap());
+                        }
                         return response;
                     }
-                    let contact = |id: u64, list: u64| json!({"id": id, "email": format!("c{id}@example.com"), "emailBlacklisted": false,
-                        "createdAt": "2026-11-20T08:00:00.000+01:00", "modifiedAt": "2026-11-20T08:00:00.000+01:00", "listIds": [list], "attributes": {}});
-                    axum::Json(json!({"contacts": [contact(1, 2), contact(2, 7), contact(3, 2)], "count": 3})).into_response()
+                    let (page, count) = offset_page(&contacts, &query.unwrap_or_default(), "limit", 1000);
+                    axum::Json(json!({"contacts": page, "count": count})).into_response()
                 }
             }
         }));
@@ -1720,24 +1832,24 @@ lookback_days = 5
 [connectors.params]
 api_key = "${{BREVO_KEY}}"
 list_ids = [2]
-cost_per_campaign = "9.90"
+cost_per_campaign = "1.00"
 base_url = "{base}"
 "#
     );
     let mut engine = Engine::start_with_env(&nats.url(), &config, &[("BREVO_KEY", "xkeysib-123")]);
     engine.wait_ready().await;
     wait_until("Brevo leads", Duration::from_secs(30), || async {
-        email_channel(&engine, "brevoco").await["leads"] == 2
+        email_channel(&engine, "brevoco").await["leads"] == 680
     })
     .await;
-    assert_eq!(email_channel(&engine, "brevoco").await["spend"], "9.90");
+    assert_eq!(email_channel(&engine, "brevoco").await["spend"], "105.00");
     let (first, second) = {
         let calls = calls.lock().unwrap();
         (calls[0], calls[1])
     };
     assert!(second.duration_since(first) >= Duration::from_millis(950));
     restart_sends_nothing_new(&mut engine, "brevo").await;
-    assert_eq!(email_channel(&engine, "brevoco").await["spend"], "9.90");
+    assert_eq!(email_channel(&engine, "brevoco").await["spend"], "105.00");
 }
 
 #[tokio::test]
@@ -1759,6 +1871,8 @@ async fn connector_commands_list_check_and_backfill_in_the_foreground() {
             nats.url(),
             work.path().join("store").display(),
             connector_config("gads", &base, "client-1")
+                + &connector_config("gads-old", &base, "client-1")
+                + "api_version = \"v21\"\n"
         ),
     )
     .unwrap();
@@ -1797,10 +1911,23 @@ async fn connector_commands_list_check_and_backfill_in_the_foreground() {
         "{}",
         String::from_utf8_lossy(&check.stderr)
     );
+    assert!(
+        String::from_utf8_lossy(&check.stdout)
+            .contains("gads: API version v26, switched off on 2027-11-01"),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    // A version past its sunset: warned, naming the day and the version to move to.
+    let old = kpi(&["connectors", "check", "gads-old"]).await.unwrap();
+    let stderr = String::from_utf8_lossy(&old.stderr);
+    assert!(
+        stderr.contains("warning: gads-old: API version v21 was switched off on 2026-08-05: set api_version to v26"),
+        "{stderr}"
+    );
     let missing = kpi(&["connectors", "check", "nope"]).await.unwrap();
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr)
-        .contains("no connector `nope` in the configuration (configured: gads)"));
+        .contains("no connector `nope` in the configuration (configured: gads, gads-old)"));
 
     let unset = tokio::process::Command::from(kpi_tests::kpi_command())
         .args(["connectors", "check", "gads", "--config"])
@@ -2062,4 +2189,119 @@ currency = "/currency"
     .await;
     // 0.125000000000000001 + 100.000000000000000001 x 0.9, to the cent.
     assert_eq!(total(&engine, "hooks", "revenue").await, "90.13");
+}
+
+/// Spend a kind read completely and no longer returns is withdrawn: a CSV file re-exported
+/// without a line (only that file's lines), and an exec plugin whose window leaves a line out
+/// (unless it says it reports spend partially).
+#[tokio::test]
+async fn csv_and_exec_spend_lines_missing_from_a_complete_read_are_withdrawn() {
+    let nats = NatsServer::start();
+    let work = tempfile::tempdir().unwrap();
+    let inbox = work.path().join("spend");
+    std::fs::create_dir(&inbox).unwrap();
+    let header = "date,amount,currency,channel,campaign,source,account\n";
+    std::fs::write(
+        inbox.join("ads.csv"),
+        format!(
+            "{header}2026-01-05,100.00,EUR,paid_search,brand,invoices,a\n\
+             2026-01-06,50.00,EUR,paid_search,brand,invoices,a\n\
+             2026-01-05,30.00,EUR,paid_search,generic,invoices,a\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        inbox.join("events.csv"),
+        format!("{header}2026-01-10,900.00,EUR,events,trade-show,invoices,b\n"),
+    )
+    .unwrap();
+    let yesterday = kpi_tests::today()
+        .checked_sub_days(Days::new(1))
+        .unwrap()
+        .to_string();
+    let spend = |campaign: &str, amount: &str| {
+        format!(
+            r#"{{"type":"spend","spend":{{"date":"{yesterday}","amount":"{amount}","currency":"EUR","channel":"social","campaign":"{campaign}","source":"shop"}}}}"#
+        )
+    };
+    let complete = work.path().join("complete.jsonl");
+    let partial = work.path().join("partial.jsonl");
+    std::fs::write(
+        &complete,
+        format!("{}\n{}\n", spend("fees", "4.00"), spend("boost", "6.00")),
+    )
+    .unwrap();
+    std::fs::write(&partial, format!("{}\n", spend("listing", "2.50"))).unwrap();
+    let config = format!(
+        r#"
+[[connectors]]
+id = "spend-files"
+kind = "csv"
+tenant = "files"
+every = "1s"
+[connectors.params]
+dir = "{}"
+kind = "spend"
+
+[[connectors]]
+id = "plugin"
+kind = "exec"
+tenant = "plugins"
+every = "1s"
+lookback_days = 3
+[connectors.params]
+command = "cat"
+args = ["{}"]
+
+[[connectors]]
+id = "partial"
+kind = "exec"
+tenant = "partials"
+every = "1s"
+lookback_days = 3
+[connectors.params]
+command = "cat"
+args = ["{}"]
+"#,
+        inbox.display(),
+        complete.display(),
+        partial.display()
+    );
+    let mut engine = Engine::start(&nats.url(), &config);
+    engine.wait_ready().await;
+    wait_until("every line read", Duration::from_secs(30), || async {
+        total(&engine, "files", "spend").await == "1080.00"
+            && total(&engine, "plugins", "spend").await == "10.00"
+            && total(&engine, "partials", "spend").await == "2.50"
+    })
+    .await;
+
+    // ads.csv re-exported: `generic` gone, day 2 of `brand` restated. events.csv untouched.
+    std::fs::write(
+        inbox.join("ads.csv"),
+        format!(
+            "{header}2026-01-05,100.00,EUR,paid_search,brand,invoices,a\n\
+             2026-01-06,60.00,EUR,paid_search,brand,invoices,a\n"
+        ),
+    )
+    .unwrap();
+    // The plugins' next windows: `boost` gone from the complete one; the partial one says it
+    // reports spend partially, and leaves `listing` out.
+    std::fs::write(&complete, format!("{}\n", spend("fees", "4.00"))).unwrap();
+    std::fs::write(&partial, "{\"type\":\"spend_partial\"}\n").unwrap();
+    wait_until("the withdrawals", Duration::from_secs(30), || async {
+        total(&engine, "files", "spend").await == "1060.00"
+            && total(&engine, "plugins", "spend").await == "4.00"
+    })
+    .await;
+    let (_, files) = engine.get("/api/v1/kpis?tenant=files&period=all").await;
+    assert_eq!(files["campaigns"]["generic"]["spend"], "0.00");
+    assert_eq!(files["campaigns"]["brand"]["spend"], "160.00");
+    assert_eq!(files["campaigns"]["trade-show"]["spend"], "900.00");
+    let (_, plugins) = engine.get("/api/v1/kpis?tenant=plugins&period=all").await;
+    assert_eq!(plugins["campaigns"]["boost"]["spend"], "0.00");
+    assert_eq!(total(&engine, "partials", "spend").await, "2.50");
+    // Withdrawn once: later runs send nothing.
+    restart_sends_nothing_new(&mut engine, "plugin").await;
+    assert_eq!(total(&engine, "plugins", "spend").await, "4.00");
 }
