@@ -81,22 +81,48 @@ pub async fn print(
         query.push(("period", period.to_string()));
     }
     let url = format!("{}/api/v1/kpis", base_url.trim_end_matches('/'));
-    let response = client
-        .get(&url)
-        .query(&query)
-        .send()
-        .await
-        .with_context(|| format!("cannot reach the engine at {url}"))?;
-    let status = response.status();
-    let body: Value = response
-        .json()
-        .await
-        .context("the engine's answer is not JSON")?;
-    if !status.is_success() {
-        anyhow::bail!(
-            "{status}: {}",
-            body["error"].as_str().unwrap_or("unknown error")
-        );
+    // An answer holds at most `http.max_rows` channels and campaigns: read every page.
+    let mut body = Value::Null;
+    let mut offset = 0u64;
+    loop {
+        let mut page_query = query.clone();
+        page_query.push(("offset", offset.to_string()));
+        let response = client
+            .get(&url)
+            .query(&page_query)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the engine at {url}"))?;
+        let status = response.status();
+        let mut page: Value = response
+            .json()
+            .await
+            .context("the engine's answer is not JSON")?;
+        if !status.is_success() {
+            anyhow::bail!(
+                "{status}: {}",
+                page["error"].as_str().unwrap_or("unknown error")
+            );
+        }
+        let next = page["page"]["next_offset"].as_u64();
+        if let Some(object) = page.as_object_mut() {
+            object.remove("page");
+        }
+        if body.is_null() {
+            body = page;
+        } else {
+            for list in ["channels", "campaigns"] {
+                if let (Some(into), Some(from)) =
+                    (body[list].as_object_mut(), page[list].as_object().cloned())
+                {
+                    into.extend(from);
+                }
+            }
+        }
+        match next {
+            Some(next) => offset = next,
+            None => break,
+        }
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&body)?);

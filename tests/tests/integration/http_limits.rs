@@ -79,6 +79,20 @@ async fn answers_hold_at_most_max_rows_and_page_through_the_rest() {
         assert_eq!(status, 400, "{query}: {body}");
         assert!(body["error"].as_str().unwrap().starts_with(field), "{body}");
     }
+    // `kpi report` reads every page.
+    let report = kpi_tests::kpi_command()
+        .args([
+            "report", "--tenant", "wide", "--period", "all", "--json", "--url",
+        ])
+        .arg(engine.base())
+        .output()
+        .unwrap();
+    assert!(report.status.success(), "{report:?}");
+    let merged: Value = serde_json::from_slice(&report.stdout).unwrap();
+    assert_eq!(merged["channels"].as_object().unwrap().len(), 250);
+    assert_eq!(merged["campaigns"].as_object().unwrap().len(), 250);
+    assert!(merged.get("page").is_none());
+
     // A small tenant's answer is unchanged: no page.
     publish(
         &client,
