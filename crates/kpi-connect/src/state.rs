@@ -7,7 +7,7 @@
 //!
 //! - `<connector id>`: the manifest (JSON): the generation of the saved state, how many parts
 //!   it has, when it was saved, and the lease of the run that holds the connector, if any;
-//! - `<connector id>.part.<generation>.<n>`: the state itself (the runner's JSON, compressed
+//! - `<connector id>.part.<tag>.<n>`: the state itself (the runner's JSON, compressed
 //!   with LZ4), cut in parts of at most 256 KiB so that a large state fits any server's
 //!   `max_payload`.
 //!
@@ -16,11 +16,12 @@
 //! Every write of the manifest is a compare-and-set on the revision the writer read last. A
 //! run starts by writing its lease into the manifest (refused while another live run holds
 //! it), renews it while it works, and ends by writing the manifest of its new state (parts
-//! first, under a new generation), which also clears the lease. If anyone else wrote the
-//! manifest in between, the compare-and-set fails and nothing of the run's state is kept;
-//! the events it published are de-duplicated by their ids. A lease left by a process that
-//! died expires after [`LEASE`]; one left by a previous process on the same host is taken over
-//! at once.
+//! first, under a tag no other writer uses: the generation and the revision of the writer's
+//! own lease), which also clears the lease. If anyone else wrote the manifest in between, the
+//! compare-and-set fails and nothing of the run's state is kept; the events it published are
+//! de-duplicated by their ids. A run that loses its lease (someone else wrote the manifest, or
+//! it could not renew before expiry) stops before publishing. A run stopped by a shutdown
+//! releases its lease; one left by a process that was killed expires after [`LEASE`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,9 +37,9 @@ use tracing::{debug, info, warn};
 use crate::ConnectError;
 
 /// How long a lease lasts without renewal.
-pub const LEASE: Duration = Duration::from_secs(600);
+pub const LEASE: Duration = Duration::from_secs(120);
 /// How often a run renews its lease.
-const RENEW_EVERY: Duration = Duration::from_secs(60);
+const RENEW_EVERY: Duration = Duration::from_secs(30);
 /// Largest part of a saved state.
 const PART_BYTES: usize = 256 * 1024;
 
@@ -59,6 +60,9 @@ pub struct Lease {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     pub generation: u64,
+    /// Names the parts of this state (`<id>.part.<tag>.<n>`).
+    #[serde(default)]
+    pub tag: String,
     pub parts: u32,
     /// Size of the (uncompressed) state.
     pub bytes: usize,
@@ -98,25 +102,10 @@ impl Owner {
         format!("{}:{}:{}", self.host, self.pid, self.token)
     }
 
-    /// Whether `lease` was left by a process that is gone: expired, or taken on this host by
-    /// a process that no longer runs (or by an earlier process that had this pid, as the one
-    /// process of a container restarted).
+    /// Whether `lease` may be taken: it expired, or it is this process's own. Liveness is
+    /// not guessed from process ids, which containers reuse and hide.
     fn may_take_over(&self, lease: &Lease, now: DateTime<Utc>) -> bool {
-        if lease.until <= now || lease.owner == self.id() {
-            return true;
-        }
-        let mut parts = lease.owner.splitn(3, ':');
-        let (Some(host), Some(pid)) = (parts.next(), parts.next()) else {
-            return false;
-        };
-        if host != self.host {
-            return false;
-        }
-        match pid.parse::<u32>() {
-            Ok(pid) if pid == self.pid => true,
-            Ok(pid) => !std::path::Path::new(&format!("/proc/{pid}")).exists(),
-            Err(_) => false,
-        }
+        lease.until <= now || lease.owner == self.id()
     }
 }
 
@@ -136,8 +125,8 @@ impl std::fmt::Debug for StateBucket {
     }
 }
 
-fn part_key(connector: &str, generation: u64, index: u32) -> String {
-    format!("{connector}.part.{generation}.{index}")
+fn part_key(connector: &str, tag: &str, index: u32) -> String {
+    format!("{connector}.part.{tag}.{index}")
 }
 
 impl StateBucket {
@@ -241,7 +230,7 @@ impl StateBucket {
     ) -> Result<Vec<u8>, ConnectError> {
         let mut compressed = Vec::new();
         for index in 0..manifest.parts {
-            let key = part_key(connector, manifest.generation, index);
+            let key = part_key(connector, &manifest.tag, index);
             let part = self
                 .kv
                 .get(key.clone())
@@ -308,13 +297,13 @@ impl StateBucket {
             revision,
             manifest: leased,
             ended: false,
+            lost: false,
         }));
         let renewal = tokio::spawn(renew(self.clone(), connector.to_string(), shared.clone()));
         Ok(Held {
             bucket: self.clone(),
             connector: connector.to_string(),
-            previous_generation: manifest.generation,
-            previous_parts: manifest.parts,
+            previous: manifest.clone(),
             state: (!state.is_empty()).then_some(state),
             lock: shared,
             renewal,
@@ -359,14 +348,14 @@ impl StateBucket {
                 "connector `{connector}` was written by a run meanwhile; try again"
             )));
         }
-        self.remove_parts(connector, manifest.generation, manifest.parts)
+        self.remove_parts(connector, &manifest.tag, manifest.parts)
             .await;
         Ok(true)
     }
 
-    async fn remove_parts(&self, connector: &str, generation: u64, parts: u32) {
+    async fn remove_parts(&self, connector: &str, tag: &str, parts: u32) {
         for index in 0..parts {
-            let key = part_key(connector, generation, index);
+            let key = part_key(connector, tag, index);
             if let Err(error) = self.kv.purge(key.clone()).await {
                 debug!(%key, %error, "old state part not removed");
             }
@@ -397,6 +386,8 @@ struct Lock {
     revision: u64,
     manifest: Manifest,
     ended: bool,
+    /// Someone else wrote the manifest, or the lease expired unrenewed.
+    lost: bool,
 }
 
 async fn renew(bucket: StateBucket, connector: String, lock: Arc<Mutex<Lock>>) {
@@ -421,9 +412,19 @@ async fn renew(bucket: StateBucket, connector: String, lock: Arc<Mutex<Lock>>) {
             }
             Ok(None) => {
                 warn!(connector, "lost the lease: another run wrote the state");
+                lock.lost = true;
                 return;
             }
-            Err(error) => warn!(connector, %error, "lease not renewed; trying again"),
+            Err(error) => {
+                let until = lock.manifest.lease.as_ref().map(|lease| lease.until);
+                let margin = chrono::Duration::from_std(RENEW_EVERY).unwrap_or_default();
+                if until.is_none_or(|until| now + margin >= until) {
+                    warn!(connector, %error, "lease not renewed before it ends: the run stops");
+                    lock.lost = true;
+                    return;
+                }
+                warn!(connector, %error, "lease not renewed; trying again");
+            }
         }
     }
 }
@@ -432,8 +433,8 @@ async fn renew(bucket: StateBucket, connector: String, lock: Arc<Mutex<Lock>>) {
 pub struct Held {
     bucket: StateBucket,
     connector: String,
-    previous_generation: u64,
-    previous_parts: u32,
+    /// The manifest the run started from.
+    previous: Manifest,
     state: Option<Vec<u8>>,
     lock: Arc<Mutex<Lock>>,
     renewal: tokio::task::JoinHandle<()>,
@@ -443,6 +444,11 @@ impl Held {
     /// The state the previous successful run saved.
     pub fn state(&self) -> Option<&[u8]> {
         self.state.as_deref()
+    }
+
+    /// Whether the run no longer holds the connector (it must not publish or save).
+    pub async fn is_lost(&self) -> bool {
+        self.lock.lock().await.lost
     }
 
     async fn end(&self) -> tokio::sync::MutexGuard<'_, Lock> {
@@ -456,11 +462,19 @@ impl Held {
     /// state meanwhile.
     pub async fn commit(self, state: Vec<u8>) -> Result<(), ConnectError> {
         let lock = self.end().await;
-        let generation = lock.manifest.generation.max(self.previous_generation) + 1;
+        if lock.lost {
+            return Err(state_error(format!(
+                "connector `{}`: this run lost its lease; its state was not saved",
+                self.connector
+            )));
+        }
+        let generation = lock.manifest.generation.max(self.previous.generation) + 1;
+        // The revision of this run's own last write: no other writer can use the same tag.
+        let tag = format!("{generation}-{}", lock.revision);
         let compressed = lz4_flex::compress_prepend_size(&state);
         let chunks: Vec<&[u8]> = compressed.chunks(PART_BYTES).collect();
         for (index, chunk) in chunks.iter().enumerate() {
-            let key = part_key(&self.connector, generation, index as u32);
+            let key = part_key(&self.connector, &tag, index as u32);
             self.bucket
                 .kv
                 .put(key.clone(), Bytes::copy_from_slice(chunk))
@@ -469,6 +483,7 @@ impl Held {
         }
         let manifest = Manifest {
             generation,
+            tag: tag.clone(),
             parts: chunks.len() as u32,
             bytes: state.len(),
             saved_at: Some(Utc::now()),
@@ -481,17 +496,13 @@ impl Held {
         {
             Some(_) => {
                 self.bucket
-                    .remove_parts(
-                        &self.connector,
-                        self.previous_generation,
-                        self.previous_parts,
-                    )
+                    .remove_parts(&self.connector, &self.previous.tag, self.previous.parts)
                     .await;
                 Ok(())
             }
             None => {
                 self.bucket
-                    .remove_parts(&self.connector, generation, chunks.len() as u32)
+                    .remove_parts(&self.connector, &tag, chunks.len() as u32)
                     .await;
                 Err(state_error(format!(
                     "connector `{}`: another run saved its state while this one ran; this run's state was not saved (its events are published and de-duplicated)",
@@ -546,7 +557,7 @@ mod tests {
     }
 
     #[test]
-    fn a_lease_is_taken_over_only_from_a_process_that_is_gone() {
+    fn a_lease_is_taken_over_only_once_expired_or_from_this_very_process() {
         let me = Owner {
             host: "engine-0".into(),
             pid: 1,
@@ -554,21 +565,10 @@ mod tests {
             by: "kpi serve".into(),
         };
         let now = at("2026-12-01T10:05:00Z");
-        // Another host's live lease: no; expired: yes.
         assert!(!me.may_take_over(&lease("engine-1:1:a", "2026-12-01T10:10:00Z"), now));
         assert!(me.may_take_over(&lease("engine-1:1:a", "2026-12-01T10:04:59Z"), now));
-        // The previous process of this container (same host, same pid 1): yes.
-        assert!(me.may_take_over(&lease("engine-0:1:a", "2026-12-01T10:10:00Z"), now));
-        // A process of this host that no longer exists: yes; one that runs (pid of this
-        // test process, under another token): no.
-        assert!(me.may_take_over(&lease("engine-0:4194304:a", "2026-12-01T10:10:00Z"), now));
-        let this_host = Owner {
-            pid: 1,
-            ..me.clone()
-        };
-        let running = format!("engine-0:{}:z", std::process::id());
-        assert!(!this_host.may_take_over(&lease(&running, "2026-12-01T10:10:00Z"), now));
-        // Garbage: no.
-        assert!(!me.may_take_over(&lease("???", "2026-12-01T10:10:00Z"), now));
+        // The same host and pid is not enough (containers reuse pid 1): only the same token.
+        assert!(!me.may_take_over(&lease("engine-0:1:a", "2026-12-01T10:10:00Z"), now));
+        assert!(me.may_take_over(&lease("engine-0:1:b", "2026-12-01T10:10:00Z"), now));
     }
 }

@@ -41,7 +41,8 @@ pub struct ApiVersion {
     pub version: &'static str,
     /// (year, month, day) of the sunset.
     sunset: (i32, u32, u32),
-    /// Published by the platform; `false`: estimated (not announced yet).
+    /// A day the platform published; `false`: a projected month (Google's schedule) or an
+    /// estimate (not announced yet).
     pub announced: bool,
 }
 
@@ -70,10 +71,10 @@ const fn version(
 pub const VERSIONS: &[ApiVersion] = &[
     version("google_ads", "v21", (2026, 8, 5), true),
     version("google_ads", "v22", (2026, 10, 7), true),
-    version("google_ads", "v23", (2027, 2, 1), true),
-    version("google_ads", "v24", (2027, 5, 1), true),
-    version("google_ads", "v25", (2027, 8, 1), true),
-    version("google_ads", "v26", (2027, 11, 1), true),
+    version("google_ads", "v23", (2027, 2, 1), false),
+    version("google_ads", "v24", (2027, 5, 1), false),
+    version("google_ads", "v25", (2027, 8, 1), false),
+    version("google_ads", "v26", (2027, 11, 1), false),
     version("meta_ads", "v22.0", (2026, 2, 19), true),
     version("meta_ads", "v23.0", (2026, 6, 9), true),
     version("meta_ads", "v24.0", (2026, 11, 10), true),
@@ -120,7 +121,7 @@ pub fn warning(kind: &str, version: &str, today: NaiveDate) -> Option<String> {
     let estimated = if entry.announced {
         ""
     } else {
-        " (estimated: not announced yet)"
+        " (projected or estimated: the exact day is not announced yet)"
     };
     if left < 0 {
         Some(format!(

@@ -113,8 +113,11 @@ fn is_jetstream_reply(reply: Option<&str>) -> bool {
 
 /// What applying a batch to the working set produced.
 struct Prepared {
-    /// New absolute values of the counters the batch changed.
+    /// New absolute values of the processed and duplicate counters the batch changed.
     counters: BTreeMap<CounterKey, u64>,
+    /// New absolute values of the rejected counters, to stage once the dead letters are
+    /// stored.
+    rejected_counters: BTreeMap<CounterKey, u64>,
     rejected_sequences: Vec<u64>,
     delta: Aggregates,
     dead_letters: Vec<(Incoming, String, Rejection)>,
@@ -739,7 +742,26 @@ impl Ingest {
         stage("apply", started);
         let dead_letter_started = Instant::now();
 
-        let max_message_bytes = self.dead_letter_max_bytes(js).await;
+        // What was applied is live and staged before anything else can fail: a dead letter
+        // that does not publish must not leave applied events out of the aggregates (a
+        // redelivery would then find them applied and count them as duplicates).
+        {
+            let mut staged = self.staged();
+            staged.events += items.len();
+            staged.since.get_or_insert(started);
+            for (key, value) in &prepared.counters {
+                staged.counters.insert(key.clone(), *value);
+            }
+        }
+        self.state.apply(prepared.delta, &prepared.counters);
+
+        // Dead letters are counted and remembered only once JetStream stored them: after a
+        // failure, the redelivered messages are dead-lettered (and counted) again, once.
+        let max_message_bytes = if prepared.dead_letters.is_empty() {
+            0
+        } else {
+            self.dead_letter_max_bytes(js).await
+        };
         for (incoming, tenant, rejection) in &prepared.dead_letters {
             warn!(subject = %incoming.subject, sequence = incoming.stream_sequence, reason = %rejection, "event rejected");
             let letter = dead_letter::dead_letter(
@@ -761,18 +783,18 @@ impl Ingest {
             stage("dead_letter", dead_letter_started);
         }
 
-        {
+        if !prepared.dead_letters.is_empty() {
             let mut staged = self.staged();
-            staged.events += items.len();
-            staged.since.get_or_insert(started);
             staged.rejected.extend(&prepared.rejected_sequences);
-            for (key, value) in &prepared.counters {
+            for (key, value) in &prepared.rejected_counters {
                 staged.counters.insert(key.clone(), *value);
             }
+            drop(staged);
+            self.state
+                .apply(Aggregates::default(), &prepared.rejected_counters);
         }
         let metrics = &self.state.metrics;
         metrics.batch_events.observe(items.len() as f64);
-        self.state.apply(prepared.delta, &prepared.counters);
         // Wall-clock time: compared with JetStream's publication times and Prometheus' time().
         let now = Utc::now();
         let now_seconds = now.timestamp_nanos_opt().unwrap_or(0) as f64 / 1e9;
@@ -870,15 +892,16 @@ fn prepare(
         dead_letters.push((incoming.clone(), tenant, rejection));
     }
     let delta = set.take_delta(tenants);
-    let counters = increments
+    let (rejected_counters, counters): (BTreeMap<_, _>, BTreeMap<_, _>) = increments
         .into_iter()
         .map(|(key, increment)| {
             let value = counters.get(&key).copied().unwrap_or(0) + increment;
             (key, value)
         })
-        .collect();
+        .partition(|(key, _)| matches!(key, CounterKey::Rejected { .. }));
     Ok(Prepared {
         counters,
+        rejected_counters,
         rejected_sequences,
         delta,
         dead_letters,

@@ -190,10 +190,19 @@ pub async fn run(
     );
     progress.set_message(format!("{id}: publishing"));
     let report = runner
-        .run(&js, &states, since, |done, total| {
-            progress.set_length(total);
-            progress.set_position(done);
-        })
+        .run(
+            &js,
+            &states,
+            since,
+            |done, total| {
+                progress.set_length(total);
+                progress.set_position(done);
+            },
+            // Ctrl-C stops the run and releases the connector at once.
+            async {
+                let _ = tokio::signal::ctrl_c().await;
+            },
+        )
         .await
         .map_err(|error| anyhow::anyhow!("{id}: {}", runner.redact(&error.to_string())))?;
     progress.finish_and_clear();

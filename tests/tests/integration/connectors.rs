@@ -1238,9 +1238,9 @@ secret = "another-secret-of-16+"
         }
     };
     // Signatures carry the sender's wall clock, whatever clock the engine reads dates from.
-    let now = chrono::Utc::now().timestamp();
+    let now = kpi_tests::wall_clock().timestamp();
     let body = json!({"form": "contact", "submissions": [
-        {"submission_id": "s-1", "submitted_at": "2026-11-20T10:00:00Z", "utm": {"source": "social", "campaign": "autumn"}},
+        {"submission_id": "s-1", "submitted_at": "2025-11-20T10:00:00Z", "utm": {"source": "social", "campaign": "autumn"}},
         {"submission_id": "s-2", "submitted_at": 1_763_640_000, "utm": {"source": "seo", "campaign": null}}
     ]})
     .to_string();
@@ -1289,7 +1289,7 @@ secret = "another-secret-of-16+"
     )
     .await;
     assert_eq!(status, 404);
-    let no_id = json!({"submissions": [{"submitted_at": "2026-11-20T10:00:00Z"}]}).to_string();
+    let no_id = json!({"submissions": [{"submitted_at": "2025-11-20T10:00:00Z"}]}).to_string();
     let (status, reply) = post(
         "/webhooks/forms",
         Some(sign(secret, now, no_id.as_bytes())),
@@ -1318,7 +1318,7 @@ secret = "another-secret-of-16+"
     assert_eq!(status, 202);
 
     let envelopes = json!([{"specversion": "1.0", "id": "shop-9", "source": "shop", "type": "deal.won",
-        "time": "2026-11-21T10:00:00Z", "tenant": "hooks",
+        "time": "2025-11-21T10:00:00Z", "tenant": "hooks",
         "data": {"deal_id": "D9", "customer_id": "C9", "lead_id": "s-1", "amount": "240.00", "currency": "EUR"}}])
     .to_string();
     let (status, reply) = post(
@@ -1647,8 +1647,8 @@ async fn mailchimp_costs_and_subscribers_are_paged() {
     let members: Vec<Value> = (0..1050)
         .map(|n| {
             json!({"id": format!("852aaa9532cb36adfb5e9fef7a4206a9{n:04}"), "email_address": format!("m{n}@example.com"),
-                   "status": "subscribed", "timestamp_signup": "", "timestamp_opt": "2026-11-20T08:00:00+00:00",
-                   "last_changed": "2026-11-20T08:00:00+00:00", "source": "Hosted Signup Form", "list_id": "aud-1"})
+                   "status": "subscribed", "timestamp_signup": "", "timestamp_opt": "2025-11-20T08:00:00+00:00",
+                   "last_changed": "2025-11-20T08:00:00+00:00", "source": "Hosted Signup Form", "list_id": "aud-1"})
         })
         .collect();
     let app = Router::new()
@@ -1787,7 +1787,7 @@ async fn brevo_contacts_honour_its_rate_limit_header_and_list_filter() {
         .map(|id| {
             let list = if id % 3 == 0 { 7 } else { 2 };
             json!({"id": id, "email": format!("c{id}@example.com"), "emailBlacklisted": false, "smsBlacklisted": false,
-                   "createdAt": "2026-11-20T08:00:00.000+01:00", "modifiedAt": "2026-11-20T08:00:00.000+01:00",
+                   "createdAt": "2025-11-20T08:00:00.000+01:00", "modifiedAt": "2025-11-20T08:00:00.000+01:00",
                    "listIds": [list], "attributes": {}})
         })
         .collect();
@@ -2083,7 +2083,7 @@ currency = "/currency"
     let post = |path: &'static str, body: String| {
         let signature = kpi_connect::kinds::webhook::sign(
             "another-secret-of-16+",
-            chrono::Utc::now().timestamp(),
+            kpi_tests::wall_clock().timestamp(),
             body.as_bytes(),
         );
         let request = client
@@ -2097,7 +2097,7 @@ currency = "/currency"
         }
     };
     // Written as text: through serde_json's Value the amount would become the float 0.125.
-    let good_text = r#"{"specversion":"1.0","id":"ok-1","source":"shop","type":"deal.won","time":"2026-11-21T10:00:00Z","data":{"deal_id":"D1","customer_id":"C1","amount":0.125000000000000001,"currency":"EUR"}}"#;
+    let good_text = r#"{"specversion":"1.0","id":"ok-1","source":"shop","type":"deal.won","time":"2025-11-21T10:00:00Z","data":{"deal_id":"D1","customer_id":"C1","amount":0.125000000000000001,"currency":"EUR"}}"#;
     let good: Value = serde_json::from_str(good_text).unwrap();
     let with = |field: &str, value: Value| {
         let mut event = good.clone();
@@ -2151,7 +2151,7 @@ currency = "/currency"
     // A mapped body: the faulty field is named with where it came from.
     let (status, reply) = post(
         "/webhooks/orders",
-        r#"{"orders":[{"number":"A1","paid_at":"2026-11-21T10:00:00Z","buyer":"C2","total":"12,50","currency":"EUR"}]}"#.into(),
+        r#"{"orders":[{"number":"A1","paid_at":"2025-11-21T10:00:00Z","buyer":"C2","total":"12,50","currency":"EUR"}]}"#.into(),
     )
     .await;
     assert_eq!(status, 400, "{reply}");
@@ -2170,7 +2170,7 @@ currency = "/currency"
     assert_eq!((status, reply), (202, json!({"accepted": 1})));
     let (status, reply) = post(
         "/webhooks/orders",
-        r#"{"orders":[{"number":"A2","paid_at":"2026-11-21T11:00:00Z","buyer":"C2","total":100.000000000000000001,"currency":"USD"}]}"#.into(),
+        r#"{"orders":[{"number":"A2","paid_at":"2025-11-21T11:00:00Z","buyer":"C2","total":100.000000000000000001,"currency":"USD"}]}"#.into(),
     )
     .await;
     assert_eq!((status, reply), (202, json!({"accepted": 1})));

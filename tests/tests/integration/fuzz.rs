@@ -283,7 +283,7 @@ async fn arbitrary_input_on_any_subject_or_webhook_ends_applied_or_dead_lettered
         let body = sample(&mut runner, &body_strategy);
         let signature = kpi_connect::kinds::webhook::sign(
             WEBHOOK_SECRET,
-            chrono::Utc::now().timestamp(),
+            kpi_tests::wall_clock().timestamp(),
             &body,
         );
         let response = http

@@ -208,7 +208,7 @@ secret = "another-secret-of-16+"
     let signed = |body: &str| {
         kpi_connect::kinds::webhook::sign(
             "another-secret-of-16+",
-            chrono::Utc::now().timestamp(),
+            kpi_tests::wall_clock().timestamp(),
             body.as_bytes(),
         )
     };
@@ -272,4 +272,38 @@ secret = "another-secret-of-16+"
             "{body}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_its_answers_loses_its_connection() {
+    let nats = NatsServer::start();
+    let mut engine =
+        Engine::start_with_env(&nats.url(), "", &[("KPI__HTTP__IDLE_TIMEOUT_MS", "1000")]);
+    engine.wait_ready().await;
+    // 2,000 requests pipelined on one connection with a tiny receive buffer, then nothing is
+    // read: the server's writes stall.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket
+        .connect(format!("127.0.0.1:{}", engine.port).parse().unwrap())
+        .await
+        .unwrap();
+    let requests = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(2000);
+    stream.write_all(requests.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The server closed it: what was already on its way arrives, then the end, well before
+    // the 2,000 answers.
+    let mut received = Vec::new();
+    let read =
+        tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut received)).await;
+    assert!(read.is_ok(), "the connection was still open");
+    let answers = String::from_utf8_lossy(&received)
+        .matches("HTTP/1.1 200")
+        .count();
+    assert!(
+        answers < 2000,
+        "{answers} answers: the stalled connection was not closed"
+    );
+    let (status, _) = engine.get("/healthz").await;
+    assert_eq!(status, 200);
 }

@@ -199,7 +199,7 @@ impl Connector for GoogleAds {
             let entry = lines
                 .entry((kpi_model::event::clean_identifier(campaign), date))
                 .or_insert((0, currency.to_string()));
-            entry.0 += micros;
+            entry.0 = entry.0.saturating_add(micros);
         }
         let emits = lines
             .into_iter()

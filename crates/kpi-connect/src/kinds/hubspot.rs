@@ -381,11 +381,19 @@ impl Connector for HubSpot {
                 let amount = text(deal, "/properties/amount")
                     .filter(|a| !a.is_empty())
                     .unwrap_or("0");
+                // One deal with an amount the engine cannot take (negative, or not a number)
+                // must not stop the CRM's other deals: it is left out, and said so.
+                let amount = match crate::amount(amount) {
+                    Ok(amount) => amount,
+                    Err(error) => {
+                        tracing::warn!(connector = %context.connector_id, deal = id, %error, "won deal left out");
+                        continue;
+                    }
+                };
                 EventData::DealWon {
                     deal_id: id.to_string(),
                     customer_id: contact.clone(),
-                    amount: crate::amount(amount)
-                        .map_err(|error| self.http.protocol(format!("deal {id}: {error}")))?,
+                    amount,
                     currency: text(deal, "/properties/deal_currency_code")
                         .filter(|code| !code.is_empty())
                         .unwrap_or(&self.params.currency)

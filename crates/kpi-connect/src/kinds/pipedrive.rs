@@ -372,11 +372,19 @@ impl Connector for Pipedrive {
                         .get("value")
                         .and_then(super::scalar)
                         .unwrap_or_else(|| "0".into());
+                    // One deal with a value the engine cannot take (negative, or not a
+                    // number) must not stop the CRM's other deals: it is left out, and said so.
+                    let amount = match crate::amount(&value) {
+                        Ok(amount) => amount,
+                        Err(error) => {
+                            tracing::warn!(connector = %context.connector_id, deal = %id, %error, "won deal left out");
+                            continue;
+                        }
+                    };
                     let data = EventData::DealWon {
                         deal_id,
                         customer_id: customer,
-                        amount: crate::amount(&value)
-                            .map_err(|error| self.http.protocol(format!("deal {id}: {error}")))?,
+                        amount,
                         currency: text(deal, "/currency").unwrap_or("EUR").to_string(),
                         lead_id: person.clone(),
                         channel: None,
