@@ -753,6 +753,84 @@ mod tests {
         }
     }
 
+    fn runner() -> Runner {
+        let config = ConnectorConfig {
+            id: "files".into(),
+            kind: "csv".into(),
+            tenant: "acme".into(),
+            every: "1h".into(),
+            lookback_days: 3,
+            params: serde_json::from_value(serde_json::json!({"dir": "/tmp", "kind": "spend"}))
+                .expect("params"),
+        };
+        Runner::from_config(&config, 0, &|_| None, Clock::system()).expect("a runner")
+    }
+
+    fn lead(lead_id: &str, channel: &str, time: &str) -> Emit {
+        Emit::Event {
+            time: DateTime::parse_from_rfc3339(time)
+                .expect("a time")
+                .with_timezone(&Utc),
+            upstream_key: format!("{lead_id}:{channel}"),
+            version: None,
+            data: EventData::LeadCreated {
+                lead_id: lead_id.into(),
+                channel: Some(channel.into()),
+                campaign: None,
+                qualified: None,
+                customer_id: None,
+            },
+        }
+    }
+
+    fn spend(campaign: &str, amount: &str) -> Emit {
+        Emit::Spend(crate::SpendLine {
+            date: date("2026-11-30"),
+            amount: crate::amount(amount).expect("an amount"),
+            currency: "EUR".into(),
+            channel: Some("social".into()),
+            campaign: Some(campaign.into()),
+            category: kpi_model::event::SpendCategory::Media,
+            source: "meta_ads".into(),
+            account: Some("act_1".into()),
+            reported_at: None,
+            group: None,
+        })
+    }
+
+    #[test]
+    fn one_run_sends_one_line_per_identity_and_one_event_per_entity_attribute() {
+        let (lines, events) = runner()
+            .consolidate(vec![
+                spend("spring", "10.25"),
+                lead("P7", "seo", "2026-11-01T10:00:00Z"),
+                spend("autumn", "1"),
+                spend("spring", "4.75"),
+                // The same person's second lead, newer: the one the engine keeps.
+                lead("P7", "social", "2026-11-03T10:00:00Z"),
+                lead("P7", "email", "2026-11-02T10:00:00Z"),
+            ])
+            .expect("consolidated");
+        let amounts: Vec<(Option<String>, String)> = lines
+            .iter()
+            .map(|line| (line.campaign.clone(), line.amount.to_string()))
+            .collect();
+        assert_eq!(
+            amounts,
+            [
+                (Some("spring".into()), "15.00".into()),
+                (Some("autumn".into()), "1".into())
+            ]
+        );
+        assert_eq!(events.len(), 1);
+        match events[0].data_and_time().0 {
+            EventData::LeadCreated { channel, .. } => {
+                assert_eq!(channel.as_deref(), Some("social"))
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
     #[test]
     fn the_window_reaches_back_across_month_and_year_ends() {
         // On the 1st of a year, the window reaches into the previous December.
