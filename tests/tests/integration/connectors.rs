@@ -1728,11 +1728,12 @@ base_url = "{base}"
     wait_until(
         "Mailchimp spend and leads",
         Duration::from_secs(30),
-        || async { email_channel(&engine, "mailco").await["spend"] == expected.as_str() },
+        || async {
+            let email = email_channel(&engine, "mailco").await;
+            email["spend"] == expected.as_str() && email["leads"] == 1050
+        },
     )
     .await;
-    let email = email_channel(&engine, "mailco").await;
-    assert_eq!(email["leads"], 1050);
     let (_, body) = engine.get("/api/v1/kpis?tenant=mailco&period=all").await;
     assert_eq!(body["campaigns"]["black-friday"]["spend"], "0.50");
     // Runs every second: the unchanged subscribers are not sent again.
@@ -1839,7 +1840,8 @@ base_url = "{base}"
     let mut engine = Engine::start_with_env(&nats.url(), &config, &[("BREVO_KEY", "xkeysib-123")]);
     engine.wait_ready().await;
     wait_until("Brevo leads", Duration::from_secs(30), || async {
-        email_channel(&engine, "brevoco").await["leads"] == 680
+        let email = email_channel(&engine, "brevoco").await;
+        email["leads"] == 680 && email["spend"] == "105.00"
     })
     .await;
     assert_eq!(email_channel(&engine, "brevoco").await["spend"], "105.00");
