@@ -88,6 +88,9 @@ struct SentSpend {
     /// The set the line was read in (a CSV file's name); empty for the window's lines.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     group: String,
+    /// The last day a run read the line.
+    #[serde(default)]
+    seen: Option<NaiveDate>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -298,13 +301,14 @@ impl Runner {
             let key = line.key().to_text();
             read.insert(key.clone());
             let amount = line.amount.normalize().to_string();
-            let sent = state.spend.get(&key);
-            if let Some(sent) = sent {
+            if let Some(sent) = state.spend.get_mut(&key) {
+                sent.seen = Some(today);
                 if sent.amount == amount && sent.currency == line.currency {
                     report.unchanged += 1;
                     continue;
                 }
             }
+            let sent = state.spend.get(&key);
             let time = match (line.reported_at, sent) {
                 // A line that says when it was reported keeps that time, unless what was sent
                 // last is newer (a withdrawal, a later report): the line read now is then
@@ -325,6 +329,7 @@ impl Runner {
                     currency: line.currency,
                     time,
                     group: line.group.unwrap_or_default(),
+                    seen: Some(today),
                 },
             );
         }
@@ -410,8 +415,8 @@ impl Runner {
         }
         state.until = Some(window.until);
         // The lines and entities of the window (and of the lookback, after a later
-        // `--since`) are remembered; a CSV file's lines for [`GROUP_MEMORY_DAYS`], so that the
-        // file's next version may withdraw them.
+        // `--since`) are remembered; a CSV file's lines for [`GROUP_MEMORY_DAYS`] after the
+        // file was last read, so that the file's next version may withdraw them.
         let lookback_start = today
             .checked_sub_days(Days::new(u64::from(self.lookback_days)))
             .unwrap_or(today);
@@ -420,12 +425,11 @@ impl Runner {
             .checked_sub_days(Days::new(GROUP_MEMORY_DAYS))
             .unwrap_or(today);
         state.spend.retain(|_, sent| {
-            sent.date
-                >= if sent.group.is_empty() {
-                    keep_from
-                } else {
-                    group_from
-                }
+            if sent.group.is_empty() {
+                sent.date >= keep_from
+            } else {
+                sent.seen.unwrap_or(sent.date) >= group_from
+            }
         });
         state.sent.retain(|_, sent| sent.seen >= keep_from);
         Ok((report, state))
@@ -579,7 +583,8 @@ impl Runner {
     }
 }
 
-/// How long a CSV file's lines are remembered (its next version may withdraw them).
+/// How long a CSV file's lines are remembered after the file was last read (its next version
+/// may withdraw them), whatever the lines' dates.
 const GROUP_MEMORY_DAYS: u64 = 400;
 
 /// An event a run may send.
