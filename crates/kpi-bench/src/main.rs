@@ -189,6 +189,7 @@ fn history(tenant: &str, seed: u64, leads_per_day: u32) -> std::sync::mpsc::Into
             &tenant,
             seed,
             leads_per_day,
+            2,
             chrono::Utc::now(),
             &mut |event| {
                 let _ = sender.send(event);

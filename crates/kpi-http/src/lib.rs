@@ -1,10 +1,12 @@
-//! The engine's HTTP server: `/metrics`, `/healthz`, `/readyz` and the JSON API
-//! (`/api/v1/kpis`, `/api/v1/retention`, `/api/v1/tenants`), as SPEC section 3 shows them.
+//! The engine's HTTP server: `/metrics`, `/healthz`, `/readyz`, the JSON API (`/api/v1/kpis`,
+//! `/api/v1/kpis/series`, `/api/v1/retention`, `/api/v1/retention/series`, `/api/v1/tenants`,
+//! as SPEC section 3 shows them, described by `/api/v1/openapi.json`) and the KPI page at `/`.
 //!
 //! Handlers only read the live state; they never touch sled or NATS, so answering costs the
 //! same whatever the size of the history.
 
 pub mod metrics;
+pub mod page;
 pub mod security;
 pub mod server;
 
@@ -20,7 +22,9 @@ use axum::{Json, Router};
 use chrono::Datelike;
 use kpi_ingest::EngineState;
 use kpi_model::event::is_valid_tenant;
-use kpi_model::{KpiReport, Page, Period, RetentionReport, Rows, Window};
+use kpi_model::{
+    KpiReport, KpiSeries, Page, Period, RetentionReport, RetentionSeries, Rows, Scope, Window,
+};
 use prometheus::{Encoder, TextEncoder};
 use serde_json::json;
 
@@ -152,6 +156,144 @@ async fn retention(
     )))
 }
 
+/// Most periods one series answer holds (SPEC section 3).
+pub const MAX_SERIES_PERIODS: u64 = 400;
+/// Most years one retention series answer holds (SPEC section 3).
+pub const MAX_SERIES_YEARS: i32 = 100;
+
+/// A required query parameter.
+fn required<'p>(params: &'p HashMap<String, String>, name: &str) -> Result<&'p str, ApiError> {
+    params
+        .get(name)
+        .map(String::as_str)
+        .ok_or_else(|| ApiError::bad_request(format!("{name}: missing")))
+}
+
+/// A period parameter of the series' granularity.
+fn series_period(
+    params: &HashMap<String, String>,
+    name: &str,
+    window: Window,
+) -> Result<Period, ApiError> {
+    let text = required(params, name)?;
+    let period = text
+        .parse::<Period>()
+        .map_err(|error| ApiError::bad_request(format!("{name}: {error}")))?;
+    if period.window() != window {
+        return Err(ApiError::bad_request(format!(
+            "{name}: `{}` is not a {} period (granularity={})",
+            kpi_model::event::shown(text),
+            window.label(),
+            window.label()
+        )));
+    }
+    Ok(period)
+}
+
+/// The scope of a series: `channel=C` or `campaign=K` (not both), or the blended total.
+fn series_scope(params: &HashMap<String, String>) -> Result<Scope, ApiError> {
+    let named = |name: &str| -> Result<Option<String>, ApiError> {
+        match params.get(name) {
+            None => Ok(None),
+            Some(value) if value.is_empty() || value.chars().any(char::is_control) => {
+                Err(ApiError::bad_request(format!(
+                    "{name}: `{}` is not a {name} name",
+                    kpi_model::event::shown(value)
+                )))
+            }
+            Some(value) => Ok(Some(value.clone())),
+        }
+    };
+    match (named("channel")?, named("campaign")?) {
+        (Some(_), Some(_)) => Err(ApiError::bad_request(
+            "channel, campaign: give one of them, not both",
+        )),
+        (Some(channel), None) if channel == "all" => Ok(Scope::Total),
+        (Some(channel), None) => Ok(Scope::Channel(channel)),
+        (None, Some(campaign)) => Ok(Scope::Campaign(campaign)),
+        (None, None) => Ok(Scope::Total),
+    }
+}
+
+async fn kpi_series(
+    State(api): State<Api>,
+    Query(params): Params,
+) -> Result<Json<KpiSeries>, ApiError> {
+    let state = &api.state;
+    let tenant = known_tenant(state, &params)?;
+    let granularity = required(&params, "granularity")?;
+    let window = Window::from_label(granularity)
+        .filter(|window| *window != Window::All)
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "granularity: `{}` is not one of day, week, month, quarter, year",
+                kpi_model::event::shown(granularity)
+            ))
+        })?;
+    let from = series_period(&params, "from", window)?;
+    let to = series_period(&params, "to", window)?;
+    if from > to {
+        return Err(ApiError::bad_request(format!(
+            "from: `{from}` comes after to `{to}`"
+        )));
+    }
+    let count = from.count_through(to);
+    if count > MAX_SERIES_PERIODS {
+        return Err(ApiError::bad_request(format!(
+            "from, to: {count} periods asked, at most {MAX_SERIES_PERIODS} per answer"
+        )));
+    }
+    let scope = series_scope(&params)?;
+    let settings = state.tenants.get(&tenant);
+    let aggregates = state.aggregates();
+    Ok(Json(KpiSeries::build(
+        &tenant,
+        &settings.currency,
+        aggregates.tenant(&tenant),
+        &scope,
+        from,
+        to,
+    )))
+}
+
+async fn retention_series(
+    State(api): State<Api>,
+    Query(params): Params,
+) -> Result<Json<RetentionSeries>, ApiError> {
+    let state = &api.state;
+    let tenant = known_tenant(state, &params)?;
+    let year = |name: &str| -> Result<i32, ApiError> {
+        let text = required(&params, name)?;
+        text.parse::<i32>()
+            .ok()
+            .filter(|year| (1000..=9999).contains(year))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "{name}: `{}` is not a year such as 2026",
+                    kpi_model::event::shown(text)
+                ))
+            })
+    };
+    let (from, to) = (year("from")?, year("to")?);
+    if from > to {
+        return Err(ApiError::bad_request(format!(
+            "from: {from} comes after to {to}"
+        )));
+    }
+    if to - from + 1 > MAX_SERIES_YEARS {
+        return Err(ApiError::bad_request(format!(
+            "from, to: {} years asked, at most {MAX_SERIES_YEARS} per answer",
+            to - from + 1
+        )));
+    }
+    let aggregates = state.aggregates();
+    Ok(Json(RetentionSeries::build(
+        &tenant,
+        aggregates.tenant(&tenant),
+        from..=to,
+    )))
+}
+
 async fn tenants(
     State(api): State<Api>,
     Query(params): Params,
@@ -174,6 +316,103 @@ async fn tenants(
         None => json!({ "tenants": names }),
         Some(page) => json!({ "tenants": names, "page": page }),
     }))
+}
+
+/// The OpenAPI 3.1 description of this API (`GET /api/v1/openapi.json`).
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+/// `GET /`: the KPI page of a tenant and period (see [`page`]).
+async fn home(State(api): State<Api>, Query(params): Params) -> Response {
+    let state = &api.state;
+    let aggregates = state.aggregates();
+    let mut names: std::collections::BTreeSet<String> = state
+        .tenants
+        .configured()
+        .map(|(name, _)| name.clone())
+        .collect();
+    names.extend(aggregates.tenants.keys().cloned());
+    let tenants: Vec<String> = names.into_iter().take(api.max_rows).collect();
+    let html = |status: StatusCode, body: String| {
+        (
+            status,
+            [
+                (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+                (header::CACHE_CONTROL, "no-store"),
+            ],
+            body,
+        )
+            .into_response()
+    };
+    // Without `?tenant=`, `default` if it is known, else the first known tenant.
+    let tenant = match params.get("tenant") {
+        Some(tenant) => tenant.clone(),
+        None if tenants.iter().any(|t| t == "default") || tenants.is_empty() => {
+            "default".to_string()
+        }
+        None => tenants[0].clone(),
+    };
+    if tenants.is_empty() {
+        return html(
+            StatusCode::OK,
+            page::message(
+                "No data yet",
+                "The engine has not applied any event yet. Publish events (see the README), or run `kpi demo`.",
+                None,
+                None,
+            ),
+        );
+    }
+    let settings = state.tenants.get(&tenant);
+    let today = settings.today(state.clock.now());
+    let mut query = page::PageQuery {
+        tenant: tenant.clone(),
+        period: Window::Month.period_of(today),
+    };
+    let known = is_valid_tenant(&tenant)
+        && (state.tenants.is_configured(&tenant) || aggregates.tenant(&tenant).is_some());
+    let data = page::PageData {
+        tenants,
+        tenant: &tenant,
+        currency: &settings.currency,
+        today,
+        aggregates: aggregates.tenant(&tenant),
+        cac_threshold: &settings.cac_threshold,
+    };
+    if !known {
+        return html(
+            StatusCode::NOT_FOUND,
+            page::message(
+                "Unknown tenant",
+                &format!(
+                    "tenant `{}` is unknown: pick one above",
+                    kpi_model::event::shown(&tenant)
+                ),
+                Some(&query),
+                Some(&data),
+            ),
+        );
+    }
+    if let Some(text) = params.get("period") {
+        match text.parse::<Period>() {
+            Ok(period) => query.period = period,
+            Err(error) => {
+                return html(
+                    StatusCode::BAD_REQUEST,
+                    page::message(
+                        "Bad period",
+                        &format!("period: {error}"),
+                        Some(&query),
+                        Some(&data),
+                    ),
+                )
+            }
+        }
+    }
+    html(StatusCode::OK, page::render(&query, &data))
 }
 
 async fn healthz() -> Json<serde_json::Value> {
@@ -203,7 +442,7 @@ async fn metrics_text(State(api): State<Api>) -> Response {
 
 async fn not_found() -> ApiError {
     ApiError::not_found(
-        "no such endpoint; see /api/v1/kpis, /api/v1/retention, /metrics, /healthz, /readyz",
+        "no such endpoint; see /api/v1/openapi.json for the API, /metrics, /healthz, /readyz, and / for the KPI page",
     )
 }
 
@@ -251,9 +490,13 @@ pub fn router(
     limits: &server::Limits,
 ) -> Router {
     let mut protected = Router::new()
+        .route("/", get(home))
+        .route("/api/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics_text))
         .route("/api/v1/kpis", get(kpis))
+        .route("/api/v1/kpis/series", get(kpi_series))
         .route("/api/v1/retention", get(retention))
+        .route("/api/v1/retention/series", get(retention_series))
         .route("/api/v1/tenants", get(tenants));
     if let Some(auth) = basic_auth {
         protected = protected.route_layer(axum::middleware::from_fn_with_state(

@@ -84,6 +84,13 @@ impl Cell {
             && self.channel_votes.is_empty()
     }
 
+    /// Whether money was counted in this cell: spend, revenue, or a spend line or deal of some
+    /// channel (a zero-amount deal). The campaigns of `/api/v1/kpis` and of the campaign gauges
+    /// are those with money; a campaign known only from its leads is still a series scope.
+    pub fn has_money(&self) -> bool {
+        !self.spend.is_zero() || !self.revenue.is_zero() || !self.channel_votes.is_empty()
+    }
+
     /// The channel a campaign is shown under: the one most of its lines and deals carry (ties
     /// to the smallest name, so the answer does not depend on arrival order).
     pub fn main_channel(&self) -> Option<&str> {
@@ -223,12 +230,14 @@ impl Aggregates {
 
 /// Adds `sign` (+1 or -1) times the contribution of `record` (of `tenant`) to `into`.
 ///
-/// - a lead counts in the periods of its creation time, under total and its channel: one lead,
-///   qualified or not, converted when a won deal names it, and each stage it reached;
+/// - a lead counts in the periods of its creation time, under total, its channel and its
+///   campaign (if any): one lead, qualified or not, converted when a won deal names it, and
+///   each stage it reached;
 /// - a won deal adds its amount to revenue in the periods of its won time, under total, its
 ///   attributed channel and its campaign;
-/// - a customer counts as new in the periods of their first won deal, under total and that
-///   deal's channel, and as active in every year with a won deal (retention and loyalty);
+/// - a customer counts as new in the periods of their first won deal, under total, that
+///   deal's channel and its campaign (if any), and as active in every year with a won deal
+///   (retention and loyalty);
 /// - a spend line adds its amount in the periods of its date, under total, its channel (if
 ///   any) and its campaign (if any).
 pub fn contribute(
@@ -253,10 +262,14 @@ pub fn contribute(
             let aggregates = into.tenant_mut(tenant);
             for period in Period::containing(date) {
                 let cells = aggregates.periods.entry(period).or_default();
-                for cell in [
+                let mut scopes = vec![
                     &mut cells.total,
                     cell_mut(&mut cells.channels, &attribution.channel),
-                ] {
+                ];
+                if let Some(campaign) = &attribution.campaign {
+                    scopes.push(cell_mut(&mut cells.campaigns, campaign));
+                }
+                for cell in scopes {
                     cell.leads += sign;
                     cell.qualified_leads += qualified;
                     cell.converted_leads += converted;
@@ -334,6 +347,9 @@ fn count_new_customer(
         let cells = aggregates.periods.entry(period).or_default();
         cells.total.new_customers += sign;
         cell_mut(&mut cells.channels, &attribution.channel).new_customers += sign;
+        if let Some(campaign) = &attribution.campaign {
+            cell_mut(&mut cells.campaigns, campaign).new_customers += sign;
+        }
     }
 }
 

@@ -36,5 +36,5 @@ pub use event::{
 };
 pub use period::{Period, Window};
 pub use record::{Record, RecordKey};
-pub use report::{KpiReport, Page, RetentionReport, Rows};
+pub use report::{KpiReport, KpiSeries, Page, RetentionReport, RetentionSeries, Rows, Scope};
 pub use settings::{TenantSettings, Tenants};

@@ -89,10 +89,140 @@ impl Window {
     }
 }
 
+impl Window {
+    /// The window named `label` (`day`, `week`, `month`, `quarter`, `year` or `all`).
+    pub fn from_label(label: &str) -> Option<Window> {
+        Window::ALL
+            .into_iter()
+            .find(|window| window.label() == label)
+    }
+}
+
 impl Period {
     /// The six periods (one per window) that contain `date`, finest first.
     pub fn containing(date: NaiveDate) -> [Period; 6] {
         Window::ALL.map(|window| window.period_of(date))
+    }
+
+    /// The window this period is a period of.
+    pub fn window(&self) -> Window {
+        match self {
+            Period::Day(_) => Window::Day,
+            Period::Week { .. } => Window::Week,
+            Period::Month { .. } => Window::Month,
+            Period::Quarter { .. } => Window::Quarter,
+            Period::Year(_) => Window::Year,
+            Period::All => Window::All,
+        }
+    }
+
+    /// The first day of the period (`None` for `all`).
+    pub fn first_day(&self) -> Option<NaiveDate> {
+        match *self {
+            Period::Day(date) => Some(date),
+            Period::Week { iso_year, week } => {
+                NaiveDate::from_isoywd_opt(iso_year, week, chrono::Weekday::Mon)
+            }
+            Period::Month { year, month } => NaiveDate::from_ymd_opt(year, month, 1),
+            Period::Quarter { year, quarter } => NaiveDate::from_ymd_opt(year, quarter * 3 - 2, 1),
+            Period::Year(year) => NaiveDate::from_ymd_opt(year, 1, 1),
+            Period::All => None,
+        }
+    }
+
+    /// The period of the same window that follows this one (`None` for `all`, and past the
+    /// dates chrono can hold).
+    pub fn next(&self) -> Option<Period> {
+        let window = self.window();
+        let following = match *self {
+            Period::Day(date) => date.succ_opt()?,
+            Period::Week { .. } => self.first_day()?.checked_add_days(chrono::Days::new(7))?,
+            Period::Month { .. } => self
+                .first_day()?
+                .checked_add_months(chrono::Months::new(1))?,
+            Period::Quarter { .. } => self
+                .first_day()?
+                .checked_add_months(chrono::Months::new(3))?,
+            Period::Year(year) => NaiveDate::from_ymd_opt(year.checked_add(1)?, 1, 1)?,
+            Period::All => return None,
+        };
+        Some(window.period_of(following))
+    }
+
+    /// The period of the same window that precedes this one (`None` for `all`).
+    pub fn previous(&self) -> Option<Period> {
+        let day_before = self.first_day()?.pred_opt()?;
+        Some(self.window().period_of(day_before))
+    }
+
+    /// The period of the same window a year earlier: the same month, quarter, day of the
+    /// year before (29 February goes to the 28th), the same ISO week number (week 53 to 52).
+    pub fn year_earlier(&self) -> Option<Period> {
+        Some(match *self {
+            Period::Day(date) => Period::Day(date.checked_sub_months(chrono::Months::new(12))?),
+            Period::Week { iso_year, week } => {
+                let earlier = iso_year - 1;
+                let week =
+                    if NaiveDate::from_isoywd_opt(earlier, week, chrono::Weekday::Mon).is_some() {
+                        week
+                    } else {
+                        52
+                    };
+                Period::Week {
+                    iso_year: earlier,
+                    week,
+                }
+            }
+            Period::Month { year, month } => Period::Month {
+                year: year - 1,
+                month,
+            },
+            Period::Quarter { year, quarter } => Period::Quarter {
+                year: year - 1,
+                quarter,
+            },
+            Period::Year(year) => Period::Year(year - 1),
+            Period::All => return None,
+        })
+    }
+
+    /// The periods from `self` to `to`, both included, in order: empty when `to` comes first
+    /// or is of another window.
+    pub fn through(self, to: Period) -> impl Iterator<Item = Period> {
+        let same_window = self.window() == to.window();
+        let mut next = (same_window && self <= to).then_some(self);
+        std::iter::from_fn(move || {
+            let current = next?;
+            next = if current == to { None } else { current.next() };
+            Some(current)
+        })
+    }
+
+    /// How many periods `self.through(to)` yields, counted without walking them (0 when `to`
+    /// comes first, is of another window, or either is `all`).
+    pub fn count_through(self, to: Period) -> u64 {
+        if self.window() != to.window() || self > to {
+            return 0;
+        }
+        let (Some(first), Some(last)) = (self.first_day(), to.first_day()) else {
+            return 0;
+        };
+        let days = (last - first).num_days() as u64;
+        match self.window() {
+            Window::Day => days + 1,
+            Window::Week => days / 7 + 1,
+            Window::Month | Window::Quarter | Window::Year => {
+                let months = (last.year() - first.year()) as i64 * 12
+                    + (last.month() as i64 - first.month() as i64);
+                let step = match self.window() {
+                    Window::Month => 1,
+                    Window::Quarter => 3,
+                    _ => 12,
+                };
+                months as u64 / step + 1
+            }
+            Window::All => 0,
+        }
     }
 }
 
@@ -223,6 +353,79 @@ mod tests {
         for period in Period::containing(date(2026, 12, 31)) {
             assert_eq!(period.to_string().parse::<Period>(), Ok(period));
         }
+    }
+
+    fn parsed(text: &str) -> Period {
+        text.parse().expect("a valid test period")
+    }
+
+    fn walk(from: &str, to: &str) -> Vec<String> {
+        parsed(from)
+            .through(parsed(to))
+            .map(|period| period.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn ranges_cross_month_quarter_and_year_ends() {
+        assert_eq!(
+            walk("2026-11", "2027-02"),
+            ["2026-11", "2026-12", "2027-01", "2027-02"]
+        );
+        assert_eq!(
+            walk("2026-Q3", "2027-Q1"),
+            ["2026-Q3", "2026-Q4", "2027-Q1"]
+        );
+        assert_eq!(
+            walk("2024-02-28", "2024-03-01"),
+            ["2024-02-28", "2024-02-29", "2024-03-01"]
+        );
+        assert_eq!(
+            walk("2026-12-31", "2027-01-01"),
+            ["2026-12-31", "2027-01-01"]
+        );
+        assert_eq!(
+            walk("2026-W52", "2027-W02"),
+            ["2026-W52", "2026-W53", "2027-W01", "2027-W02"]
+        );
+        assert_eq!(walk("2025", "2027"), ["2025", "2026", "2027"]);
+        assert_eq!(walk("2026-05", "2026-05"), ["2026-05"]);
+        assert!(walk("2026-05", "2026-01").is_empty());
+        assert!(walk("2026-05", "2026-Q3").is_empty());
+    }
+
+    #[test]
+    fn counting_a_range_agrees_with_walking_it() {
+        for (from, to) in [
+            ("2020-01-01", "2026-03-01"),
+            ("2020-W01", "2026-W10"),
+            ("2015-W53", "2021-W01"),
+            ("2001-07", "2026-02"),
+            ("2001-Q4", "2026-Q1"),
+            ("1999", "2026"),
+            ("2026-05", "2026-01"),
+        ] {
+            assert_eq!(
+                parsed(from).count_through(parsed(to)),
+                walk(from, to).len() as u64,
+                "{from}..{to}"
+            );
+        }
+    }
+
+    #[test]
+    fn previous_and_a_year_earlier() {
+        assert_eq!(parsed("2027-01").previous(), Some(parsed("2026-12")));
+        assert_eq!(parsed("2027-Q1").previous(), Some(parsed("2026-Q4")));
+        assert_eq!(parsed("2027-W01").previous(), Some(parsed("2026-W53")));
+        assert_eq!(parsed("2024-03-01").previous(), Some(parsed("2024-02-29")));
+        assert_eq!(parsed("2026-03").year_earlier(), Some(parsed("2025-03")));
+        assert_eq!(
+            parsed("2024-02-29").year_earlier(),
+            Some(parsed("2023-02-28"))
+        );
+        assert_eq!(parsed("2026-W53").year_earlier(), Some(parsed("2025-W52")));
+        assert_eq!(Period::All.previous(), None);
     }
 
     #[test]

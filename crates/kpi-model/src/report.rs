@@ -209,6 +209,11 @@ impl KpiReport {
             .and_then(|aggregates| aggregates.period(&period))
             .unwrap_or(&empty);
         let stages = known_stages(aggregates);
+        let campaigns: Vec<(&String, &Cell)> = cells
+            .campaigns
+            .iter()
+            .filter(|(_, cell)| cell.has_money())
+            .collect();
         KpiReport {
             tenant: tenant.to_string(),
             period: period.to_string(),
@@ -221,18 +226,17 @@ impl KpiReport {
                 .take(rows.limit)
                 .map(|(name, cell)| (name.clone(), KpiRow::from_cell(cell, &stages)))
                 .collect(),
-            campaigns: cells
-                .campaigns
+            campaigns: campaigns
                 .iter()
                 .skip(rows.offset)
                 .take(rows.limit)
-                .map(|(name, cell)| (name.clone(), CampaignRow::from_cell(cell)))
+                .map(|(name, cell)| ((*name).clone(), CampaignRow::from_cell(cell)))
                 .collect(),
             page: Page::of(
                 rows,
                 &[
                     ("channels", cells.channels.len()),
-                    ("campaigns", cells.campaigns.len()),
+                    ("campaigns", campaigns.len()),
                 ],
             ),
         }
@@ -267,6 +271,138 @@ impl RetentionReport {
             retained_customers: current.consecutive[2],
             retention_rate: ratio(current.consecutive[2], previous.active_customers),
             loyalty,
+        }
+    }
+}
+
+/// The scope of a series: the blended total, one channel, or one campaign.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    Total,
+    Channel(String),
+    Campaign(String),
+}
+
+impl Scope {
+    /// The cell of this scope in one period's cells.
+    fn cell<'c>(&self, cells: &'c PeriodCells) -> Option<&'c Cell> {
+        match self {
+            Scope::Total => Some(&cells.total),
+            Scope::Channel(channel) => cells.channels.get(channel),
+            Scope::Campaign(campaign) => cells.campaigns.get(campaign),
+        }
+    }
+}
+
+/// One period of a series: its name and the fields of a [`KpiRow`].
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SeriesEntry {
+    pub period: String,
+    #[serde(flatten)]
+    pub row: KpiRow,
+}
+
+/// The answer of `GET /api/v1/kpis/series`: one entry per period of the range, in order,
+/// periods without data included (zero counts, `null` KPIs).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct KpiSeries {
+    pub tenant: String,
+    pub granularity: String,
+    pub currency: String,
+    /// The channel of the scope: `all` for the total, the campaign's main channel (or `null`).
+    pub channel: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub campaign: Option<String>,
+    pub series: Vec<SeriesEntry>,
+}
+
+impl KpiSeries {
+    /// The series of `scope` over `from..=to` (periods of one window, `from <= to`; the caller
+    /// bounds the length). Each period is one lookup in the live aggregates.
+    pub fn build(
+        tenant: &str,
+        currency: &str,
+        aggregates: Option<&TenantAggregates>,
+        scope: &Scope,
+        from: Period,
+        to: Period,
+    ) -> KpiSeries {
+        let stages = known_stages(aggregates);
+        let empty = Cell::default();
+        let series = from
+            .through(to)
+            .map(|period| {
+                let cell = aggregates
+                    .and_then(|aggregates| aggregates.period(&period))
+                    .and_then(|cells| scope.cell(cells))
+                    .unwrap_or(&empty);
+                SeriesEntry {
+                    period: period.to_string(),
+                    row: KpiRow::from_cell(cell, &stages),
+                }
+            })
+            .collect();
+        let (channel, campaign) = match scope {
+            Scope::Total => (Some("all".to_string()), None),
+            Scope::Channel(channel) => (Some(channel.clone()), None),
+            Scope::Campaign(campaign) => (
+                aggregates
+                    .and_then(|aggregates| aggregates.period(&Period::All))
+                    .and_then(|cells| cells.campaigns.get(campaign))
+                    .and_then(Cell::main_channel)
+                    .map(str::to_string),
+                Some(campaign.clone()),
+            ),
+        };
+        KpiSeries {
+            tenant: tenant.to_string(),
+            granularity: from.window().label().to_string(),
+            currency: currency.to_string(),
+            channel,
+            campaign,
+            series,
+        }
+    }
+}
+
+/// The answer of `GET /api/v1/retention/series`: one entry per year, each as
+/// `/api/v1/retention` answers it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RetentionSeries {
+    pub tenant: String,
+    pub series: Vec<RetentionEntry>,
+}
+
+/// One year of a retention series (a [`RetentionReport`] without the tenant).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RetentionEntry {
+    pub year: i32,
+    pub active_customers: i64,
+    pub retained_customers: i64,
+    pub retention_rate: Option<f64>,
+    pub loyalty: BTreeMap<String, Option<f64>>,
+}
+
+impl RetentionSeries {
+    pub fn build(
+        tenant: &str,
+        aggregates: Option<&TenantAggregates>,
+        years: std::ops::RangeInclusive<i32>,
+    ) -> RetentionSeries {
+        RetentionSeries {
+            tenant: tenant.to_string(),
+            series: years
+                .map(|year| {
+                    let report = RetentionReport::build(tenant, aggregates, year);
+                    RetentionEntry {
+                        year,
+                        active_customers: report.active_customers,
+                        retained_customers: report.retained_customers,
+                        retention_rate: report.retention_rate,
+                        loyalty: report.loyalty,
+                    }
+                })
+                .collect(),
         }
     }
 }

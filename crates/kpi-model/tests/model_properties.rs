@@ -12,8 +12,8 @@ use kpi_model::money::{format_money, to_f64, Decimal};
 use kpi_model::record::Record;
 use kpi_model::settings::{TenantSettings, Tenants};
 use kpi_model::{
-    aggregate_records, Aggregates, Event, EventData, KpiReport, Outcome, Period, RecordKey,
-    RecordSource, RetentionReport, Timestamp, WorkingSet,
+    aggregate_records, Aggregates, Event, EventData, KpiReport, KpiSeries, Outcome, Period,
+    RecordKey, RecordSource, RetentionReport, RetentionSeries, Scope, Timestamp, WorkingSet,
 };
 use proptest::prelude::*;
 use serde_json::Value;
@@ -637,6 +637,75 @@ fn reference_kpis(tenant: &str, t: &RefTenant, period: Period) -> Value {
         "total": row_json(&total), "channels": channels, "campaigns": campaigns})
 }
 
+/// What a series entry of one scope must hold: the KPI row of the leads, deals, first deals
+/// and spend lines attributed to it (SPEC section 3, series), computed on its own.
+#[derive(Clone, Copy)]
+enum RefScope<'a> {
+    Total,
+    Channel(&'a str),
+    Campaign(&'a str),
+}
+
+fn reference_scope_row(t: &RefTenant, period: Period, scope: RefScope) -> Value {
+    let matches = |channel: Option<&str>, campaign: Option<&str>| match scope {
+        RefScope::Total => true,
+        RefScope::Channel(name) => channel == Some(name),
+        RefScope::Campaign(name) => campaign == Some(name),
+    };
+    let mut row = RefRow::default();
+    for line in &t.spend {
+        if Period::containing(line.date).contains(&period)
+            && matches(line.channel.as_deref(), line.campaign.as_deref())
+        {
+            row.spend += line.amount;
+        }
+    }
+    let converted: BTreeSet<&String> = t
+        .deals
+        .values()
+        .filter_map(|d| d.lead_id.as_ref())
+        .collect();
+    for (lead_id, lead) in &t.leads {
+        if in_period(&t.settings, lead.created, period)
+            && matches(Some(&lead.channel), lead.campaign.as_deref())
+        {
+            row.leads += 1;
+            row.qualified += i64::from(lead.qualified);
+            row.converted += i64::from(converted.contains(lead_id));
+            for stage in &lead.stages {
+                *row.stages.entry(stage.clone()).or_default() += 1;
+            }
+        }
+    }
+    if row.leads > 0 {
+        for stage in t.leads.values().flat_map(|l| &l.stages) {
+            row.stages.entry(stage.clone()).or_default();
+        }
+    }
+    let mut first: BTreeMap<&String, (DateTime<Utc>, &String, &RefDeal)> = BTreeMap::new();
+    for (deal_id, deal) in &t.deals {
+        match first.get(&deal.customer) {
+            Some(existing) if (existing.0, existing.1) <= (deal.time, deal_id) => {}
+            _ => {
+                first.insert(&deal.customer, (deal.time, deal_id, deal));
+            }
+        }
+        if in_period(&t.settings, deal.time, period)
+            && matches(Some(&deal.channel), deal.campaign.as_deref())
+        {
+            row.revenue += deal.amount;
+        }
+    }
+    for (time, _, deal) in first.values() {
+        if in_period(&t.settings, *time, period)
+            && matches(Some(&deal.channel), deal.campaign.as_deref())
+        {
+            row.new_customers += 1;
+        }
+    }
+    row_json(&row)
+}
+
 fn reference_retention(tenant: &str, t: &RefTenant, year: i32) -> Value {
     let mut years: BTreeMap<&String, BTreeSet<i32>> = BTreeMap::new();
     for deal in t.deals.values() {
@@ -750,12 +819,68 @@ fn check_history(events: &[Event], seed: u64) -> Result<(), TestCaseError> {
             assert_same(&format!("{tenant} retention {year}"), &want, &got)?;
         }
     }
+    for (tenant, t) in &expected {
+        check_series(tenant, t, engine.aggregates.tenant(tenant))?;
+    }
     engine.checkpoint();
     let rebuilt = aggregate_records(engine.store.records.iter(), &tenants);
     prop_assert!(
         rebuilt == engine.aggregates,
         "a rebuild from the records equals the incremental aggregates"
     );
+    Ok(())
+}
+
+/// Every series (month, quarter and year over the whole history, and the retention series)
+/// of every scope equals the reference, period by period, empty periods included.
+fn check_series(
+    tenant: &str,
+    t: &RefTenant,
+    aggregates: Option<&kpi_model::TenantAggregates>,
+) -> Result<(), TestCaseError> {
+    let mut scopes = vec![(Scope::Total, RefScope::Total)];
+    for channel in ["unattributed", "seo", "social", "email"] {
+        scopes.push((
+            Scope::Channel(channel.to_string()),
+            RefScope::Channel(channel),
+        ));
+    }
+    for campaign in ["spring", "retarget"] {
+        scopes.push((
+            Scope::Campaign(campaign.to_string()),
+            RefScope::Campaign(campaign),
+        ));
+    }
+    for (from, to) in [
+        ("2022-12", "2027-01"),
+        ("2022-Q4", "2027-Q1"),
+        ("2022", "2027"),
+    ] {
+        let (from, to): (Period, Period) =
+            (from.parse().expect("period"), to.parse().expect("period"));
+        for (scope, ref_scope) in &scopes {
+            let series = KpiSeries::build(tenant, "EUR", aggregates, scope, from, to);
+            let periods: Vec<Period> = from.through(to).collect();
+            prop_assert_eq!(series.series.len(), periods.len());
+            for (period, entry) in periods.iter().zip(&series.series) {
+                prop_assert_eq!(&entry.period, &period.to_string());
+                let want = reference_scope_row(t, *period, *ref_scope);
+                let got = serde_json::to_value(&entry.row).expect("serialisable");
+                assert_same(&format!("{tenant} {scope:?} {period}"), &want, &got)?;
+            }
+        }
+    }
+    let retention = RetentionSeries::build(tenant, aggregates, 2021..=2028);
+    for entry in &retention.series {
+        let want = reference_retention(tenant, t, entry.year);
+        let mut got = serde_json::to_value(entry).expect("serialisable");
+        got["tenant"] = Value::String(tenant.to_string());
+        assert_same(
+            &format!("{tenant} retention series {}", entry.year),
+            &want,
+            &got,
+        )?;
+    }
     Ok(())
 }
 

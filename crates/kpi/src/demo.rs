@@ -1,11 +1,16 @@
-//! `kpi demo`: a deterministic, realistic history of a small B2B company over two years, so a
-//! new user sees meaningful KPIs at once.
+//! `kpi demo`: a deterministic, realistic history of a small B2B company over six years (by
+//! default), so a new user sees meaningful KPIs and their trends at once — loyalty over 2 to 5
+//! years included.
 //!
 //! Six channels (paid search, social, email, trade shows, SEO, referral) with campaigns; daily
 //! ad spend restated the next morning as ad platforms do; monthly tool subscriptions with no
 //! channel; leads qualified and moving through stages; deals won weeks later, some cancelled;
-//! customers coming back the following years; and two invalid events that land in the
-//! dead-letter stream.
+//! customers coming back the following years; a business that grows and keeps its customers
+//! better year after year; and two invalid events that land in the dead-letter stream.
+//!
+//! The figures are meant to look like an SME's: a few hundred euros of ads a day, a trade show
+//! a year, first deals of 300 to 2,000 €, a blended ROI around 1, e-mail cheap but not free (a
+//! tool plan and an agency writing the newsletter).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -145,9 +150,15 @@ fn at(date: NaiveDate, seconds: u64) -> DateTime<Utc> {
 }
 
 /// The history, oldest first, ending before `now`.
-pub fn history(tenant: &str, seed: u64, leads_per_day: u32, now: DateTime<Utc>) -> Vec<Outgoing> {
+pub fn history(
+    tenant: &str,
+    seed: u64,
+    leads_per_day: u32,
+    years: u32,
+    now: DateTime<Utc>,
+) -> Vec<Outgoing> {
     let mut events = Vec::new();
-    stream_history(tenant, seed, leads_per_day, now, &mut |event| {
+    stream_history(tenant, seed, leads_per_day, years, now, &mut |event| {
         events.push(event)
     });
     events
@@ -159,6 +170,7 @@ pub fn stream_history(
     tenant: &str,
     seed: u64,
     leads_per_day: u32,
+    years: u32,
     now: DateTime<Utc>,
     sink: &mut dyn FnMut(Outgoing),
 ) {
@@ -170,13 +182,18 @@ pub fn stream_history(
         sink,
     };
     let today = now.date_naive();
-    let start = NaiveDate::from_ymd_opt(today.year() - 2, today.month(), 1).unwrap_or(today);
+    let start =
+        NaiveDate::from_ymd_opt(today.year() - years as i32, today.month(), 1).unwrap_or(today);
+    let history_days = (today - start).num_days().max(1) as f64;
     let past = |time: DateTime<Utc>| time < now - Duration::minutes(1);
     let mut customer_count = 0u64;
     let mut lead_count = 0u64;
 
     let mut day = start;
     while day <= today {
+        // 0 at the start of the history, 1 today: the company grows (more leads) and keeps its
+        // customers better (more of them come back).
+        let progress = (day - start).num_days() as f64 / history_days;
         // Spend: ads every day, restated the next morning one time in five.
         for channel in CHANNELS
             .iter()
@@ -200,10 +217,15 @@ pub fn stream_history(
                     source: Some(channel.source.into()),
                     account: Some("acct-1".into()),
                 };
-                out.emit(reported, line(random.money(8000, 30000)));
+                let (low, high) = if channel.name == "paid_search" {
+                    (8_000, 30_000)
+                } else {
+                    (6_000, 26_000)
+                };
+                out.emit(reported, line(random.money(low, high)));
                 let restated_at = reported + Duration::hours(7);
                 if random.chance(0.2) && past(restated_at) {
-                    out.emit(restated_at, line(random.money(8000, 30000)));
+                    out.emit(restated_at, line(random.money(low, high)));
                 }
             }
         }
@@ -239,6 +261,17 @@ pub fn stream_history(
             out.emit(
                 at(day, 8 * 3600),
                 fixed(
+                    85_000,
+                    Some("email"),
+                    Some("newsletter"),
+                    SpendCategory::Other,
+                    "agency",
+                    Some("newsletter-writing"),
+                ),
+            );
+            out.emit(
+                at(day, 8 * 3600),
+                fixed(
                     4990,
                     None,
                     None,
@@ -252,7 +285,7 @@ pub fn stream_history(
             out.emit(
                 at(day, 9 * 3600),
                 fixed(
-                    350_000,
+                    1_200_000,
                     Some("events"),
                     Some("trade-show"),
                     SpendCategory::Media,
@@ -263,7 +296,10 @@ pub fn stream_history(
         }
 
         // Leads, their qualification and stages, and deals weeks later.
-        let leads_today = random.between(0, u64::from(leads_per_day) * 2);
+        let leads_today = random.between(
+            0,
+            (f64::from(leads_per_day) * 2.0 * (0.6 + 0.4 * progress)).round() as u64,
+        );
         for _ in 0..leads_today {
             let mut pick = random.unit();
             let channel = CHANNELS
@@ -326,7 +362,13 @@ pub fn stream_history(
                     );
                 }
             }
-            if !random.chance(if qualified { 0.28 } else { 0.03 }) {
+            let win = if qualified { 0.15 } else { 0.015 };
+            let win = if channel.name == "email" {
+                win * 0.6
+            } else {
+                win
+            };
+            if !random.chance(win) {
                 continue;
             }
             let won = created + Duration::hours(random.between(72, 45 * 24) as i64);
@@ -347,7 +389,7 @@ pub fn stream_history(
             };
             out.emit(
                 won,
-                won_deal(deal_id.clone(), random.money(30_000, 300_000)),
+                won_deal(deal_id.clone(), random.money(30_000, 200_000)),
             );
             let cancelled = won + Duration::days(random.between(2, 20) as i64);
             if random.chance(0.05) && past(cancelled) {
@@ -362,7 +404,7 @@ pub fn stream_history(
             }
             // Customers who come back in the following years.
             let mut when = won;
-            while random.chance(0.45) {
+            while random.chance(0.38 + 0.14 * progress) {
                 when += Duration::days(random.between(300, 420) as i64);
                 if !past(when) {
                     break;
@@ -371,7 +413,7 @@ pub fn stream_history(
                     when,
                     won_deal(
                         format!("{deal_id}-{}", when.year()),
-                        random.money(15_000, 150_000),
+                        random.money(20_000, 140_000),
                     ),
                 );
             }

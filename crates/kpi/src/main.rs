@@ -66,21 +66,42 @@ enum Command {
         #[arg(long, default_value = "default")]
         tenant: String,
     },
-    /// Print the KPI table of a tenant for a period, per channel and campaign.
+    /// Print KPI tables of a tenant: one period per channel and campaign (default), a trend
+    /// with one row per period (--trend), or retention and loyalty by year (--retention).
     Report {
         #[arg(long, default_value = "default")]
         tenant: String,
         /// Period: YYYY-MM-DD, YYYY-Www, YYYY-MM, YYYY-Qn, YYYY or all (default: this month).
+        /// With --trend, the last period of the trend (default: the current one); with
+        /// --retention, a year.
         #[arg(long)]
         period: Option<String>,
+        /// One row per period of this granularity: day, week, month, quarter or year.
+        #[arg(long, value_name = "GRANULARITY", conflicts_with = "retention")]
+        trend: Option<String>,
+        /// Retention and loyalty (2 to 5 years in a row) by year.
+        #[arg(long)]
+        retention: bool,
+        /// How many periods (or years) the trend or retention table shows.
+        #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u32).range(1..=400))]
+        last: u32,
+        /// The trend of one channel instead of all channels.
+        #[arg(long, requires = "trend", conflicts_with = "campaign")]
+        channel: Option<String>,
+        /// The trend of one campaign.
+        #[arg(long, requires = "trend")]
+        campaign: Option<String>,
         /// Base URL of the engine's HTTP server (default: from the configuration's http.listen).
         #[arg(long)]
         url: Option<String>,
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// Print the API's JSON instead of a table.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "csv")]
         json: bool,
+        /// Print CSV (one header line, full-precision numbers, empty cells for undefined KPIs).
+        #[arg(long)]
+        csv: bool,
     },
     /// Connector plugins: list the kinds and the configured connectors, check one, run one.
     Connectors {
@@ -100,16 +121,19 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Publish a realistic SME history: two years, six channels, campaigns, restated spend,
-    /// repeat customers, cancelled deals and a few invalid events.
+    /// Publish a realistic SME history: six years (by default), six channels, campaigns,
+    /// restated spend, repeat customers, cancelled deals and a few invalid events.
     Demo {
         #[arg(long, short)]
         config: Option<PathBuf>,
         #[arg(long, default_value = "default")]
         tenant: String,
-        /// Leads per day on average.
+        /// Leads per day on average (today; the company grows, so fewer in the early years).
         #[arg(long, default_value_t = 12)]
         leads_per_day: u32,
+        /// Years of history before the current month.
+        #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..=30))]
+        years: u32,
         /// Write the events to this JSON-lines file instead of publishing them.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -195,13 +219,26 @@ fn main() -> anyhow::Result<()> {
             Command::Report {
                 tenant,
                 period,
+                trend,
+                retention,
+                last,
+                channel,
+                campaign,
                 url,
                 config,
                 json,
+                csv,
             } => {
                 let config = kpi_config::Config::load(config.as_deref())?;
                 let url = url.unwrap_or_else(|| format!("http://{}", config.http.listen));
-                report::print(&url, &tenant, period.as_deref(), json).await
+                let today = config.tenants().get(&tenant).today(clock.now());
+                let kind = report::kind(today, period, trend, retention, last, channel, campaign)?;
+                let format = match (json, csv) {
+                    (true, _) => report::Format::Json,
+                    (_, true) => report::Format::Csv,
+                    _ => report::Format::Table,
+                };
+                report::print(&url, &tenant, &kind, format).await
             }
             Command::Connectors { command, config } => {
                 let config = kpi_config::Config::load(config.as_deref())?;
@@ -232,11 +269,12 @@ fn main() -> anyhow::Result<()> {
                 config,
                 tenant,
                 leads_per_day,
+                years,
                 out,
                 seed,
             } => {
                 let config = kpi_config::Config::load(config.as_deref())?;
-                let events = demo::history(&tenant, seed, leads_per_day, clock.now());
+                let events = demo::history(&tenant, seed, leads_per_day, years, clock.now());
                 match out {
                     Some(path) => demo::write(&events, &path),
                     None => {

@@ -300,9 +300,17 @@ async fn every_command_connects_with_the_configured_credentials() {
     .await
     .unwrap();
     assert!(import.status.success(), "{import:?}");
-    let demo = with_credentials(&["demo", "--tenant", "demo", "--leads-per-day", "1"])
-        .await
-        .unwrap();
+    let demo = with_credentials(&[
+        "demo",
+        "--tenant",
+        "demo",
+        "--leads-per-day",
+        "1",
+        "--years",
+        "2",
+    ])
+    .await
+    .unwrap();
     assert!(demo.status.success(), "{demo:?}");
     let state = with_credentials(&["connectors", "state", "csv-in"])
         .await

@@ -20,6 +20,8 @@ fn demo_history(dir: &std::path::Path) -> Vec<(String, String, Option<String>)> 
             "crashco",
             "--leads-per-day",
             "8",
+            "--years",
+            "2",
             "--seed",
             "7",
             "--out",

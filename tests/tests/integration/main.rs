@@ -9,5 +9,6 @@ mod crash;
 mod dead_letters;
 mod deploy;
 mod fuzz;
+mod history;
 mod http_limits;
 mod operations;
