@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the engine and its tests need and is missing: a C toolchain, curl, the Rust
-# toolchain (rustup), nats-server, and Prometheus with promtool and amtool (Debian packages, for
-# the deploy/ tests). Safe to run again.
+# toolchain (rustup), nats-server, Prometheus with promtool and amtool (Debian packages, for
+# the deploy/ tests), and chromium with chromedriver (for the test of the page at /). Safe to
+# run again.
 # Sourced by quickstart.sh and test.sh.
 set -euo pipefail
 
@@ -17,6 +18,9 @@ command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 # prometheus and promtool: the deploy/ tests run the alert rules and dashboards against them.
 { command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; } || missing+=(prometheus)
 command -v amtool >/dev/null 2>&1 || missing+=(prometheus-alertmanager)
+# chromium and chromedriver: the KPI page at / is tested in a real browser.
+[ -x /usr/bin/chromium ] || command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+[ -x /usr/bin/chromedriver ] || command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 if ! command -v python3 >/dev/null 2>&1; then
   missing+=(python3 python3-venv)
 elif ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then

@@ -49,8 +49,8 @@ KPI_TEST_NOW="$dst_end" cargo test -q -p kpi-tests --test integration
 
 if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import nats' 2>/dev/null; then
   if [ -f ../shared/conformance/run.py ]; then
-    step "conformance check (../shared/conformance)"
-    KPI_BINARY="$PWD/target/debug/kpi" "$venv/bin/python" ../shared/conformance/run.py
+    step "conformance check (../shared/conformance), history endpoints and page included"
+    KPI_BINARY="$PWD/target/debug/kpi" "$venv/bin/python" ../shared/conformance/run.py --series
     step "conformance check with kill -9 of the engine"
     KPI_BINARY="$PWD/target/debug/kpi" "$venv/bin/python" ../shared/conformance/run.py --crash
   fi

@@ -15,6 +15,8 @@
 //! `scripts/test.sh` does).
 #![allow(clippy::unwrap_used)]
 
+pub mod browser;
+
 use std::future::Future;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

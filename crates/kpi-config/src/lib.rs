@@ -182,6 +182,11 @@ pub struct MetricsConfig {
     pub max_channels_per_tenant: usize,
     pub max_campaigns_per_tenant: usize,
     pub max_stages_per_tenant: usize,
+    /// Past periods exported as `kpi_history_*` gauges (the current one included): months,
+    /// quarters and years of KPIs, and years of retention. 0 turns a granularity off.
+    pub history_months: u32,
+    pub history_quarters: u32,
+    pub history_years: u32,
 }
 
 /// A number written as a TOML float, integer or string.
@@ -384,6 +389,21 @@ impl Config {
         }
         if self.nats.stream == self.nats.rejected_stream {
             errors.push("nats.rejected_stream: must differ from nats.stream".to_string());
+        }
+        for (key, value, most) in [
+            ("metrics.history_months", self.metrics.history_months, 120),
+            (
+                "metrics.history_quarters",
+                self.metrics.history_quarters,
+                40,
+            ),
+            ("metrics.history_years", self.metrics.history_years, 30),
+        ] {
+            if value > most {
+                errors.push(format!(
+                    "{key}: at most {most} (each period is a set of series)"
+                ));
+            }
         }
         if self.nats.ack_wait_ms < 1000 {
             errors.push("nats.ack_wait_ms: must be at least 1000".to_string());

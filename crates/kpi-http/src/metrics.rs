@@ -9,6 +9,11 @@
 //! channels, `max_campaigns_per_tenant` campaigns and `max_stages_per_tenant` stages with the
 //! most all-time activity (spend + revenue, then leads; ties by name). What is left out stays
 //! in the JSON API and is counted in `kpi_engine_series_omitted{tenant,kind}`.
+//!
+//! Beside the current period, `kpi_history_*` gauges carry the last `history_months` months,
+//! `history_quarters` quarters and `history_years` years (a `window` and a `period` label), so
+//! a Grafana trend reads every past month exactly as the API does today — restatements and
+//! late events included, whatever Prometheus scraped back then.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -52,6 +57,132 @@ struct Families {
     duplicate: CounterVec,
     rejected: CounterVec,
     omitted: IntGaugeVec,
+    history: History,
+}
+
+/// The `kpi_history_*` gauges: the KPIs of past periods (a `period` label), recomputed at
+/// every scrape from the aggregates, so a restated month shows its new value at once.
+struct History {
+    cac: GaugeVec,
+    conversion: GaugeVec,
+    qualified_ratio: GaugeVec,
+    roi: GaugeVec,
+    spend: GaugeVec,
+    revenue: GaugeVec,
+    new_customers: GaugeVec,
+    leads: GaugeVec,
+    campaign_roi: GaugeVec,
+    retention: GaugeVec,
+    loyalty: GaugeVec,
+}
+
+const PERIOD_CHANNEL: &[&str] = &["tenant", "window", "period", "channel"];
+const PERIOD_CHANNEL_CURRENCY: &[&str] = &["tenant", "window", "period", "channel", "currency"];
+
+impl History {
+    fn new() -> History {
+        History {
+            cac: gauge(
+                "kpi_history_cac",
+                "CAC of a past or current period (+Inf: spend and no new customer)",
+                PERIOD_CHANNEL_CURRENCY,
+            ),
+            conversion: gauge(
+                "kpi_history_conversion_ratio",
+                "Lead-to-customer conversion of a period",
+                PERIOD_CHANNEL,
+            ),
+            qualified_ratio: gauge(
+                "kpi_history_qualified_lead_ratio",
+                "Qualified-lead rate of a period",
+                PERIOD_CHANNEL,
+            ),
+            roi: gauge(
+                "kpi_history_roi_ratio",
+                "Marketing ROI of a period",
+                PERIOD_CHANNEL,
+            ),
+            spend: gauge(
+                "kpi_history_spend",
+                "Marketing spend of a period in the reporting currency",
+                PERIOD_CHANNEL_CURRENCY,
+            ),
+            revenue: gauge(
+                "kpi_history_revenue",
+                "Revenue of won deals of a period in the reporting currency",
+                PERIOD_CHANNEL_CURRENCY,
+            ),
+            new_customers: gauge(
+                "kpi_history_new_customers",
+                "New customers of a period",
+                PERIOD_CHANNEL,
+            ),
+            leads: gauge(
+                "kpi_history_leads",
+                "Leads created in a period",
+                PERIOD_CHANNEL,
+            ),
+            campaign_roi: gauge(
+                "kpi_history_campaign_roi_ratio",
+                "Campaign ROI of a period",
+                &["tenant", "window", "period", "channel", "campaign"],
+            ),
+            retention: gauge(
+                "kpi_history_retention_ratio",
+                "Year-over-year retention of a year",
+                &["tenant", "year"],
+            ),
+            loyalty: gauge(
+                "kpi_history_loyalty_ratio",
+                "Share of a year's customers with a won deal in each of the last `years` years",
+                &["tenant", "year", "years"],
+            ),
+        }
+    }
+
+    fn gauges(&self) -> [&GaugeVec; 11] {
+        [
+            &self.cac,
+            &self.conversion,
+            &self.qualified_ratio,
+            &self.roi,
+            &self.spend,
+            &self.revenue,
+            &self.new_customers,
+            &self.leads,
+            &self.campaign_roi,
+            &self.retention,
+            &self.loyalty,
+        ]
+    }
+
+    /// One scope of one period: `[tenant, window, period, channel]`.
+    fn fill_row(&self, labels: [&str; 4], currency: &str, cell: &Cell) {
+        let [tenant, window, period, channel] = labels;
+        let with_currency = [tenant, window, period, channel, currency];
+        if let Some(value) = cac_gauge(cell) {
+            self.cac.with_label_values(&with_currency).set(value);
+        }
+        self.spend
+            .with_label_values(&with_currency)
+            .set(to_f64(cell.spend));
+        self.revenue
+            .with_label_values(&with_currency)
+            .set(to_f64(cell.revenue));
+        self.new_customers
+            .with_label_values(&labels)
+            .set(cell.new_customers as f64);
+        self.leads.with_label_values(&labels).set(cell.leads as f64);
+        if let Some(value) = ratio(cell.converted_leads, cell.leads) {
+            self.conversion.with_label_values(&labels).set(value);
+        }
+        if let Some(value) = ratio(cell.qualified_leads, cell.leads) {
+            self.qualified_ratio.with_label_values(&labels).set(value);
+        }
+        if let Some(value) = roi(cell) {
+            self.roi.with_label_values(&labels).set(value);
+        }
+    }
 }
 
 fn gauge(name: &str, help: &str, labels: &[&str]) -> GaugeVec {
@@ -91,6 +222,7 @@ impl Families {
             duplicate: counter("kpi_events_duplicate_total", "Events ignored because the same (tenant, id) was already applied", &["tenant", "type"]),
             rejected: counter("kpi_events_rejected_total", "Events sent to the dead-letter stream", &["tenant", "reason"]),
             omitted: IntGaugeVec::new(Opts::new("kpi_engine_series_omitted", "Channels, campaigns or stages left out of the KPI gauges by the cardinality bounds"), &["tenant", "kind"]).expect("static metric definition"),
+            history: History::new(),
         }
     }
 
@@ -123,6 +255,7 @@ impl Families {
         let mut collectors: Vec<&dyn Collector> = self
             .gauges()
             .into_iter()
+            .chain(self.history.gauges())
             .map(|gauge| gauge as &dyn Collector)
             .collect();
         collectors.extend([
@@ -136,7 +269,7 @@ impl Families {
 
     /// Drops every series, before a scrape fills them again from the current state.
     fn reset(&self) {
-        for gauge in self.gauges() {
+        for gauge in self.gauges().into_iter().chain(self.history.gauges()) {
             gauge.reset();
         }
         self.processed.reset();
@@ -261,7 +394,10 @@ impl Families {
             bounds.max_channels_per_tenant,
         );
         let (campaigns, campaigns_omitted) = top(
-            all_time.iter().flat_map(|c| c.campaigns.iter()),
+            all_time
+                .iter()
+                .flat_map(|c| c.campaigns.iter())
+                .filter(|(_, cell)| cell.has_money()),
             bounds.max_campaigns_per_tenant,
         );
         let (stages, stages_omitted) = {
@@ -316,6 +452,10 @@ impl Families {
             }
         }
 
+        self.fill_history(
+            tenant, currency, today, aggregates, bounds, &channels, &campaigns,
+        );
+
         let retention = RetentionReport::build(tenant, aggregates, today.year());
         self.active_customers
             .with_label_values(&[tenant])
@@ -335,6 +475,76 @@ impl Families {
             self.cac_threshold
                 .with_label_values(&[tenant, channel])
                 .set(*threshold);
+        }
+    }
+}
+
+impl Families {
+    /// The `kpi_history_*` gauges of the last `history_*` months, quarters and years (the
+    /// current one included), for the same channels and campaigns as the current gauges.
+    #[allow(clippy::too_many_arguments)]
+    fn fill_history(
+        &self,
+        tenant: &str,
+        currency: &str,
+        today: chrono::NaiveDate,
+        aggregates: Option<&TenantAggregates>,
+        bounds: &MetricsConfig,
+        channels: &BTreeSet<String>,
+        campaigns: &BTreeSet<String>,
+    ) {
+        let history = &self.history;
+        let empty = Default::default();
+        for (window, count) in [
+            (Window::Month, bounds.history_months),
+            (Window::Quarter, bounds.history_quarters),
+            (Window::Year, bounds.history_years),
+        ] {
+            let periods = std::iter::successors(Some(window.period_of(today)), Period::previous)
+                .take(count as usize);
+            for period in periods {
+                let cells = aggregates.and_then(|a| a.period(&period)).unwrap_or(&empty);
+                let (window, period) = (window.label(), period.to_string());
+                history.fill_row([tenant, window, &period, "all"], currency, &cells.total);
+                for (channel, cell) in &cells.channels {
+                    if channels.contains(channel) {
+                        history.fill_row([tenant, window, &period, channel], currency, cell);
+                    }
+                }
+                for (campaign, cell) in &cells.campaigns {
+                    if !campaigns.contains(campaign) {
+                        continue;
+                    }
+                    if let Some(value) = roi(cell) {
+                        let channel = cell
+                            .main_channel()
+                            .unwrap_or(kpi_model::event::CHANNEL_UNATTRIBUTED);
+                        history
+                            .campaign_roi
+                            .with_label_values(&[tenant, window, &period, channel, campaign])
+                            .set(value);
+                    }
+                }
+            }
+        }
+        let this_year = today.year();
+        for year in (this_year - bounds.history_years as i32 + 1)..=this_year {
+            let report = RetentionReport::build(tenant, aggregates, year);
+            let year = year.to_string();
+            if let Some(value) = report.retention_rate {
+                history
+                    .retention
+                    .with_label_values(&[tenant, &year])
+                    .set(value);
+            }
+            for (years, value) in &report.loyalty {
+                if let Some(value) = value {
+                    history
+                        .loyalty
+                        .with_label_values(&[tenant, &year, years])
+                        .set(*value);
+                }
+            }
         }
     }
 }
@@ -433,6 +643,9 @@ mod tests {
             max_channels_per_tenant: 10,
             max_campaigns_per_tenant: 10,
             max_stages_per_tenant: 10,
+            history_months: 13,
+            history_quarters: 5,
+            history_years: 6,
         }
     }
 
@@ -536,5 +749,75 @@ mod tests {
         assert_eq!(leads_gauge(&collector, "london", "month"), Some(0.0));
         assert_eq!(leads_gauge(&collector, "london", "quarter"), Some(1.0));
         assert_eq!(leads_gauge(&collector, "london", "all"), Some(1.0));
+    }
+
+    /// Every `kpi_history_leads` series of a tenant's total: (window, period) → value.
+    fn history_leads(collector: &KpiCollector, tenant: &str) -> Vec<(String, String, f64)> {
+        collector
+            .collect()
+            .iter()
+            .filter(|family| family.name() == "kpi_history_leads")
+            .flat_map(|family| family.get_metric().iter())
+            .filter_map(|metric| {
+                let label = |name: &str| {
+                    metric
+                        .get_label()
+                        .iter()
+                        .find(|pair| pair.name() == name)
+                        .map(|pair| pair.value().to_string())
+                };
+                (label("tenant")? == tenant && label("channel")? == "all").then(|| {
+                    (
+                        label("window").unwrap_or_default(),
+                        label("period").unwrap_or_default(),
+                        metric.get_gauge().get_value(),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn history_gauges_cover_the_last_periods_across_the_year_end() {
+        // On 1 January 2027 in UTC: thirteen months back to January 2026, five quarters back
+        // to 2026-Q1, six years back to 2022; the lead of 15 March 2026 is in its month,
+        // quarter and year, the other periods are exported at 0.
+        let clock = Clock::starting_at(instant("2027-01-01T00:10:00Z"));
+        let state = state_with_leads(clock, "2026-03-15T10:00:00Z", &["london"]);
+        let collector = KpiCollector::new(state, bounds());
+        let series = history_leads(&collector, "london");
+        let periods = |window: &str| -> Vec<(String, f64)> {
+            let mut found: Vec<(String, f64)> = series
+                .iter()
+                .filter(|(w, _, _)| w == window)
+                .map(|(_, period, value)| (period.clone(), *value))
+                .collect();
+            found.sort_by(|a, b| a.0.cmp(&b.0));
+            found
+        };
+        let months = periods("month");
+        assert_eq!(months.len(), 13);
+        assert_eq!(months[0], ("2026-01".to_string(), 0.0));
+        assert_eq!(months[2], ("2026-03".to_string(), 1.0));
+        assert_eq!(months[12], ("2027-01".to_string(), 0.0));
+        let quarters = periods("quarter");
+        assert_eq!(
+            quarters.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(),
+            ["2026-Q1", "2026-Q2", "2026-Q3", "2026-Q4", "2027-Q1"]
+        );
+        assert_eq!(quarters[0].1, 1.0);
+        let years = periods("year");
+        assert_eq!(
+            years.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(),
+            ["2022", "2023", "2024", "2025", "2026", "2027"]
+        );
+        assert_eq!(years[4].1, 1.0);
+
+        let mut none = bounds();
+        none.history_months = 0;
+        none.history_quarters = 0;
+        none.history_years = 0;
+        let state = state_with_leads(clock, "2026-03-15T10:00:00Z", &["london"]);
+        assert!(history_leads(&KpiCollector::new(state, none), "london").is_empty());
     }
 }

@@ -12,3 +12,4 @@ mod fuzz;
 mod history;
 mod http_limits;
 mod operations;
+mod page;
