@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Quick start: installs what is missing, starts a private nats-server with JetStream and the
-# engine, loads a two-year demo history, and shows where to look. Ctrl-C stops everything.
+# engine, loads a six-year demo history, and shows where to look. Ctrl-C stops everything.
 # Data lives in ./var (delete it to start over).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,14 +38,19 @@ else
   "$KPI" demo --config config/demo.toml
   sleep 2
 fi
-"$KPI" report --config config/demo.toml --period "$(date +%Y)"
+"$KPI" report --config config/demo.toml --trend month --last 12
+echo
+"$KPI" report --config config/demo.toml --retention --last 6
 cat <<INFO
 
 The engine is running with the demo history (logs: var/engine.log).
+  In a browser:     http://$HTTP/   (the five KPIs, their history, retention, channels, campaigns)
   KPIs per month:   curl 'http://$HTTP/api/v1/kpis?tenant=default&period=$(date +%Y-%m)'
-  Retention:        curl 'http://$HTTP/api/v1/retention?tenant=default&year=$(date +%Y)'
+  36 months:        curl 'http://$HTTP/api/v1/kpis/series?tenant=default&granularity=month&from=$(date -d '-35 months' +%Y-%m 2>/dev/null || date +%Y-01)&to=$(date +%Y-%m)'
+  Retention:        curl 'http://$HTTP/api/v1/retention/series?tenant=default&from=$(( $(date +%Y) - 5 ))&to=$(date +%Y)'
+  The API:          http://$HTTP/api/v1/openapi.json   (OpenAPI 3.1)
   Prometheus:       curl http://$HTTP/metrics
-  Terminal report:  $KPI report --config config/demo.toml --period $(date +%Y-Q)$(( ($(date +%-m) - 1) / 3 + 1 ))
+  Terminal report:  $KPI report --config config/demo.toml --period $(date +%Y) [--csv]
   Your own events:  $KPI publish --config config/demo.toml events.jsonl   (NATS at $KPI__NATS__URL)
 Ctrl-C stops the engine and nats-server.
 INFO

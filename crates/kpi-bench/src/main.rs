@@ -10,6 +10,8 @@
 //! 4. Event-to-gauge latency at a steady rate: probe events published while a background load
 //!    runs, each timed until the API shows it.
 //! 5. Peak RSS of the engine (VmHWM).
+//! 6. History answers: 36-month series, the 6-year retention series and the page at `/`, at
+//!    both history sizes.
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
@@ -189,7 +191,7 @@ fn history(tenant: &str, seed: u64, leads_per_day: u32) -> std::sync::mpsc::Into
             &tenant,
             seed,
             leads_per_day,
-            2,
+            6,
             chrono::Utc::now(),
             &mut |event| {
                 let _ = sender.send(event);
@@ -199,10 +201,11 @@ fn history(tenant: &str, seed: u64, leads_per_day: u32) -> std::sync::mpsc::Into
     receiver.into_iter()
 }
 
-/// Leads per day that make about `events` events over the demo's two years.
+/// Leads per day that make about `events` events over the demo's six years.
 fn leads_per_day_for(events: u64) -> u32 {
-    // measured on the generator: about 2.1 events per lead over about 730 days
-    ((events as f64 / 2.1 / 730.0).round() as u32).max(1)
+    // measured on the generator: 50,813 events for 12 leads per day (today; fewer in the
+    // early years) over six years and a month
+    ((events as f64 / 4234.0).round() as u32).max(1)
 }
 
 /// Consumes everything with a bare pull consumer that only acknowledges; returns msg/s.
@@ -282,6 +285,55 @@ async fn api_latency(
         percentile(&times, 0.99),
         *times.last().unwrap_or(&f64::NAN),
     ))
+}
+
+/// Times `count` answers of each history question (36 months of the total and of a channel,
+/// 6 years of retention, the page at `/`); (name, p50, p99, max) in ms.
+async fn history_latency(
+    engine: &Engine,
+    tenant: &str,
+    count: usize,
+) -> anyhow::Result<Vec<(&'static str, f64, f64, f64)>> {
+    use chrono::Datelike;
+    let client = reqwest::Client::new();
+    let today = chrono::Utc::now().date_naive();
+    let to = today.format("%Y-%m").to_string();
+    let back = today
+        .checked_sub_months(chrono::Months::new(35))
+        .unwrap_or(today)
+        .format("%Y-%m")
+        .to_string();
+    let year = today.year();
+    let questions = [
+        ("`/api/v1/kpis/series`, 36 months, total", format!("/api/v1/kpis/series?tenant={tenant}&granularity=month&from={back}&to={to}")),
+        ("`/api/v1/kpis/series`, 36 months, one channel", format!("/api/v1/kpis/series?tenant={tenant}&granularity=month&from={back}&to={to}&channel=paid_search")),
+        ("`/api/v1/retention/series`, 6 years", format!("/api/v1/retention/series?tenant={tenant}&from={}&to={year}", year - 5)),
+        ("the page at `/` (whole HTML, 4 charts of 24 months)", format!("/?tenant={tenant}")),
+    ];
+    let mut results = Vec::new();
+    for (name, path) in questions {
+        let url = engine.url(&path);
+        let mut times = Vec::with_capacity(count);
+        for _ in 0..count {
+            let started = Instant::now();
+            let response = client.get(&url).send().await?;
+            anyhow::ensure!(
+                response.status() == 200,
+                "{path} answered {}",
+                response.status()
+            );
+            let _ = response.bytes().await?;
+            times.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        times.sort_by(f64::total_cmp);
+        results.push((
+            name,
+            percentile(&times, 0.5),
+            percentile(&times, 0.99),
+            *times.last().unwrap_or(&f64::NAN),
+        ));
+    }
+    Ok(results)
 }
 
 /// A metric's value from /metrics (the first sample whose line starts with `series`).
@@ -480,6 +532,7 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("bare consumer again: {bare_after:.0} msg/s");
     let bare = (bare_before + bare_after) / 2.0;
     let (api_p50, api_p99, api_max) = api_latency(&engine, "bench", 2000).await?;
+    let history_small = history_latency(&engine, "bench", 1000).await?;
     let rss_after_ingest = engine.peak_rss_mib();
 
     let (steady_p50, steady_p99, steady_max, probes) =
@@ -487,13 +540,14 @@ async fn main() -> anyhow::Result<()> {
     let rss_after_steady = engine.peak_rss_mib();
 
     let mut large = None;
+    let mut history_large = None;
     if args.large_events > loaded {
         let extra = args.large_events - loaded;
         eprintln!("growing the history by {extra} events...");
         let (added, _) = publish(
             &js,
             history("bench", 2, leads_per_day_for(extra)).map(|mut event| {
-                // a second pass over the same two years, with its own ids
+                // a second pass over the same six years, with its own ids
                 event.id = event.id.map(|id| format!("x{id}"));
                 let text = String::from_utf8_lossy(&event.payload)
                     .replacen("\"id\":\"demo-", "\"id\":\"xdemo-", 1)
@@ -509,6 +563,7 @@ async fn main() -> anyhow::Result<()> {
         wait_drained(&js).await?;
         let grown_rate = added as f64 / grown_started.elapsed().as_secs_f64();
         let (p50, p99, max) = api_latency(&engine, "bench", 2000).await?;
+        history_large = Some(history_latency(&engine, "bench", 1000).await?);
         let rss_grown = engine.peak_rss_mib();
         engine.stop();
         let restarted = Engine::start(&args.engine, &nats.url, &engine_dir)?;
@@ -584,6 +639,26 @@ async fn main() -> anyhow::Result<()> {
     }
     line(String::new());
     line("Sequential requests over loopback with reqwest, 2,000 each; the time includes HTTP and JSON.".into());
+    line(String::new());
+    line("## History: series, retention and the page".into());
+    line(String::new());
+    line("| question | history | p50 | p99 | max |".into());
+    line("|---|---|---:|---:|---:|".into());
+    for (size, results) in [
+        (loaded, Some(&history_small)),
+        (
+            large.as_ref().map(|l| l.0).unwrap_or(0),
+            history_large.as_ref(),
+        ),
+    ] {
+        for (name, p50, p99, max) in results.into_iter().flatten() {
+            line(format!(
+                "| {name} | {size} events | {p50:.2} ms | {p99:.2} ms | {max:.2} ms |"
+            ));
+        }
+    }
+    line(String::new());
+    line("Sequential requests over loopback with reqwest, 1,000 each, the whole answer read. Each period of a series is one lookup in the in-memory aggregates, so the time does not grow with the history; the page is rendered on the server (HTML and SVG, no further request), so its first load in a browser is this time plus rendering.".into());
     line(String::new());
     line(format!(
         "## Event-to-gauge latency at {} events/s",

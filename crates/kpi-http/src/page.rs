@@ -8,7 +8,6 @@
 //! few lines of inline script submit it when a picker changes, and a button does the same
 //! without script. Charts are SVG images with a text alternative and their data in a table.
 
-use std::collections::BTreeSet;
 use std::fmt::Write;
 
 use chrono::{Datelike, NaiveDate};
@@ -1051,11 +1050,6 @@ fn scope_tables(html: &mut String, report: &KpiReport) {
         );
     }
     html.push_str("</tbody></table></div></section>\n");
-}
-
-/// The known tenants, sorted; the tenants of `stages` etc. are not needed here.
-pub fn tenant_list(names: impl Iterator<Item = String>) -> Vec<String> {
-    names.collect::<BTreeSet<String>>().into_iter().collect()
 }
 
 /// The tab icon, inline (the page fetches nothing else): three rising bars.

@@ -620,3 +620,155 @@ async fn report_prints_trends_retention_and_csv_from_the_api() {
     assert_eq!(channel_trend["channel"], "social");
     assert_eq!(periods(&channel_trend), ["2025-Q4", "2026-Q1"]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Grafana's source: the history gauges in a real Prometheus.
+
+/// `query`'s samples by the value of `label`.
+async fn samples_by(
+    prometheus: &kpi_tests::Prometheus,
+    query: &str,
+    label: &str,
+) -> BTreeMap<String, f64> {
+    prometheus
+        .query(query)
+        .await
+        .iter()
+        .map(|sample| {
+            let value = sample["value"][1].as_str().unwrap();
+            let value = match value {
+                "+Inf" => f64::INFINITY,
+                other => other.parse().unwrap(),
+            };
+            (sample["metric"][label].as_str().unwrap().to_string(), value)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn history_gauges_in_prometheus_equal_the_api_and_follow_restatements() {
+    // A fixed day, so the thirteen months exported (2025-03 to 2026-03) hold the history.
+    const DAY: &str = "2026-03-15T12:00:00Z";
+    let nats = NatsServer::start();
+    let mut engine = Engine::start_with_env(&nats.url(), CONFIG, &[("KPI_CLOCK", DAY)]);
+    engine.wait_ready().await;
+    let prometheus = kpi_tests::Prometheus::start(
+        &format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: kpi-engine\n    static_configs:\n      - targets: [\"127.0.0.1:{}\"]\n",
+            engine.port
+        ),
+        &[],
+    )
+    .await;
+    let client = nats.client().await;
+    publish(&client, &history()).await;
+    drain(&client).await;
+
+    let spend = r#"kpi_history_spend{tenant="acme", window="month", channel="all"}"#;
+    wait_until(
+        "Prometheus scrapes 13 months",
+        Duration::from_secs(30),
+        || async {
+            let months = samples_by(&prometheus, spend, "period").await;
+            months.len() == 13 && months.get("2025-11") == Some(&300.0)
+        },
+    )
+    .await;
+    let (_, api) = engine
+        .get("/api/v1/kpis/series?tenant=acme&granularity=month&from=2025-03&to=2026-03")
+        .await;
+    let months = samples_by(&prometheus, spend, "period").await;
+    let leads = samples_by(
+        &prometheus,
+        r#"kpi_history_leads{tenant="acme", window="month", channel="all"}"#,
+        "period",
+    )
+    .await;
+    for entry in api["series"].as_array().unwrap() {
+        let period = entry["period"].as_str().unwrap();
+        let api_spend: f64 = entry["spend"].as_str().unwrap().parse().unwrap();
+        assert_eq!(months[period], api_spend, "spend of {period}");
+        assert_eq!(
+            leads[period],
+            entry["leads"].as_f64().unwrap(),
+            "leads of {period}"
+        );
+    }
+    // CAC: +Inf in November (spend, no new customer), which the dashboard's query turns into
+    // its "spend, no customer yet" sentinel.
+    let cac = r#"kpi_history_cac{tenant="acme", window="month", channel="all"}"#;
+    assert_eq!(
+        samples_by(&prometheus, cac, "period").await["2025-11"],
+        f64::INFINITY
+    );
+    let shown = samples_by(
+        &prometheus,
+        &format!("({cac} < +Inf) or (({cac} == bool +Inf) * -1)"),
+        "period",
+    )
+    .await;
+    assert_eq!(shown["2025-11"], -1.0);
+    assert_eq!(
+        shown["2025-12"], -1.0,
+        "200 spent on 31 December, no new customer"
+    );
+    assert!(
+        !shown.contains_key("2025-10"),
+        "no spend and no new customer: no CAC ({shown:?})"
+    );
+
+    let retention = samples_by(
+        &prometheus,
+        r#"kpi_history_retention_ratio{tenant="acme"}"#,
+        "year",
+    )
+    .await;
+    let (_, api_retention) = engine
+        .get("/api/v1/retention/series?tenant=acme&from=2021&to=2026")
+        .await;
+    for entry in api_retention["series"].as_array().unwrap() {
+        let year = entry["year"].to_string();
+        assert_eq!(
+            retention.get(&year).copied(),
+            entry["retention_rate"].as_f64(),
+            "retention of {year}"
+        );
+    }
+    let loyalty = samples_by(
+        &prometheus,
+        r#"kpi_history_loyalty_ratio{tenant="acme", year="2026"}"#,
+        "years",
+    )
+    .await;
+    assert_eq!(loyalty["4"], 1.0, "C1 bought in 2023, 2024, 2025 and 2026");
+
+    // November restated: the next scrape shows the new amount for that past month.
+    publish(
+        &client,
+        &[event("sp1b", "spend.reported", "2025-12-01T07:00:00Z", "acme", json!({"date": "2025-11-30", "amount": "250.00", "currency": "EUR", "channel": "paid_search", "campaign": "brand", "source": "google_ads", "account": "a"}))],
+    )
+    .await;
+    drain(&client).await;
+    wait_until(
+        "Prometheus shows the restated month",
+        Duration::from_secs(30),
+        || async {
+            samples_by(&prometheus, spend, "period")
+                .await
+                .get("2025-11")
+                == Some(&250.0)
+        },
+    )
+    .await;
+    let campaign = samples_by(
+        &prometheus,
+        r#"kpi_history_campaign_roi_ratio{tenant="acme", window="year", campaign="brand"}"#,
+        "period",
+    )
+    .await;
+    assert_eq!(
+        campaign["2025"],
+        (1000.0 - 450.0) / 450.0,
+        "250 + 200 spent, 1000 earned"
+    );
+}
