@@ -240,25 +240,18 @@ impl Browser {
     /// A screenshot of the element matching `css`.
     pub async fn screenshot_of(&self, css: &str) -> (Vec<u8>, Picture) {
         let element = self.find(css).await;
-        let encoded = self
-            .command(
-                reqwest::Method::GET,
-                &format!("/element/{element}/screenshot"),
-                None,
-            )
-            .await;
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(encoded.as_str().unwrap_or_default())
-            .expect("a base64 screenshot");
-        let picture = Picture::decode(&bytes);
-        (bytes, picture)
+        self.screenshot_at(&format!("/element/{element}/screenshot"))
+            .await
     }
 
     /// A screenshot of the window.
     pub async fn screenshot(&self) -> (Vec<u8>, Picture) {
-        let encoded = self
-            .command(reqwest::Method::GET, "/screenshot", None)
-            .await;
+        self.screenshot_at("/screenshot").await
+    }
+
+    /// The PNG a screenshot command answers, and its pixels.
+    async fn screenshot_at(&self, path: &str) -> (Vec<u8>, Picture) {
+        let encoded = self.command(reqwest::Method::GET, path, None).await;
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(encoded.as_str().unwrap_or_default())
             .expect("a base64 screenshot");

@@ -264,16 +264,24 @@ async fn api_latency(
     tenant: &str,
     count: usize,
 ) -> anyhow::Result<(f64, f64, f64)> {
-    let client = reqwest::Client::new();
     let month = chrono::Utc::now().format("%Y-%m").to_string();
     let url = engine.url(&format!("/api/v1/kpis?tenant={tenant}&period={month}"));
+    time_requests(&reqwest::Client::new(), &url, count).await
+}
+
+/// Times `count` sequential GETs of `url`, each answer read whole; (p50, p99, max) in ms.
+async fn time_requests(
+    client: &reqwest::Client,
+    url: &str,
+    count: usize,
+) -> anyhow::Result<(f64, f64, f64)> {
     let mut times = Vec::with_capacity(count);
     for _ in 0..count {
         let started = Instant::now();
-        let response = client.get(&url).send().await?;
+        let response = client.get(url).send().await?;
         anyhow::ensure!(
             response.status() == 200,
-            "API answered {}",
+            "{url} answered {}",
             response.status()
         );
         let _ = response.bytes().await?;
@@ -312,26 +320,8 @@ async fn history_latency(
     ];
     let mut results = Vec::new();
     for (name, path) in questions {
-        let url = engine.url(&path);
-        let mut times = Vec::with_capacity(count);
-        for _ in 0..count {
-            let started = Instant::now();
-            let response = client.get(&url).send().await?;
-            anyhow::ensure!(
-                response.status() == 200,
-                "{path} answered {}",
-                response.status()
-            );
-            let _ = response.bytes().await?;
-            times.push(started.elapsed().as_secs_f64() * 1000.0);
-        }
-        times.sort_by(f64::total_cmp);
-        results.push((
-            name,
-            percentile(&times, 0.5),
-            percentile(&times, 0.99),
-            *times.last().unwrap_or(&f64::NAN),
-        ));
+        let (p50, p99, max) = time_requests(&client, &engine.url(&path), count).await?;
+        results.push((name, p50, p99, max));
     }
     Ok(results)
 }

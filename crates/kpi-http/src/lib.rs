@@ -139,13 +139,7 @@ async fn retention(
     let state = &api.state;
     let tenant = known_tenant(state, &params)?;
     let year = match params.get("year") {
-        Some(text) => text
-            .parse::<i32>()
-            .ok()
-            .filter(|year| (1000..=9999).contains(year))
-            .ok_or_else(|| {
-                ApiError::bad_request(format!("year: `{text}` is not a year such as 2026"))
-            })?,
+        Some(text) => parse_year("year", text)?,
         None => state.tenants.get(&tenant).today(state.clock.now()).year(),
     };
     let aggregates = state.aggregates();
@@ -160,6 +154,19 @@ async fn retention(
 pub const MAX_SERIES_PERIODS: u64 = 400;
 /// Most years one retention series answer holds (SPEC section 3).
 pub const MAX_SERIES_YEARS: i32 = 100;
+
+/// A year parameter (four digits).
+fn parse_year(name: &str, text: &str) -> Result<i32, ApiError> {
+    text.parse::<i32>()
+        .ok()
+        .filter(|year| (1000..=9999).contains(year))
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "{name}: `{}` is not a year such as 2026",
+                kpi_model::event::shown(text)
+            ))
+        })
+}
 
 /// A required query parameter.
 fn required<'p>(params: &'p HashMap<String, String>, name: &str) -> Result<&'p str, ApiError> {
@@ -262,19 +269,8 @@ async fn retention_series(
 ) -> Result<Json<RetentionSeries>, ApiError> {
     let state = &api.state;
     let tenant = known_tenant(state, &params)?;
-    let year = |name: &str| -> Result<i32, ApiError> {
-        let text = required(&params, name)?;
-        text.parse::<i32>()
-            .ok()
-            .filter(|year| (1000..=9999).contains(year))
-            .ok_or_else(|| {
-                ApiError::bad_request(format!(
-                    "{name}: `{}` is not a year such as 2026",
-                    kpi_model::event::shown(text)
-                ))
-            })
-    };
-    let (from, to) = (year("from")?, year("to")?);
+    let from = parse_year("from", required(&params, "from")?)?;
+    let to = parse_year("to", required(&params, "to")?)?;
     if from > to {
         return Err(ApiError::bad_request(format!(
             "from: {from} comes after to {to}"
