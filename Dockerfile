@@ -1,6 +1,6 @@
 # The KPI engine's image: built in a Rust image, run in a slim Debian as an unprivileged user.
 #   docker build -t kpi-engine .        (deploy/compose builds it for you)
-FROM rust:1.85-bookworm AS build
+FROM rust:1.89-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY crates crates

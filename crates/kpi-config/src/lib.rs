@@ -354,12 +354,29 @@ impl Config {
                 .prefix_separator("__")
                 .separator("__")
                 .try_parsing(true)
-                .source(Some(env)),
+                .source(Some(env.clone())),
         );
-        let config: Config = builder
+        let fx_overrides: Vec<(String, String)> = env
+            .keys()
+            .filter_map(|key| {
+                let rest = key.strip_prefix("KPI__TENANTS__")?;
+                let (tenant, code) = rest.split_once("__FX__")?;
+                Some((tenant.to_lowercase(), code.to_string()))
+            })
+            .collect();
+        let mut config: Config = builder
             .build()
             .and_then(|built| built.try_deserialize())
             .map_err(ConfigError::Parse)?;
+        // The config crate lowercases the keys of environment variables; currency codes are
+        // upper case (`KPI__TENANTS__ACME__FX__USD` means `fx.USD`, not `fx.usd`).
+        for (tenant, code) in fx_overrides {
+            if let Some(fx) = config.tenants.get_mut(&tenant).map(|t| &mut t.fx) {
+                if let Some(rate) = fx.remove(&code.to_lowercase()) {
+                    fx.insert(code.to_uppercase(), rate);
+                }
+            }
+        }
         config.validate()?;
         Ok(config)
     }
@@ -689,6 +706,44 @@ mod tests {
         assert_eq!(acme.timezone, chrono_tz::Europe::Paris);
         assert_eq!(acme.fx["USD"].to_string(), "0.92");
         assert_eq!(acme.cac_threshold["all"], 250.0);
+    }
+
+    #[test]
+    fn environment_overrides_reach_every_section() {
+        // One key per section the README documents, each through KPI__SECTION__KEY; tenant
+        // tables too, currency codes in upper case (the config crate lowercases the keys).
+        let config = load(
+            "[tenants.acme]\nfx = { GBP = 1.17 }\n",
+            &[
+                ("KPI__NATS__STREAM", "EVENTS_X"),
+                ("KPI__STORE__CACHE_CAPACITY_MB", "32"),
+                ("KPI__HTTP__MAX_ROWS", "50"),
+                ("KPI__INGEST__BATCH_MAX_EVENTS", "500"),
+                ("KPI__METRICS__HISTORY_MONTHS", "24"),
+                ("KPI__TENANTS__ACME__FX__USD", "0.92"),
+                ("KPI__TENANTS__ACME__TIMEZONE", "Europe/Paris"),
+                ("KPI__TENANTS__ACME__CURRENCY", "CHF"),
+                ("KPI__TENANTS__ACME__CAC_THRESHOLD__PAID_SEARCH", "300"),
+                ("KPI__TENANTS__BETA__FX__EUR", "1.1"),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(config.nats.stream, "EVENTS_X");
+        assert_eq!(config.store.cache_capacity_mb, 32);
+        assert_eq!(config.http.max_rows, 50);
+        assert_eq!(config.ingest.batch_max_events, 500);
+        assert_eq!(config.metrics.history_months, 24);
+        let tenants = config.tenants();
+        let acme = tenants.get("acme");
+        assert_eq!(acme.fx["USD"].to_string(), "0.92");
+        assert_eq!(acme.fx["GBP"].to_string(), "1.17", "the file's rates stay");
+        assert_eq!(acme.timezone, chrono_tz::Europe::Paris);
+        assert_eq!(acme.currency, "CHF");
+        assert_eq!(acme.cac_threshold["paid_search"], 300.0);
+        assert_eq!(tenants.get("beta").fx["EUR"].to_string(), "1.1");
+        // A lower-case code in a file is still refused, naming the key.
+        let error = load("[tenants.acme]\nfx = { usd = 0.92 }\n", &[]).expect_err("lower case");
+        assert!(error.to_string().contains("tenants.acme.fx.usd"), "{error}");
     }
 
     #[test]

@@ -144,11 +144,20 @@ fn dashboard_queries(file: &str) -> Vec<(String, String)> {
         .unwrap()
         .iter()
         .map(|variable| {
+            // "All" selected: Grafana puts the variable's allValue in the query.
+            let current = variable["current"]["value"].as_str().unwrap();
+            let value = if current == "$__all" {
+                variable["allValue"].as_str().unwrap()
+            } else {
+                current
+            };
             (
                 format!("${}", variable["name"].as_str().unwrap()),
-                variable["current"]["value"].as_str().unwrap().to_string(),
+                value.to_string(),
             )
         })
+        // Grafana's own: at least four scrape intervals (1 s here), as Grafana computes it.
+        .chain([("$__rate_interval".to_string(), "1m".to_string())])
         .collect();
     let mut queries = Vec::new();
     for panel in dashboard["panels"].as_array().unwrap() {
@@ -441,6 +450,64 @@ fn compose_mounts_existing_files_and_agrees_with_the_configurations() {
         .join(home_file)
         .exists());
 
+    // Every file alertmanager.yml reads (the SMTP password...) is mounted in its container.
+    let alertmanager = &yaml("deploy/alertmanager/alertmanager.yml")[0];
+    fn files_read(node: &yaml_rust2::Yaml, into: &mut Vec<String>) {
+        match node {
+            yaml_rust2::Yaml::Hash(map) => {
+                for (key, value) in map {
+                    match (key.as_str(), value.as_str()) {
+                        (Some(key), Some(path)) if key.ends_with("_file") => {
+                            into.push(path.to_string())
+                        }
+                        _ => files_read(value, into),
+                    }
+                }
+            }
+            yaml_rust2::Yaml::Array(items) => items.iter().for_each(|item| files_read(item, into)),
+            _ => {}
+        }
+    }
+    let mut read = Vec::new();
+    files_read(alertmanager, &mut read);
+    assert!(read.iter().any(|path| path.contains("smtp")), "{read:?}");
+    let service = &compose["services"]["alertmanager"];
+    let mut provided: Vec<String> = mounts
+        .values()
+        .filter(|(name, _)| name == "alertmanager")
+        .map(|(_, target)| target.clone())
+        .collect();
+    for secret in service["secrets"].as_vec().into_iter().flatten() {
+        let (name, target) = match secret.as_str() {
+            Some(name) => (name.to_string(), format!("/run/secrets/{name}")),
+            None => {
+                let name = secret["source"].as_str().unwrap().to_string();
+                let target = secret["target"].as_str().map(str::to_string);
+                let target = target.unwrap_or_else(|| name.clone());
+                let target = if target.starts_with('/') {
+                    target
+                } else {
+                    format!("/run/secrets/{target}")
+                };
+                (name, target)
+            }
+        };
+        let file = compose["secrets"][name.as_str()]["file"]
+            .as_str()
+            .unwrap_or_else(|| panic!("secret {name} is not declared with a file"));
+        assert!(
+            compose_dir.join(file).exists(),
+            "secret {name}: {file} does not exist"
+        );
+        provided.push(target);
+    }
+    for path in &read {
+        assert!(
+            provided.iter().any(|target| target == path),
+            "alertmanager.yml reads {path}, which compose does not mount ({provided:?})"
+        );
+    }
+
     let amtool = Command::new("amtool")
         .args(["check-config"])
         .arg(repo_root().join("deploy/alertmanager/alertmanager.yml"))
@@ -451,6 +518,72 @@ fn compose_mounts_existing_files_and_agrees_with_the_configurations() {
         "{}",
         String::from_utf8_lossy(&amtool.stdout)
     );
+}
+
+/// `major.minor` of a `rust-version` or image tag (`1.89`, `1.89.0`, `1.89-bookworm`).
+fn major_minor(version: &str) -> (u32, u32) {
+    let mut parts = version
+        .split(|c: char| c == '.' || c == '-')
+        .map(|part| part.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+#[test]
+fn the_image_and_the_workspace_use_the_toolchain_the_locked_dependencies_need() {
+    // The highest rust-version of the locked dependencies (workspace members excluded: their
+    // rust-version is the one checked).
+    let output = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["metadata", "--format-version", "1", "--locked"])
+        .current_dir(repo_root())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let metadata: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let members: Vec<&str> = metadata["workspace_members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|id| id.as_str().unwrap())
+        .collect();
+    let (needed, by) = metadata["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|package| !members.contains(&package["id"].as_str().unwrap()))
+        .filter_map(|package| {
+            let version = package["rust_version"].as_str()?;
+            Some((
+                major_minor(version),
+                package["name"].as_str().unwrap().to_string(),
+            ))
+        })
+        .max()
+        .unwrap();
+    let workspace = std::fs::read_to_string(repo_root().join("Cargo.toml")).unwrap();
+    let declared = workspace
+        .lines()
+        .find_map(|line| line.strip_prefix("rust-version = "))
+        .unwrap()
+        .trim_matches('"');
+    assert_eq!(
+        major_minor(declared),
+        needed,
+        "workspace rust-version {declared}, but {by} needs {needed:?}"
+    );
+    let dockerfile = std::fs::read_to_string(repo_root().join("Dockerfile")).unwrap();
+    let image = dockerfile
+        .lines()
+        .find_map(|line| line.strip_prefix("FROM rust:"))
+        .unwrap();
+    assert!(
+        major_minor(image) >= needed,
+        "the Dockerfile builds with rust:{image}, but {by} needs {needed:?}"
+    );
+    assert!(dockerfile.contains("cargo build --release --locked"));
 }
 
 #[test]
@@ -527,6 +660,29 @@ fn systemd_unit_verifies_and_hardens_the_service() {
         assert!(
             unit.lines().any(|line| line == setting),
             "{setting} missing"
+        );
+    }
+    // The install steps at the top: nothing names the kpi user or group before it exists.
+    let steps: Vec<&str> = unit
+        .lines()
+        .take_while(|line| line.starts_with('#'))
+        .filter_map(|line| line.strip_prefix("#   "))
+        .collect();
+    let created = steps
+        .iter()
+        .position(|step| step.starts_with("useradd ") && step.ends_with(" kpi"))
+        .expect("an install step creates the kpi user");
+    for (index, step) in steps.iter().enumerate() {
+        let words: Vec<&str> = step.split_whitespace().collect();
+        let names_kpi = words.windows(2).any(|pair| {
+            matches!(
+                pair[0],
+                "-o" | "-g" | "--owner" | "--group" | "chown" | "chgrp"
+            ) && (pair[1] == "kpi" || pair[1].starts_with("kpi:"))
+        });
+        assert!(
+            !names_kpi || index > created,
+            "install step {index} (`{step}`) names the kpi user before step {created} creates it"
         );
     }
     let config = repo_root().join("deploy/systemd/kpi.toml");
@@ -651,6 +807,22 @@ async fn metrics_behind_basic_auth_and_tls_are_scraped_by_a_real_prometheus() {
         .await
         .unwrap();
     assert_eq!(api.status(), 401, "the API is protected too");
+    for path in ["/", "/api/v1/openapi.json", "/api/v1/kpis/series"] {
+        let page = client.get(format!("{https}{path}")).send().await.unwrap();
+        assert_eq!(
+            page.status(),
+            401,
+            "{path} is behind the same auth as the API"
+        );
+    }
+    let page = client
+        .get(format!("{https}/"))
+        .basic_auth("prometheus", Some("correct-horse-battery-staple"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("<html"));
     let right = client
         .get(format!("{https}/metrics"))
         .basic_auth("prometheus", Some("correct-horse-battery-staple"))
