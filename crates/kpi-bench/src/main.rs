@@ -229,7 +229,7 @@ async fn bare_consumer(js: &jetstream::Context, name: &str, expected: u64) -> an
     while seen < expected {
         let message = messages.next().await.context("stream ended")??;
         seen += 1;
-        if seen % 1000 == 0 || seen == expected {
+        if seen.is_multiple_of(1000) || seen == expected {
             message.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
         }
     }

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use chrono::Datelike;
 use kpi_config::MetricsConfig;
 use kpi_ingest::EngineState;
-use kpi_model::event::INVALID_TENANT;
+use kpi_model::event::{EventType, RejectReason, INVALID_TENANT};
 use kpi_model::money::to_f64;
 use kpi_model::report::{cac_gauge, ratio, roas, roi};
 use kpi_model::{Cell, Period, RetentionReport, TenantAggregates, Window};
@@ -579,6 +579,30 @@ impl Collector for KpiCollector {
             let aggregates = self.state.aggregates();
             for tenant in &tenants {
                 families.fill_tenant(tenant, &self.state, aggregates.tenant(tenant), &self.bounds);
+            }
+        }
+        // Every counter of a known tenant exists from the start, at 0, as Prometheus expects of
+        // labelled counters: otherwise a series first seen at 1 hides its first event from
+        // increase() and rate(), and the first rejection of a tenant would raise no alert.
+        for tenant in &tenants {
+            for event_type in EventType::ALL {
+                families
+                    .processed
+                    .with_label_values(&[tenant, event_type.as_str()]);
+                families
+                    .duplicate
+                    .with_label_values(&[tenant, event_type.as_str()]);
+            }
+        }
+        for tenant in tenants
+            .iter()
+            .map(String::as_str)
+            .chain([INVALID_TENANT, OTHER_TENANTS])
+        {
+            for reason in RejectReason::ALL {
+                families
+                    .rejected
+                    .with_label_values(&[tenant, reason.label()]);
             }
         }
         let exported: BTreeSet<&str> = tenants.iter().map(String::as_str).collect();

@@ -254,7 +254,7 @@ impl Engine {
             .collect();
         self.aggregates.merge(self.set.take_delta(&self.tenants));
         self.batches += 1;
-        if self.batches % self.checkpoint_every == 0 {
+        if self.batches.is_multiple_of(self.checkpoint_every) {
             self.checkpoint();
         }
         outcomes

@@ -65,6 +65,59 @@ async fn cac_alerts(prometheus: &Prometheus) -> Vec<Value> {
 }
 
 #[tokio::test]
+async fn the_first_rejection_of_a_tenant_fires_its_alert_in_a_real_prometheus() {
+    let nats = NatsServer::start();
+    let mut engine = Engine::start(&nats.url(), "[tenants.acme]\ncurrency = \"EUR\"\n");
+    engine.wait_ready().await;
+    let prometheus = Prometheus::start(
+        &scrape_config(&engine, true),
+        &[("kpi.yml", rules_with_short_for())],
+    )
+    .await;
+    // Before anything is rejected, the counter is there at 0 (and so are the duplicates).
+    let counter = r#"kpi_events_rejected_total{tenant="acme",reason="invalid_json"}"#;
+    wait_until(
+        "the rejection counter at 0 in Prometheus",
+        Duration::from_secs(30),
+        || async {
+            prometheus
+                .query(counter)
+                .await
+                .first()
+                .is_some_and(|sample| sample["value"][1] == "0")
+        },
+    )
+    .await;
+    assert!(!prometheus
+        .query(r#"kpi_events_duplicate_total{tenant="acme",type="lead.created"}"#)
+        .await
+        .is_empty());
+    let client = nats.client().await;
+    publish(
+        &client,
+        &[(
+            "kpi.events.acme.lead.created".into(),
+            "{not json".into(),
+            None,
+        )],
+    )
+    .await;
+    wait_until(
+        "KpiEventsRejected firing for the first rejection",
+        Duration::from_secs(60),
+        || async {
+            prometheus.alerts().await.iter().any(|alert| {
+                alert["labels"]["alertname"] == "KpiEventsRejected"
+                    && alert["labels"]["tenant"] == "acme"
+                    && alert["labels"]["reason"] == "invalid_json"
+                    && alert["state"] == "firing"
+            })
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn cac_alert_fires_in_a_real_prometheus_only_once_cac_passes_its_threshold() {
     let nats = NatsServer::start();
     let mut engine = Engine::start(
@@ -523,7 +576,7 @@ fn compose_mounts_existing_files_and_agrees_with_the_configurations() {
 /// `major.minor` of a `rust-version` or image tag (`1.89`, `1.89.0`, `1.89-bookworm`).
 fn major_minor(version: &str) -> (u32, u32) {
     let mut parts = version
-        .split(|c: char| c == '.' || c == '-')
+        .split(['.', '-'])
         .map(|part| part.parse::<u32>().unwrap_or(0));
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
 }
