@@ -189,6 +189,23 @@ pub struct MetricsConfig {
     pub history_years: u32,
 }
 
+/// How the engine logs (to standard error).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (for people; colours only on a terminal) or `json` (one object per line, for
+    /// log shippers).
+    pub format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
 /// A number written as a TOML float, integer or string.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(untagged)]
@@ -292,6 +309,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub ingest: IngestConfig,
     pub metrics: MetricsConfig,
+    pub log: LogConfig,
     #[serde(default)]
     pub tenants: HashMap<String, TenantConfig>,
     #[serde(default)]

@@ -5,7 +5,8 @@
 //!
 //! Metrics (`connector` is the configured id):
 //! - `kpi_connector_runs_total{connector,outcome}`: outcome `success` or `error`;
-//! - `kpi_connector_last_success_timestamp_seconds{connector}`;
+//! - `kpi_connector_last_success_timestamp_seconds{connector}` (from the saved state after a
+//!   restart; the engine's start while no success is known);
 //! - `kpi_connector_last_run_duration_seconds{connector}`;
 //! - `kpi_connector_events_total{connector}`: events JetStream stored;
 //! - `kpi_connector_up{connector}`: 1 if the last run succeeded;
@@ -121,6 +122,12 @@ impl ConnectorMetrics {
         self.runs.with_label_values(&[connector, "error"]);
         self.events.with_label_values(&[connector]);
         self.up.with_label_values(&[connector]).set(0);
+        // Until a success is known (from the connector's saved state, or a run), the last
+        // success is when the engine started waiting for one: a connector that never runs
+        // well, or a webhook that never receives a request, goes silent like any other.
+        self.last_success
+            .with_label_values(&[connector])
+            .set(Utc::now().timestamp_millis() as f64 / 1000.0);
     }
 }
 
@@ -174,6 +181,15 @@ async fn run_forever(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let id = runner.id.clone();
+    // The last success survives restarts: it is when the connector's state was last saved.
+    if let Ok(Some((manifest, _))) = states.read(&id).await {
+        if let Some(saved_at) = manifest.saved_at {
+            metrics
+                .last_success
+                .with_label_values(&[&id])
+                .set(saved_at.timestamp_millis() as f64 / 1000.0);
+        }
+    }
     let mut backoff = Duration::from_secs(5);
     loop {
         if *shutdown.borrow() {

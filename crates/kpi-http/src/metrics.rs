@@ -1,7 +1,9 @@
 //! The KPI gauges of SPEC section 3, computed from the live aggregates at scrape time.
 //!
 //! Every scrape reads the *current* period of each window in each tenant's time zone, so a
-//! new day, month or year starts at local midnight without any timer. A series whose KPI is
+//! new day, month or year starts at local midnight without any timer. Beside SPEC's windows,
+//! `window="30d"` is the rolling last 30 days (today included) and `window="previous_30d"`
+//! the 30 days before them: alert rules compare them, without the jump of the 1st. A series whose KPI is
 //! undefined is absent; CAC is +Inf when money was spent and no customer came.
 //!
 //! Cardinality is bounded by `[metrics]` in the configuration: at most `max_tenants` tenants
@@ -21,11 +23,17 @@ use std::sync::{Arc, Mutex};
 use chrono::Datelike;
 use kpi_config::MetricsConfig;
 use kpi_ingest::EngineState;
+use kpi_model::aggregate::PeriodCells;
 use kpi_model::event::{EventType, RejectReason, INVALID_TENANT};
 use kpi_model::money::to_f64;
 use kpi_model::report::{cac_gauge, ratio, roas, roi};
 use kpi_model::{Cell, Period, RetentionReport, TenantAggregates, Window};
 use kpi_store::CounterKey;
+
+/// The `window` label of the rolling last 30 days (today included), and of the 30 days
+/// before them.
+pub const ROLLING_30_DAYS: &str = "30d";
+pub const PREVIOUS_30_DAYS: &str = "previous_30d";
 
 /// Tenant label of rejections of tenants left out by `max_tenants`.
 pub const OTHER_TENANTS: &str = "_other";
@@ -425,10 +433,32 @@ impl Families {
         }
 
         let empty = Default::default();
-        for window in Window::ALL {
-            let period = window.period_of(today);
-            let cells = aggregates.and_then(|a| a.period(&period)).unwrap_or(&empty);
-            let window = window.label();
+        let rolling = |from_days_ago: u64, to_days_ago: u64| -> PeriodCells {
+            match (
+                aggregates,
+                today.checked_sub_days(chrono::Days::new(from_days_ago)),
+                today.checked_sub_days(chrono::Days::new(to_days_ago)),
+            ) {
+                (Some(aggregates), Some(first), Some(last)) => aggregates.sum_of_days(first, last),
+                _ => PeriodCells::default(),
+            }
+        };
+        // Beside the calendar windows, two rolling ones: the last 30 days (today included)
+        // and the 30 days before them, for alerts that must not jump on the 1st of a month.
+        let last_30_days = rolling(29, 0);
+        let previous_30_days = rolling(59, 30);
+        let windows = Window::ALL
+            .into_iter()
+            .map(|window| {
+                let period = window.period_of(today);
+                let cells = aggregates.and_then(|a| a.period(&period)).unwrap_or(&empty);
+                (window.label(), cells)
+            })
+            .chain([
+                (ROLLING_30_DAYS, &last_30_days),
+                (PREVIOUS_30_DAYS, &previous_30_days),
+            ]);
+        for (window, cells) in windows {
             self.fill_row([tenant, window, "all"], currency, &cells.total, &stages);
             for (channel, cell) in &cells.channels {
                 if channels.contains(channel) {
@@ -843,5 +873,21 @@ mod tests {
         none.history_years = 0;
         let state = state_with_leads(clock, "2026-03-15T10:00:00Z", &["london"]);
         assert!(history_leads(&KpiCollector::new(state, none), "london").is_empty());
+    }
+
+    #[test]
+    fn rolling_windows_hold_the_last_30_days_and_the_30_before_across_month_ends() {
+        // On 1 March: the last 30 days are 31 January to 1 March (February has 28 days); a
+        // lead of 31 January is in them, one of 30 January in the 30 days before.
+        let clock = Clock::starting_at(instant("2027-03-01T08:00:00Z"));
+        let state = state_with_leads(clock, "2027-01-31T10:00:00Z", &["london"]);
+        let collector = KpiCollector::new(state, bounds());
+        assert_eq!(leads_gauge(&collector, "london", "30d"), Some(1.0));
+        assert_eq!(leads_gauge(&collector, "london", "previous_30d"), Some(0.0));
+        assert_eq!(leads_gauge(&collector, "london", "month"), Some(0.0));
+        let state = state_with_leads(clock, "2027-01-30T10:00:00Z", &["london"]);
+        let collector = KpiCollector::new(state, bounds());
+        assert_eq!(leads_gauge(&collector, "london", "30d"), Some(0.0));
+        assert_eq!(leads_gauge(&collector, "london", "previous_30d"), Some(1.0));
     }
 }

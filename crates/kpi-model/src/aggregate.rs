@@ -179,6 +179,19 @@ impl TenantAggregates {
         self.periods.get(period)
     }
 
+    /// The cells of the days `first..=last` added up: a rolling window (the last 30 days)
+    /// costs one lookup per day, whatever the size of the history. Every counter is additive
+    /// over days, so the sum is exact (stage counts and campaign votes included).
+    pub fn sum_of_days(&self, first: chrono::NaiveDate, last: chrono::NaiveDate) -> PeriodCells {
+        let mut sum = PeriodCells::default();
+        for day in Period::Day(first).through(Period::Day(last)) {
+            if let Some(cells) = self.periods.get(&day) {
+                sum.merge(cells.clone());
+            }
+        }
+        sum
+    }
+
     pub fn retention_of(&self, year: i32) -> RetentionCell {
         self.retention.get(&year).cloned().unwrap_or_default()
     }

@@ -168,13 +168,33 @@ enum ConnectorsCommand {
     Reset { id: String },
 }
 
-fn init_tracing() {
+/// Logs to standard error (secrets redacted), as `log.format` asks: text (coloured only on a
+/// terminal) or one JSON object per line.
+fn init_tracing(format: kpi_config::LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(|| connectors::RedactingStderr)
-        .init();
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        kpi_config::LogFormat::Json => builder.json().init(),
+        kpi_config::LogFormat::Text => builder.init(),
+    }
+}
+
+/// The configuration file a command names, for the log format (read before anything logs; a
+/// configuration that does not load logs as text, and the command then says why).
+fn config_path(command: &Command) -> Option<&std::path::Path> {
+    match command {
+        Command::Serve { config }
+        | Command::Publish { config, .. }
+        | Command::Report { config, .. }
+        | Command::Connectors { config, .. }
+        | Command::Import { config, .. }
+        | Command::Demo { config, .. } => config.as_deref(),
+    }
 }
 
 /// The process's clock: the system clock, or the one `KPI_CLOCK` asks for (an RFC 3339
@@ -200,7 +220,11 @@ const CLOCK_ENV: &str = "KPI_CLOCK";
 fn main() -> anyhow::Result<()> {
     return_freed_memory_at_once();
     let cli = Cli::parse();
-    init_tracing();
+    init_tracing(
+        kpi_config::Config::load(config_path(&cli.command))
+            .map(|config| config.log.format)
+            .unwrap_or_default(),
+    );
     let clock = clock_from_env()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -27,6 +27,7 @@ pub async fn run(config_path: Option<&Path>, clock: Clock) -> anyhow::Result<()>
     let store = tokio::task::spawn_blocking(move || Store::open(&store_path, cache)).await??;
 
     let state = Arc::new(EngineState::new(config.tenants(), clock)?);
+    register_process_metrics(&state.registry).context("registering the process metrics")?;
     state
         .registry
         .register(Box::new(KpiCollector::new(
@@ -222,4 +223,23 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     interrupt.await.unwrap_or(());
+}
+
+/// `process_*` (CPU seconds, resident memory, open files, start time, from the prometheus
+/// crate's process collector) and `kpi_build_info{version,revision}` at 1.
+fn register_process_metrics(registry: &prometheus::Registry) -> Result<(), prometheus::Error> {
+    registry.register(Box::new(
+        prometheus::process_collector::ProcessCollector::for_self(),
+    ))?;
+    let build_info = prometheus::IntGaugeVec::new(
+        prometheus::Opts::new(
+            "kpi_build_info",
+            "The engine's version and source revision (always 1)",
+        ),
+        &["version", "revision"],
+    )?;
+    build_info
+        .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("KPI_REVISION")])
+        .set(1);
+    registry.register(Box::new(build_info))
 }

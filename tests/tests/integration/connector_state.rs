@@ -335,3 +335,65 @@ async fn every_command_connects_with_the_configured_credentials() {
     let stderr = String::from_utf8_lossy(&refused.stderr).to_lowercase();
     assert!(stderr.contains("authorization"), "{stderr}");
 }
+
+fn last_success(metrics: &str, connector: &str) -> Option<f64> {
+    metric_value(
+        metrics,
+        "kpi_connector_last_success_timestamp_seconds",
+        &[("connector", connector)],
+    )
+}
+
+#[tokio::test]
+async fn the_last_success_survives_a_restart_and_a_silent_webhook_has_one_to_go_stale_from() {
+    let nats = NatsServer::start();
+    let inbox = tempfile::tempdir().unwrap();
+    std::fs::write(inbox.path().join("spend.csv"), SPEND_CSV).unwrap();
+    let webhook =
+        "[[connectors]]\nid = \"forms\"\nkind = \"webhook\"\ntenant = \"acme\"\nevery = \"1h\"\n\
+                   [connectors.params]\nsecret = \"forms-secret-0123456789\"\n";
+    // Every hour: one run at start, then nothing until the restart.
+    let config = format!("{}{webhook}", csv_connector(inbox.path(), "1h"));
+    let started = kpi_tests::wall_clock().timestamp() as f64;
+    let mut engine = Engine::start(&nats.url(), &config);
+    engine.wait_ready().await;
+    // A webhook that never received a request: its last success is when the engine started
+    // waiting, so KpiConnectorSilent fires after three of its intervals without one.
+    let waiting = last_success(&engine.metrics().await, "forms").expect("exported at start");
+    assert!(
+        waiting >= started - 1.0 && waiting <= kpi_tests::wall_clock().timestamp() as f64 + 1.0,
+        "{waiting} vs a start at {started}"
+    );
+    wait_until(
+        "the first run succeeds",
+        Duration::from_secs(30),
+        || async { connector_runs(&engine).await >= 1.0 },
+    )
+    .await;
+    let succeeded = last_success(&engine.metrics().await, "csv-in").unwrap();
+
+    // Restarted later, with a connector that now fails (its folder is gone): the last
+    // success is still the one saved with its state, not the restart.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    drop(inbox);
+    engine.restart().await;
+    wait_until(
+        "a failed run after the restart",
+        Duration::from_secs(30),
+        || async {
+            metric_value(
+                &engine.metrics().await,
+                "kpi_connector_runs_total",
+                &[("connector", "csv-in"), ("outcome", "error")],
+            )
+            .unwrap_or(0.0)
+                >= 1.0
+        },
+    )
+    .await;
+    let after = last_success(&engine.metrics().await, "csv-in").unwrap();
+    assert!(
+        (after - succeeded).abs() < 0.5,
+        "last success {after} after the restart, {succeeded} before it"
+    );
+}

@@ -27,9 +27,43 @@ fn prometheus_config_and_rules_pass_promtool_and_their_unit_tests() {
     assert!(ok, "{text}");
     let (ok, text) = promtool(&["check", "rules", "rules/kpi.yml"]);
     assert!(ok, "{text}");
-    assert!(text.contains("SUCCESS: 10 rules found"), "{text}");
+    assert!(text.contains("SUCCESS: 14 rules found"), "{text}");
     let (ok, text) = promtool(&["test", "rules", "tests/kpi_test.yml"]);
     assert!(ok, "{text}");
+
+    // Every alert links its own runbook section of the README, and its unit test.
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let anchors: Vec<String> = readme
+        .lines()
+        .filter_map(|line| line.strip_prefix("#### "))
+        .map(|heading| heading.trim().to_lowercase())
+        .collect();
+    let tests =
+        std::fs::read_to_string(repo_root().join("deploy/prometheus/tests/kpi_test.yml")).unwrap();
+    let rules = &yaml("deploy/prometheus/rules/kpi.yml")[0];
+    let mut alerts = 0;
+    for group in rules["groups"].as_vec().unwrap() {
+        for rule in group["rules"].as_vec().unwrap() {
+            let Some(alert) = rule["alert"].as_str() else {
+                continue;
+            };
+            alerts += 1;
+            let url = rule["annotations"]["runbook_url"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{alert} has no runbook_url"));
+            let anchor = url.rsplit_once('#').map(|(_, anchor)| anchor).unwrap_or("");
+            assert_eq!(anchor, alert.to_lowercase(), "{alert} links {url}");
+            assert!(
+                anchors.iter().any(|heading| heading == anchor),
+                "README has no runbook section #### {alert}"
+            );
+            assert!(
+                tests.contains(&format!("alertname: {alert}\n")),
+                "{alert} has no promtool unit test"
+            );
+        }
+    }
+    assert_eq!(alerts, 14);
 }
 
 /// The repository's rules with every `for:` shortened to two seconds, so that a test sees an
@@ -176,10 +210,22 @@ async fn cac_alert_fires_in_a_real_prometheus_only_once_cac_passes_its_threshold
         .find(|a| a["labels"]["channel"] == "all")
         .unwrap();
     assert_eq!(blended["value"], "2.5e+02");
-    assert!(blended["annotations"]["description"]
+    let description = blended["annotations"]["description"].as_str().unwrap();
+    for said in [
+        "all channels together",
+        "spent 500.00 EUR",
+        "for 2 new customer(s)",
+        "a CAC of 250.00 EUR",
+        "above the threshold of 100.00 EUR",
+    ] {
+        assert!(description.contains(said), "{said}: {description}");
+    }
+    let summary = blended["annotations"]["summary"].as_str().unwrap();
+    assert!(summary.contains("(all channels)"), "{summary}");
+    assert!(blended["annotations"]["runbook_url"]
         .as_str()
         .unwrap()
-        .contains("costs 250.00 EUR this month, for acme"));
+        .ends_with("#kpicacabovethreshold"));
     assert!(
         !prometheus.log().contains("level=error"),
         "{}",

@@ -143,3 +143,65 @@ async fn a_clean_stop_and_restart_keeps_every_kpi() {
         "aggregates rebuilt from the store are the same"
     );
 }
+
+#[tokio::test]
+async fn metrics_carry_the_process_and_the_build() {
+    let nats = NatsServer::start();
+    let mut engine = Engine::start(&nats.url(), "");
+    engine.wait_ready().await;
+    let metrics = engine.metrics().await;
+    let resident = metric_value(&metrics, "process_resident_memory_bytes", &[]).unwrap();
+    assert!(resident > 1_000_000.0, "{resident} bytes resident");
+    let started = metric_value(&metrics, "process_start_time_seconds", &[]).unwrap();
+    assert!((started - kpi_tests::wall_clock().timestamp() as f64).abs() < 600.0);
+    assert!(metric_value(&metrics, "process_open_fds", &[]).unwrap() > 0.0);
+    let build = metrics
+        .lines()
+        .find(|line| line.starts_with("kpi_build_info{"))
+        .expect("kpi_build_info");
+    assert!(
+        build.contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION"))),
+        "{build}"
+    );
+    assert!(
+        build.contains("revision=\"") && !build.contains("revision=\"\""),
+        "{build}"
+    );
+    assert!(build.ends_with(" 1"), "{build}");
+}
+
+#[tokio::test]
+async fn logs_are_json_lines_when_asked_and_never_coloured_off_a_terminal() {
+    let nats = NatsServer::start();
+    let mut json_engine = Engine::start_with_env(&nats.url(), "", &[("KPI__LOG__FORMAT", "json")]);
+    json_engine.wait_ready().await;
+    let log = json_engine.log();
+    let lines: Vec<&str> = log.lines().filter(|line| !line.trim().is_empty()).collect();
+    assert!(!lines.is_empty());
+    for line in &lines {
+        let entry: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|error| panic!("not a JSON line ({error}): {line}"));
+        assert!(
+            entry["level"].is_string() && entry["timestamp"].is_string(),
+            "{line}"
+        );
+        assert!(entry["fields"].is_object(), "{line}");
+    }
+    assert!(log.contains("\"HTTP server listening"), "{log}");
+
+    let nats_text = NatsServer::start();
+    let mut text_engine = Engine::start(&nats_text.url(), "");
+    text_engine.wait_ready().await;
+    let text = text_engine.log();
+    assert!(text.contains("HTTP server listening"), "{text}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "ANSI colour codes in a log file: {text}"
+    );
+
+    let refused = serve_must_fail("[log]\nformat = \"xml\"\n");
+    assert!(
+        refused.contains("log.format") || refused.contains("xml"),
+        "{refused}"
+    );
+}
