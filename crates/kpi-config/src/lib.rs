@@ -206,6 +206,42 @@ pub enum LogFormat {
     Json,
 }
 
+/// Whether a configuration key holds a secret (its value is never printed).
+fn is_secret_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    [
+        "password",
+        "token",
+        "secret",
+        "api_key",
+        "apikey",
+        "credentials",
+        "private_key",
+    ]
+    .iter()
+    .any(|word| key.contains(word))
+        && !key.ends_with("_file")
+}
+
+fn mask_secrets(tree: &mut serde_json::Value) {
+    match tree {
+        serde_json::Value::Object(map) => {
+            for (key, value) in map.iter_mut() {
+                if is_secret_key(key) && !value.is_object() && !value.is_array() {
+                    let empty = matches!(value, serde_json::Value::String(text) if text.is_empty());
+                    if !empty && !value.is_null() {
+                        *value = serde_json::Value::String("********".to_string());
+                    }
+                } else {
+                    mask_secrets(value);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(mask_secrets),
+        _ => {}
+    }
+}
+
 /// A number written as a TOML float, integer or string.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(untagged)]
@@ -342,6 +378,40 @@ impl Config {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
+        let (merged, fx_overrides) = Self::merged(file, env)?;
+        let mut config: Config = merged.try_deserialize().map_err(ConfigError::Parse)?;
+        // The config crate lowercases the keys of environment variables; currency codes are
+        // upper case (`KPI__TENANTS__ACME__FX__USD` means `fx.USD`, not `fx.usd`).
+        for (tenant, code) in fx_overrides {
+            if let Some(fx) = config.tenants.get_mut(&tenant).map(|t| &mut t.fx) {
+                if let Some(rate) = fx.remove(&code.to_lowercase()) {
+                    fx.insert(code.to_uppercase(), rate);
+                }
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The effective configuration (defaults, file and environment merged) as a tree, every
+    /// value whose key names a secret (password, token, secret, key, credentials) masked: what
+    /// `kpi config check` prints. Call after [`Config::load`] succeeded.
+    pub fn effective(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<serde_json::Value, ConfigError> {
+        let (merged, _) = Self::merged(file, env)?;
+        let mut tree: serde_json::Value = merged.try_deserialize().map_err(ConfigError::Parse)?;
+        mask_secrets(&mut tree);
+        Ok(tree)
+    }
+
+    /// Defaults, then the file, then `KPI__*` variables, merged; and the `fx` keys the
+    /// environment sets, as (tenant, currency code in its case).
+    fn merged(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(config::Config, Vec<(String, String)>), ConfigError> {
         let mut builder = config::Config::builder().add_source(config::File::from_str(
             DEFAULT_TOML,
             config::FileFormat::Toml,
@@ -367,13 +437,6 @@ impl Config {
             .into_iter()
             .filter(|(key, _)| key.starts_with("KPI__"))
             .collect();
-        builder = builder.add_source(
-            config::Environment::with_prefix("KPI")
-                .prefix_separator("__")
-                .separator("__")
-                .try_parsing(true)
-                .source(Some(env.clone())),
-        );
         let fx_overrides: Vec<(String, String)> = env
             .keys()
             .filter_map(|key| {
@@ -382,21 +445,15 @@ impl Config {
                 Some((tenant.to_lowercase(), code.to_string()))
             })
             .collect();
-        let mut config: Config = builder
-            .build()
-            .and_then(|built| built.try_deserialize())
-            .map_err(ConfigError::Parse)?;
-        // The config crate lowercases the keys of environment variables; currency codes are
-        // upper case (`KPI__TENANTS__ACME__FX__USD` means `fx.USD`, not `fx.usd`).
-        for (tenant, code) in fx_overrides {
-            if let Some(fx) = config.tenants.get_mut(&tenant).map(|t| &mut t.fx) {
-                if let Some(rate) = fx.remove(&code.to_lowercase()) {
-                    fx.insert(code.to_uppercase(), rate);
-                }
-            }
-        }
-        config.validate()?;
-        Ok(config)
+        builder = builder.add_source(
+            config::Environment::with_prefix("KPI")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(env)),
+        );
+        let merged = builder.build().map_err(ConfigError::Parse)?;
+        Ok((merged, fx_overrides))
     }
 
     /// Checks every value, collecting all errors.
@@ -762,6 +819,28 @@ mod tests {
         // A lower-case code in a file is still refused, naming the key.
         let error = load("[tenants.acme]\nfx = { usd = 0.92 }\n", &[]).expect_err("lower case");
         assert!(error.to_string().contains("tenants.acme.fx.usd"), "{error}");
+    }
+
+    #[test]
+    fn the_effective_configuration_masks_every_secret() {
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        file.write_all(
+            b"[nats]\npassword = \"nats-pass\"\nuser = \"kpi\"\n[[connectors]]\nid = \"g\"\nkind = \"google_ads\"\ntenant = \"acme\"\nevery = \"1h\"\n[connectors.params]\ndeveloper_token = \"dev-token-value\"\nclient_secret = \"${GADS_SECRET}\"\ncustomer_id = \"123\"\n",
+        )
+        .expect("write");
+        let env = [(
+            "KPI__HTTP__BASIC_AUTH_PASSWORD".to_string(),
+            "web-pass".to_string(),
+        )];
+        let tree = Config::effective(Some(file.path()), env.clone()).expect("loads");
+        let text = tree.to_string();
+        for secret in ["nats-pass", "dev-token-value", "GADS_SECRET", "web-pass"] {
+            assert!(!text.contains(secret), "{secret} printed: {text}");
+        }
+        assert_eq!(tree["nats"]["user"], "kpi");
+        assert_eq!(tree["connectors"][0]["params"]["customer_id"], "123");
+        assert_eq!(tree["http"]["basic_auth_password"], "********");
+        assert_eq!(tree["http"]["listen"], "127.0.0.1:9464");
     }
 
     #[test]

@@ -110,6 +110,14 @@ enum Command {
         #[arg(long, short, global = true)]
         config: Option<PathBuf>,
     },
+    /// The configuration: check it as `serve` would (connector params, secrets, TLS files
+    /// included) and print the effective settings with secrets masked.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+    },
     /// Publish a CSV export (spend, leads or deals; columns in the README).
     Import {
         file: PathBuf,
@@ -141,6 +149,13 @@ enum Command {
         #[arg(long, default_value_t = 2026)]
         seed: u64,
     },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate everything `kpi serve` would, print the effective configuration (defaults,
+    /// file and KPI__* variables merged, secrets masked); exit 1 naming every bad key.
+    Check,
 }
 
 #[derive(Subcommand)]
@@ -192,6 +207,7 @@ fn config_path(command: &Command) -> Option<&std::path::Path> {
         | Command::Publish { config, .. }
         | Command::Report { config, .. }
         | Command::Connectors { config, .. }
+        | Command::Config { config, .. }
         | Command::Import { config, .. }
         | Command::Demo { config, .. } => config.as_deref(),
     }
@@ -264,6 +280,10 @@ fn main() -> anyhow::Result<()> {
                 };
                 report::print(&url, &tenant, &kind, format).await
             }
+            Command::Config {
+                command: ConfigCommand::Check,
+                config,
+            } => serve::check_config(config.as_deref(), clock),
             Command::Connectors { command, config } => {
                 let config = kpi_config::Config::load(config.as_deref())?;
                 match command {

@@ -189,7 +189,7 @@ fn http_limits(config: &Config) -> kpi_http::server::Limits {
 }
 
 /// Basic auth and TLS of the HTTP server, from `[http]`.
-fn http_security(config: &Config) -> anyhow::Result<kpi_http::security::Security> {
+pub(crate) fn http_security(config: &Config) -> anyhow::Result<kpi_http::security::Security> {
     let basic_auth =
         config
             .http
@@ -242,4 +242,24 @@ fn register_process_metrics(registry: &prometheus::Registry) -> Result<(), prome
         .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("KPI_REVISION")])
         .set(1);
     registry.register(Box::new(build_info))
+}
+
+/// `kpi config check`: what `serve` checks before it starts (the configuration, every
+/// connector's params and `${ENV}` secrets, the HTTP password file and TLS files), then the
+/// effective configuration, secrets masked, on standard output.
+pub fn check_config(config_path: Option<&Path>, clock: Clock) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let runners = crate::connectors::build_all(&config, clock)?;
+    http_security(&config)?;
+    let effective = Config::effective(config_path, std::env::vars())?;
+    println!(
+        "{}",
+        toml::to_string_pretty(&effective).context("printing the configuration")?
+    );
+    eprintln!(
+        "configuration OK: {} tenant(s) configured, {} connector(s)",
+        config.tenants.len(),
+        runners.len()
+    );
+    Ok(())
 }

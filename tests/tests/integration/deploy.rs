@@ -739,6 +739,80 @@ fn kubernetes_manifests_are_consistent_and_their_configuration_valid() {
         .unwrap();
     assert!(toml_value(config.path(), "store", "path").starts_with(&format!("{data_mount}/")));
     assert_eq!(statefulset["spec"]["replicas"].as_i64(), Some(1));
+
+    // The StatefulSet's governing Service is headless; clients have their own.
+    let services: Vec<&yaml_rust2::Yaml> = documents
+        .iter()
+        .filter(|document| document["kind"].as_str() == Some("Service"))
+        .collect();
+    let governing = services
+        .iter()
+        .find(|s| s["metadata"]["name"] == statefulset["spec"]["serviceName"])
+        .expect("the StatefulSet's serviceName is a Service of the manifest");
+    assert_eq!(governing["spec"]["clusterIP"].as_str(), Some("None"));
+
+    // The image is set in one place (kustomization.yaml), to this version, never `latest`.
+    let kustomization = &yaml("deploy/kubernetes/kustomization.yaml")[0];
+    assert!(kustomization["resources"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .any(|r| r.as_str() == Some("kpi-engine.yaml")));
+    let image = container["image"].as_str().unwrap();
+    let (name, tag) = image.split_once(':').unwrap();
+    let replaced = &kustomization["images"][0];
+    assert_eq!(
+        replaced["name"].as_str(),
+        Some(name),
+        "kustomization replaces {image}"
+    );
+    assert!(
+        replaced["newName"].as_str().unwrap().contains('/'),
+        "a registry path"
+    );
+    assert_eq!(tag, env!("CARGO_PKG_VERSION"));
+    assert_eq!(replaced["newTag"].as_str(), Some(tag));
+    assert!(!image.contains("latest"));
+
+    // Prometheus scrapes it as job="kpi-engine", the job the alert rules watch: through the
+    // Prometheus Operator (job named after the one Service it selects) or a plain config.
+    let rules =
+        std::fs::read_to_string(repo_root().join("deploy/prometheus/rules/kpi.yml")).unwrap();
+    assert!(rules.contains(r#"up{job="kpi-engine"}"#));
+    let monitor = &yaml("deploy/kubernetes/servicemonitor.yaml")[0];
+    assert!(monitor["spec"]["jobLabel"].is_badvalue());
+    let wanted = monitor["spec"]["selector"]["matchLabels"]
+        .as_hash()
+        .unwrap();
+    let selected: Vec<&&yaml_rust2::Yaml> = services
+        .iter()
+        .filter(|service| {
+            wanted
+                .iter()
+                .all(|(key, value)| service["metadata"]["labels"][key.as_str().unwrap()] == *value)
+        })
+        .collect();
+    assert_eq!(selected.len(), 1, "the ServiceMonitor selects one Service");
+    assert_eq!(selected[0]["metadata"]["name"].as_str(), Some("kpi-engine"));
+    let port = monitor["spec"]["endpoints"][0]["port"].as_str().unwrap();
+    assert!(selected[0]["spec"]["ports"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"].as_str() == Some(port)));
+    let scrape = &yaml("deploy/kubernetes/prometheus-scrape.yml")[0];
+    assert_eq!(
+        scrape["scrape_configs"][0]["job_name"].as_str(),
+        Some("kpi-engine")
+    );
+    // (Debian's promtool is built without Kubernetes discovery: the keep rule is checked here.)
+    let keep = &scrape["scrape_configs"][0]["relabel_configs"][0];
+    assert_eq!(keep["action"].as_str(), Some("keep"));
+    assert_eq!(
+        keep["regex"].as_str(),
+        Some(format!("kpi-engine;{port}").as_str()),
+        "keeps the kpi-engine Service's {port} port only"
+    );
 }
 
 #[test]

@@ -205,3 +205,76 @@ async fn logs_are_json_lines_when_asked_and_never_coloured_off_a_terminal() {
         "{refused}"
     );
 }
+
+/// `kpi config check` with `config` as its file and `env`: (success, stdout, stderr).
+fn config_check(config: &str, env: &[(&str, &str)]) -> (bool, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kpi.toml");
+    std::fs::write(&path, config).unwrap();
+    let output = kpi_tests::kpi_command()
+        .args(["config", "check", "--config"])
+        .arg(&path)
+        .envs(env.iter().copied())
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn config_check_validates_what_serve_would_and_prints_the_effective_settings_masked() {
+    let good = "[http]\nlisten = \"127.0.0.1:9999\"\nbasic_auth_username = \"prometheus\"\n\
+                basic_auth_password = \"correct-horse-battery\"\n\
+                [tenants.acme]\ncurrency = \"EUR\"\nfx = { USD = 0.92 }\n\
+                [[connectors]]\nid = \"gads\"\nkind = \"google_ads\"\ntenant = \"acme\"\nevery = \"1h\"\n\
+                [connectors.params]\ncustomer_id = \"1234567890\"\ndeveloper_token = \"${GADS_DEV}\"\n\
+                client_id = \"id\"\nclient_secret = \"${GADS_SECRET}\"\nrefresh_token = \"${GADS_REFRESH}\"\n";
+    let secrets = [
+        ("GADS_DEV", "dev-token-0123"),
+        ("GADS_SECRET", "client-secret-0123"),
+        ("GADS_REFRESH", "refresh-token-0123"),
+        ("KPI__NATS__URL", "nats://10.1.2.3:4222"),
+    ];
+    let (ok, stdout, stderr) = config_check(good, &secrets);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("listen = \"127.0.0.1:9999\""), "{stdout}");
+    assert!(
+        stdout.contains("url = \"nats://10.1.2.3:4222\""),
+        "the environment applies: {stdout}"
+    );
+    assert!(
+        stdout.contains("[metrics]") && stdout.contains("history_months = 13"),
+        "{stdout}"
+    );
+    for secret in [
+        "correct-horse-battery",
+        "dev-token-0123",
+        "client-secret-0123",
+        "refresh-token-0123",
+    ] {
+        assert!(
+            !stdout.contains(secret) && !stderr.contains(secret),
+            "{secret} printed"
+        );
+    }
+    assert!(stdout.contains("********"));
+    assert!(stderr.contains("configuration OK"), "{stderr}");
+
+    // A secret missing from the environment, a bad key: named, exit non-zero.
+    let (ok, _, stderr) = config_check(good, &secrets[1..]);
+    assert!(!ok);
+    assert!(stderr.contains("GADS_DEV"), "{stderr}");
+    let (ok, _, stderr) = config_check(
+        "[http]\nlisten = \"nowhere\"\n[tenants.acme]\ntimezone = \"Mars/Olympus\"\n",
+        &[],
+    );
+    assert!(!ok);
+    assert!(
+        stderr.contains("http.listen") && stderr.contains("tenants.acme.timezone"),
+        "{stderr}"
+    );
+}
