@@ -596,3 +596,58 @@ impl Drop for Prometheus {
         let _ = self.child.wait();
     }
 }
+
+/// An Alertmanager (Debian's `prometheus-alertmanager`, or `ALERTMANAGER_BIN`), private to
+/// one test: its own port, no cluster gossip, the given configuration; killed on `Drop`.
+pub struct Alertmanager {
+    child: Child,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl Alertmanager {
+    /// Starts with `config` (YAML) and waits until it is ready.
+    pub async fn start(config: &str) -> Alertmanager {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("alertmanager.yml");
+        std::fs::write(&config_path, config).unwrap();
+        let port = free_port();
+        let binary = std::env::var_os("ALERTMANAGER_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("prometheus-alertmanager"));
+        let log = std::fs::File::create(dir.path().join("alertmanager.log")).unwrap();
+        let child = Command::new(&binary)
+            .arg(format!("--config.file={}", config_path.display()))
+            .arg(format!("--storage.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            // No gossip: it would bind port 9094 on every interface.
+            .arg("--cluster.listen-address=")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {}: {e} (apt-get install prometheus-alertmanager, or set ALERTMANAGER_BIN)",
+                    binary.display()
+                )
+            });
+        let alertmanager = Alertmanager { child, port, dir };
+        let ready = format!("http://127.0.0.1:{port}/-/ready");
+        wait_until("Alertmanager ready", Duration::from_secs(30), || async {
+            reqwest::get(&ready).await.is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+        alertmanager
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("alertmanager.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Alertmanager {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

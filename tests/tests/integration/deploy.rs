@@ -1042,3 +1042,188 @@ async fn metrics_behind_basic_auth_and_tls_are_scraped_by_a_real_prometheus() {
     .await;
     assert!(!engine.log().contains("correct-horse-battery-staple"));
 }
+
+/// The repository's rules with time compressed for a test: every `for` and `keep_firing_for`
+/// two seconds, 15-minute windows 10 seconds, a connector's minimum silence (an hour) six
+/// seconds. The expressions are the repository's.
+fn rules_compressed() -> String {
+    rules_with_short_for()
+        .lines()
+        .map(
+            |line| match line.trim_start().strip_prefix("keep_firing_for: ") {
+                Some(_) => format!(
+                    "{}keep_firing_for: 2s",
+                    &line[..line.len() - line.trim_start().len()]
+                ),
+                None => line.replace("[15m]", "[10s]").replace("3600)", "6)"),
+            },
+        )
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The notifications a local webhook receiver got from Alertmanager: (alertname, status).
+#[derive(Clone, Default)]
+struct Received(std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>);
+
+impl Received {
+    fn has(&self, alert: &str, status: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(name, got)| name == alert && got == status)
+    }
+}
+
+async fn webhook_receiver() -> (u16, Received) {
+    let received = Received::default();
+    let into = received.clone();
+    let app = axum::Router::new().route(
+        "/alerts",
+        axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+            let into = into.clone();
+            async move {
+                for alert in body["alerts"].as_array().into_iter().flatten() {
+                    into.0.lock().unwrap().push((
+                        alert["labels"]["alertname"]
+                            .as_str()
+                            .unwrap_or("")
+                            .to_string(),
+                        alert["status"].as_str().unwrap_or("").to_string(),
+                    ));
+                }
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (port, received)
+}
+
+#[tokio::test]
+async fn alertmanager_delivers_the_alerts_firing_and_resolved_to_a_receiver() {
+    let nats = NatsServer::start();
+    let secret = "forms-secret-0123456789";
+    let mut engine = Engine::start(
+        &nats.url(),
+        &format!(
+            "[tenants.acme]\ncac_threshold = {{ all = 100.0 }}\n\
+             [[connectors]]\nid = \"forms\"\nkind = \"webhook\"\ntenant = \"acme\"\nevery = \"1s\"\n\
+             [connectors.params]\nsecret = \"{secret}\"\n"
+        ),
+    );
+    engine.wait_ready().await;
+    let (receiver_port, received) = webhook_receiver().await;
+    let alertmanager = kpi_tests::Alertmanager::start(&format!(
+        "route:\n  receiver: test\n  group_by: [alertname, tenant, connector]\n  group_wait: 1s\n  group_interval: 1s\n  repeat_interval: 1h\n\
+         receivers:\n  - name: test\n    webhook_configs:\n      - url: http://127.0.0.1:{receiver_port}/alerts\n        send_resolved: true\n"
+    ))
+    .await;
+    let prometheus = Prometheus::start(
+        &format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - kpi.yml\n\
+             alerting:\n  alertmanagers:\n    - static_configs:\n        - targets: [\"127.0.0.1:{}\"]\n\
+             scrape_configs:\n  - job_name: kpi-engine\n    static_configs:\n      - targets: [\"127.0.0.1:{}\"]\n",
+            alertmanager.port, engine.port
+        ),
+        &[("kpi.yml", rules_compressed())],
+    )
+    .await;
+    // Prometheus has seen the counters at 0 before the first rejection (as it would have, on
+    // an engine running for more than a scrape).
+    wait_until("a first scrape", Duration::from_secs(30), || async {
+        !prometheus
+            .query(r#"kpi_events_rejected_total{tenant="acme",reason="invalid_json"}"#)
+            .await
+            .is_empty()
+    })
+    .await;
+    let client = nats.client().await;
+    let now = kpi_tests::now().to_rfc3339();
+    let day = kpi_tests::today().to_string();
+    // 500 spent for two new customers: CAC 250 over a threshold of 100. And one message that
+    // is not JSON. The webhook connector never receives a request.
+    publish(&client, &[
+        event("l1", "lead.created", &now, "acme", json!({"lead_id": "L1", "channel": "paid_search"})),
+        event("l2", "lead.created", &now, "acme", json!({"lead_id": "L2", "channel": "paid_search"})),
+        event("d1", "deal.won", &now, "acme", json!({"deal_id": "D1", "customer_id": "C1", "lead_id": "L1", "amount": "900", "currency": "EUR"})),
+        event("d2", "deal.won", &now, "acme", json!({"deal_id": "D2", "customer_id": "C2", "lead_id": "L2", "amount": "900", "currency": "EUR"})),
+        event("s1", "spend.reported", &now, "acme", json!({"date": day, "amount": "500", "currency": "EUR", "channel": "paid_search", "source": "google_ads", "account": "a"})),
+        ("kpi.events.acme.lead.created".into(), "{not json".into(), None),
+    ])
+    .await;
+    for alert in [
+        "KpiCacAboveThreshold",
+        "KpiEventsRejected",
+        "KpiConnectorSilent",
+    ] {
+        wait_until(
+            &format!("{alert} delivered firing"),
+            Duration::from_secs(90),
+            || async { received.has(alert, "firing") },
+        )
+        .await;
+    }
+
+    // Each resolves: the spend restated to 100 (CAC 50), no new rejection, the webhook called.
+    publish(&client, &[event("s1b", "spend.reported", &kpi_tests::now().to_rfc3339(), "acme",
+        json!({"date": day, "amount": "100", "currency": "EUR", "channel": "paid_search", "source": "google_ads", "account": "a"}))])
+    .await;
+    let body = json!([{"specversion": "1.0", "id": "form-1", "source": "forms", "type": "lead.created",
+        "time": kpi_tests::now().to_rfc3339(), "tenant": "acme", "data": {"lead_id": "F1", "channel": "seo"}}])
+    .to_string();
+    let signature = kpi_connect::kinds::webhook::sign(
+        secret,
+        kpi_tests::wall_clock().timestamp(),
+        body.as_bytes(),
+    );
+    let posted = reqwest::Client::new()
+        .post(format!("{}/webhooks/forms", engine.base()))
+        .header("X-Kpi-Signature", signature)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status(), 202);
+    for alert in [
+        "KpiCacAboveThreshold",
+        "KpiEventsRejected",
+        "KpiConnectorSilent",
+    ] {
+        wait_until(
+            &format!("{alert} delivered resolved"),
+            Duration::from_secs(90),
+            || async { received.has(alert, "resolved") },
+        )
+        .await;
+    }
+
+    // The engine killed: KpiEngineDown fires; back up, it resolves.
+    engine.kill9();
+    wait_until(
+        "KpiEngineDown delivered firing",
+        Duration::from_secs(90),
+        || async { received.has("KpiEngineDown", "firing") },
+    )
+    .await;
+    engine.restart().await;
+    wait_until(
+        "KpiEngineDown delivered resolved",
+        Duration::from_secs(90),
+        || async { received.has("KpiEngineDown", "resolved") },
+    )
+    .await;
+    assert!(
+        !alertmanager.log().contains("level=error"),
+        "{}",
+        alertmanager.log()
+    );
+    assert!(
+        !prometheus.log().contains("level=error"),
+        "{}",
+        prometheus.log()
+    );
+}
