@@ -148,8 +148,18 @@ impl NatsServer {
 
     /// Kills the server and starts it again on the same port and store (a broker restart).
     pub fn restart(&mut self) {
+        self.kill();
+        self.start_again();
+    }
+
+    /// Kills the server (an outage, until [`NatsServer::start_again`]).
+    pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same port and store.
+    pub fn start_again(&mut self) {
         let (child, _) = spawn_nats(self.store.path(), Some(self.port), &self.args);
         self.child = child;
     }

@@ -216,9 +216,9 @@ pub async fn connect(
             let state = state.clone();
             async move {
                 match event {
-                    async_nats::Event::Connected => state.metrics.nats_connected.set(1),
+                    async_nats::Event::Connected => state.set_nats_connected(true),
                     async_nats::Event::Disconnected => {
-                        state.metrics.nats_connected.set(0);
+                        state.set_nats_connected(false);
                         warn!("disconnected from NATS; reconnecting");
                     }
                     other => debug!(event = %other, "NATS event"),

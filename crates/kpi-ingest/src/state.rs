@@ -182,13 +182,22 @@ impl EngineState {
         self.counters.read().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Ready: consuming (stream and consumer there, start-up rebuild done) and connected to
+    /// NATS right now; a lost connection makes the engine unready at once, not when the next
+    /// fetch times out.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        self.ready.load(Ordering::SeqCst) && self.metrics.nats_connected.get() == 1
     }
 
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
-        self.metrics.ready.set(i64::from(ready));
+        self.metrics.ready.set(i64::from(self.is_ready()));
+    }
+
+    /// The NATS connection was made or lost (from the client's events).
+    pub fn set_nats_connected(&self, connected: bool) {
+        self.metrics.nats_connected.set(i64::from(connected));
+        self.metrics.ready.set(i64::from(self.is_ready()));
     }
 
     /// Replaces everything (start-up rebuild).

@@ -77,7 +77,25 @@ async fn readiness_waits_for_nats_and_the_engine_follows_broker_restarts() {
     })
     .await;
 
-    nats.restart();
+    // NATS lost: the engine is unready as soon as it knows the connection is gone, /readyz
+    // and the gauge together (not only when a fetch times out later).
+    nats.kill();
+    wait_until(
+        "the engine sees NATS gone",
+        Duration::from_secs(30),
+        || async {
+            metric_value(&engine.metrics().await, "kpi_engine_nats_connected", &[]) == Some(0.0)
+        },
+    )
+    .await;
+    let (status, _) = engine.get("/readyz").await;
+    assert_eq!(status, 503, "not ready while NATS is gone");
+    assert_eq!(
+        metric_value(&engine.metrics().await, "kpi_engine_ready", &[]),
+        Some(0.0)
+    );
+    nats.start_again();
+    engine.wait_ready().await;
     let client = nats.client().await;
     let second = leads(200..400);
     publish(&client, &second).await;
