@@ -50,6 +50,20 @@ pub struct NatsConfig {
     pub ack_wait_ms: u64,
     pub max_ack_pending: i64,
     pub duplicate_window_s: u64,
+    /// Replicas of the streams (and the connectors' bucket) when the engine creates them:
+    /// 1 on a single server, 3 on a three-node cluster (SPEC section 5).
+    pub replicas: usize,
+}
+
+impl NatsConfig {
+    /// The servers of `url`, which may list several separated by commas (a cluster's seeds).
+    pub fn servers(&self) -> Vec<&str> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|server| !server.is_empty())
+            .collect()
+    }
 }
 
 impl fmt::Debug for NatsConfig {
@@ -67,6 +81,7 @@ impl fmt::Debug for NatsConfig {
             .field("token", &hidden(&self.token))
             .field("ack_wait_ms", &self.ack_wait_ms)
             .field("max_ack_pending", &self.max_ack_pending)
+            .field("replicas", &self.replicas)
             .field("duplicate_window_s", &self.duplicate_window_s)
             .finish()
     }
@@ -459,6 +474,27 @@ impl Config {
     /// Checks every value, collecting all errors.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut errors = Vec::new();
+        if self.nats.replicas == 0 || self.nats.replicas > 5 {
+            errors.push("nats.replicas: must be between 1 and 5 (JetStream's limit)".to_string());
+        }
+        for server in self.nats.url.split(',').map(str::trim) {
+            let rest = server
+                .strip_prefix("nats://")
+                .or_else(|| server.strip_prefix("tls://"))
+                .or_else(|| server.strip_prefix("ws://"))
+                .or_else(|| server.strip_prefix("wss://"))
+                .unwrap_or(server);
+            let host_port = rest.rsplit('@').next().unwrap_or(rest);
+            let port_ok = match host_port.rsplit_once(':') {
+                Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok(),
+                None => !host_port.is_empty(),
+            };
+            if server.is_empty() || !port_ok {
+                errors.push(format!(
+                    "nats.url: `{server}` is not a server such as nats://10.0.0.1:4222 (several are separated by commas)"
+                ));
+            }
+        }
         if self.nats.url.trim().is_empty() {
             errors.push("nats.url: must not be empty".to_string());
         }
@@ -841,6 +877,35 @@ mod tests {
         assert_eq!(tree["connectors"][0]["params"]["customer_id"], "123");
         assert_eq!(tree["http"]["basic_auth_password"], "********");
         assert_eq!(tree["http"]["listen"], "127.0.0.1:9464");
+    }
+
+    #[test]
+    fn nats_url_lists_several_servers_and_replicas_are_bounded() {
+        let config = load(
+            "[nats]\nurl = \"nats://10.0.0.1:4222, nats://10.0.0.2:4222,nats://10.0.0.3:4222\"\nreplicas = 3\n",
+            &[],
+        )
+        .expect("valid");
+        assert_eq!(
+            config.nats.servers(),
+            [
+                "nats://10.0.0.1:4222",
+                "nats://10.0.0.2:4222",
+                "nats://10.0.0.3:4222"
+            ]
+        );
+        assert_eq!(config.nats.replicas, 3);
+        let defaults = Config::load_with_env(None, Vec::new()).expect("defaults");
+        assert_eq!(defaults.nats.replicas, 1);
+        assert_eq!(defaults.nats.servers(), ["nats://127.0.0.1:4222"]);
+        let error = load(
+            "[nats]\nurl = \"nats://a:4222,nats://b:42x22\"\nreplicas = 7\n",
+            &[],
+        )
+        .expect_err("refused")
+        .to_string();
+        assert!(error.contains("nats.url: `nats://b:42x22`"), "{error}");
+        assert!(error.contains("nats.replicas"), "{error}");
     }
 
     #[test]

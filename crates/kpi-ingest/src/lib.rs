@@ -186,12 +186,28 @@ async fn connect_options(
     Ok(options)
 }
 
+/// The servers of `nats.url` (one, or several separated by commas), for `connect`.
+fn server_addrs(config: &Config) -> Result<Vec<async_nats::ServerAddr>, IngestError> {
+    config
+        .nats
+        .servers()
+        .into_iter()
+        .map(|server| {
+            server.parse().map_err(|error| IngestError::Connect {
+                url: config.nats.url.clone(),
+                message: format!("nats.url: `{server}`: {error}"),
+            })
+        })
+        .collect()
+}
+
 /// Connects a command (`kpi publish`, `demo`, `import`, `connectors ...`) to NATS with the
 /// configured servers and credentials; fails with the server's reason.
 pub async fn connect_command(config: &Config) -> Result<async_nats::Client, IngestError> {
     let options = connect_options(config, Connection::Command).await?;
     let url = &config.nats.url;
-    tokio::time::timeout(Duration::from_secs(30), options.connect(url.as_str()))
+    let servers = server_addrs(config)?;
+    tokio::time::timeout(Duration::from_secs(30), options.connect(servers))
         .await
         .map_err(|_| IngestError::Connect {
             url: url.clone(),
@@ -226,7 +242,8 @@ pub async fn connect(
             }
         });
     }
-    let client = tokio::time::timeout(Duration::from_secs(30), options.connect(nats.url.as_str()))
+    let servers = server_addrs(config)?;
+    let client = tokio::time::timeout(Duration::from_secs(30), options.connect(servers))
         .await
         .map_err(|_| IngestError::Connect {
             url: nats.url.clone(),
@@ -251,6 +268,7 @@ pub async fn ensure_streams(
             subjects: vec!["kpi.events.>".to_string()],
             storage: stream::StorageType::File,
             duplicate_window,
+            num_replicas: config.nats.replicas.max(1),
             ..Default::default()
         })
         .await
@@ -260,6 +278,7 @@ pub async fn ensure_streams(
         subjects: vec![format!("{REJECTED_SUBJECT_PREFIX}>")],
         storage: stream::StorageType::File,
         duplicate_window,
+        num_replicas: config.nats.replicas.max(1),
         ..Default::default()
     })
     .await

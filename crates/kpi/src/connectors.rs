@@ -225,7 +225,13 @@ async fn state_bucket(
     config: &Config,
     by: &str,
 ) -> anyhow::Result<StateBucket> {
-    Ok(StateBucket::open(js, &config.nats.connector_state_bucket, 1, by).await?)
+    Ok(StateBucket::open(
+        js,
+        &config.nats.connector_state_bucket,
+        config.nats.replicas,
+        by,
+    )
+    .await?)
 }
 
 /// `kpi connectors state ID`: what the connector saved, and who holds it.

@@ -83,7 +83,10 @@ pub async fn run(config_path: Option<&Path>, clock: Clock) -> anyhow::Result<()>
         scheduler,
         connector_ids,
         async_nats::jetstream::new(client.clone()),
-        config.nats.connector_state_bucket.clone(),
+        (
+            config.nats.connector_state_bucket.clone(),
+            config.nats.replicas,
+        ),
         store.clone(),
         stopped.clone(),
     ));
@@ -128,12 +131,12 @@ async fn start_connectors(
     scheduler: kpi_connect::Scheduler,
     connector_ids: Vec<String>,
     js: async_nats::jetstream::Context,
-    bucket: String,
+    (bucket, replicas): (String, usize),
     store: Store,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let states = loop {
-        match StateBucket::open(&js, &bucket, 1, "kpi serve").await {
+        match StateBucket::open(&js, &bucket, replicas, "kpi serve").await {
             Ok(states) => break states,
             Err(error) => {
                 tracing::warn!(%error, "connector state bucket unavailable; retrying");

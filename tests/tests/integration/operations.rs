@@ -296,3 +296,44 @@ fn config_check_validates_what_serve_would_and_prints_the_effective_settings_mas
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn nats_url_may_list_several_servers_the_first_of_them_down() {
+    let nats = NatsServer::start();
+    let down = format!("nats://127.0.0.1:{}", free_port());
+    let servers = format!("{down},{}", nats.url());
+    let mut engine = Engine::start(&servers, "");
+    engine.wait_ready().await;
+    // A command connects through the same list.
+    let output = kpi_tests::kpi_command()
+        .args([
+            "demo",
+            "--tenant",
+            "listed",
+            "--leads-per-day",
+            "1",
+            "--years",
+            "1",
+            "--config",
+        ])
+        .arg(engine.config_path())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let client = nats.client().await;
+    wait_until("the demo applied", Duration::from_secs(60), || {
+        drained(&client, "kpi-engine")
+    })
+    .await;
+    let (status, body) = engine.get("/api/v1/kpis?tenant=listed&period=all").await;
+    assert_eq!(status, 200);
+    assert!(body["total"]["leads"].as_i64().unwrap() > 0, "{body}");
+    // With the default nats.replicas, the streams have one replica, as before.
+    let js = async_nats::jetstream::new(client);
+    let mut events = js.get_stream("KPI_EVENTS").await.unwrap();
+    assert_eq!(events.info().await.unwrap().config.num_replicas, 1);
+}
