@@ -133,7 +133,27 @@ fn merge_cells(into: &mut BTreeMap<String, Cell>, from: BTreeMap<String, Cell>) 
     }
 }
 
+/// As [`merge_cells`], from borrowed cells: only the names not there yet are cloned.
+fn add_cells(into: &mut BTreeMap<String, Cell>, from: &BTreeMap<String, Cell>) {
+    for (name, cell) in from {
+        match into.get_mut(name) {
+            Some(existing) => existing.add(cell),
+            None => {
+                into.insert(name.clone(), cell.clone());
+            }
+        }
+    }
+    into.retain(|_, cell| !cell.is_zero());
+}
+
 impl PeriodCells {
+    /// Adds `other` without consuming it (rolling windows sum stored days).
+    fn add(&mut self, other: &PeriodCells) {
+        self.total.add(&other.total);
+        add_cells(&mut self.channels, &other.channels);
+        add_cells(&mut self.campaigns, &other.campaigns);
+    }
+
     fn merge(&mut self, other: PeriodCells) {
         self.total.add(&other.total);
         merge_cells(&mut self.channels, other.channels);
@@ -186,7 +206,7 @@ impl TenantAggregates {
         let mut sum = PeriodCells::default();
         for day in Period::Day(first).through(Period::Day(last)) {
             if let Some(cells) = self.periods.get(&day) {
-                sum.merge(cells.clone());
+                sum.add(cells);
             }
         }
         sum

@@ -274,6 +274,19 @@ fn print_trend(body: &Value, format: Format) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One year of a retention series: year, customers, retained, then the retention rate and
+/// loyalty 2 to 5 written by `rate`.
+fn retention_cells(entry: &Value, rate: impl Fn(&Value) -> String) -> Vec<String> {
+    let mut cells = vec![
+        raw(&entry["year"]),
+        raw(&entry["active_customers"]),
+        raw(&entry["retained_customers"]),
+        rate(&entry["retention_rate"]),
+    ];
+    cells.extend((2..=5).map(|k| rate(&entry["loyalty"][k.to_string()])));
+    cells
+}
+
 fn print_retention(body: &Value, format: Format) -> anyhow::Result<()> {
     let entries = body["series"].as_array().cloned().unwrap_or_default();
     match format {
@@ -291,16 +304,7 @@ fn print_retention(body: &Value, format: Format) -> anyhow::Result<()> {
             ];
             let rows: Vec<Vec<String>> = entries
                 .iter()
-                .map(|entry| {
-                    let mut cells = vec![
-                        raw(&entry["year"]),
-                        raw(&entry["active_customers"]),
-                        raw(&entry["retained_customers"]),
-                        raw(&entry["retention_rate"]),
-                    ];
-                    cells.extend((2..=5).map(|k| raw(&entry["loyalty"][k.to_string()])));
-                    cells
-                })
+                .map(|entry| retention_cells(entry, raw))
                 .collect();
             print_csv(&header, &rows)?;
         }
@@ -312,16 +316,7 @@ fn print_retention(body: &Value, format: Format) -> anyhow::Result<()> {
             );
             let rows: Vec<Vec<String>> = entries
                 .iter()
-                .map(|entry| {
-                    let mut cells = vec![
-                        raw(&entry["year"]),
-                        raw(&entry["active_customers"]),
-                        raw(&entry["retained_customers"]),
-                        number(&entry["retention_rate"], true),
-                    ];
-                    cells.extend((2..=5).map(|k| number(&entry["loyalty"][k.to_string()], true)));
-                    cells
-                })
+                .map(|entry| retention_cells(entry, |rate| number(rate, true)))
                 .collect();
             print_table(
                 &[

@@ -110,6 +110,17 @@ async fn drain(client: &async_nats::Client) {
     .await;
 }
 
+/// A nats-server and an engine that applied [`history`]; the client publishes more.
+async fn engine_with_history() -> (NatsServer, Engine, async_nats::Client) {
+    let nats = NatsServer::start();
+    let mut engine = Engine::start(&nats.url(), CONFIG);
+    engine.wait_ready().await;
+    let client = nats.client().await;
+    publish(&client, &history()).await;
+    drain(&client).await;
+    (nats, engine, client)
+}
+
 fn periods(series: &Value) -> Vec<&str> {
     series["series"]
         .as_array()
@@ -121,12 +132,7 @@ fn periods(series: &Value) -> Vec<&str> {
 
 #[tokio::test]
 async fn series_hold_every_period_with_restatements_and_late_events() {
-    let nats = NatsServer::start();
-    let mut engine = Engine::start(&nats.url(), CONFIG);
-    engine.wait_ready().await;
-    let client = nats.client().await;
-    publish(&client, &history()).await;
-    drain(&client).await;
+    let (_nats, engine, client) = engine_with_history().await;
 
     let (status, months) = engine
         .get("/api/v1/kpis/series?tenant=acme&granularity=month&from=2025-10&to=2026-03")
@@ -521,12 +527,7 @@ fn report(engine: &Engine, args: &[&str]) -> String {
 
 #[tokio::test]
 async fn report_prints_trends_retention_and_csv_from_the_api() {
-    let nats = NatsServer::start();
-    let mut engine = Engine::start(&nats.url(), CONFIG);
-    engine.wait_ready().await;
-    let client = nats.client().await;
-    publish(&client, &history()).await;
-    drain(&client).await;
+    let (_nats, engine, _client) = engine_with_history().await;
 
     let csv = report(
         &engine,
