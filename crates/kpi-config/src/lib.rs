@@ -204,6 +204,55 @@ pub struct MetricsConfig {
     pub history_years: u32,
 }
 
+/// Several engines sharing one NATS cluster (SPEC section 5).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Off (the default): one engine, exactly as in SPEC section 4.
+    pub enabled: bool,
+    /// This engine's name, unique among the running engines; empty means the host name.
+    pub engine: String,
+    /// Partitions the tenants are hashed into; the same on every engine. Changing it is a
+    /// rebuild.
+    pub partitions: u32,
+    /// An engine that stops renewing its partitions loses them after this long; its partitions
+    /// move to the others. Membership is renewed five times per lease.
+    pub lease_ms: u64,
+    /// JetStream key-value bucket of the membership and the partition leases.
+    pub bucket: String,
+}
+
+impl ClusterConfig {
+    /// The engine's name: `engine`, or the host name.
+    pub fn engine_name(&self) -> String {
+        if !self.engine.is_empty() {
+            return self.engine.clone();
+        }
+        std::env::var("HOSTNAME")
+            .ok()
+            .filter(|name| !name.is_empty())
+            .or_else(|| {
+                std::fs::read_to_string("/etc/hostname")
+                    .ok()
+                    .map(|name| name.trim().to_string())
+                    .filter(|name| !name.is_empty())
+            })
+            .unwrap_or_else(|| "kpi".to_string())
+    }
+}
+
+/// Whether `name` may name an engine: letters, digits, `_`, `-` and `.` (it is a key of the
+/// cluster bucket), 1 to 64 of them.
+pub fn is_valid_engine_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && !name.starts_with('.')
+        && !name.ends_with('.')
+        && !name.contains("..")
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+}
+
 /// How the engine logs (to standard error).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -361,6 +410,7 @@ pub struct Config {
     pub ingest: IngestConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
+    pub cluster: ClusterConfig,
     #[serde(default)]
     pub tenants: HashMap<String, TenantConfig>,
     #[serde(default)]
@@ -514,6 +564,30 @@ impl Config {
             {
                 errors.push(format!("{key}: `{value}` must be letters, digits, _ or -"));
             }
+        }
+        let cluster = &self.cluster;
+        if !(1..=1024).contains(&cluster.partitions) {
+            errors.push("cluster.partitions: must be between 1 and 1024".to_string());
+        }
+        if cluster.lease_ms < 1000 || cluster.lease_ms > 600_000 {
+            errors.push("cluster.lease_ms: must be between 1000 and 600000".to_string());
+        }
+        if cluster.bucket.is_empty()
+            || !cluster
+                .bucket
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            errors.push(format!(
+                "cluster.bucket: `{}` must be letters, digits, _ or -",
+                cluster.bucket
+            ));
+        }
+        if cluster.enabled && !is_valid_engine_name(&cluster.engine_name()) {
+            errors.push(format!(
+                "cluster.engine: `{}` must be 1 to 64 letters, digits, _, - or . (the host name is the default)",
+                cluster.engine_name()
+            ));
         }
         if self.nats.stream == self.nats.rejected_stream {
             errors.push("nats.rejected_stream: must differ from nats.stream".to_string());

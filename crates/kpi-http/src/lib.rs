@@ -30,6 +30,163 @@ use serde_json::json;
 
 pub use metrics::KpiCollector;
 
+/// The header a forwarded request carries: the engine receiving it answers itself or says it
+/// cannot (it never forwards again).
+pub const FORWARDED_HEADER: &str = "x-kpi-forwarded";
+
+/// What another engine answered to a forwarded request.
+pub struct Forwarded {
+    pub status: u16,
+    pub content_type: String,
+    pub retry_after: Option<String>,
+    pub body: Vec<u8>,
+}
+
+/// A future of the cluster.
+pub type ClusterFuture<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, String>> + Send + 'a>>;
+
+/// Multi-engine mode (SPEC section 5): reaches the engines that own the tenants this one does
+/// not show (implemented over NATS request/reply by the binary).
+pub trait Cluster: Send + Sync + 'static {
+    /// Sends a request about `tenant` to the engine that shows it.
+    fn forward<'a>(
+        &'a self,
+        tenant: &'a str,
+        path_and_query: String,
+        authorization: Option<String>,
+    ) -> ClusterFuture<'a, Forwarded>;
+
+    /// The tenants shown by the other engines.
+    fn remote_tenants(&self) -> ClusterFuture<'_, Vec<String>>;
+}
+
+/// Answers 503 with a JSON error and `Retry-After`: the tenant's partition is changing hands.
+fn unavailable(message: String) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::RETRY_AFTER, "2")],
+        Json(json!({ "error": message })),
+    )
+        .into_response()
+}
+
+/// What the tenant router needs.
+#[derive(Clone)]
+struct Routing {
+    state: Arc<EngineState>,
+    cluster: Option<Arc<dyn Cluster>>,
+}
+
+/// Multi-engine mode: a request about a tenant this engine does not show goes to the engine
+/// that does; its answer is passed back as it is. With one engine every tenant is shown here.
+async fn route_tenant(
+    axum::extract::State(routing): axum::extract::State<Routing>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let tenant = Query::<HashMap<String, String>>::try_from_uri(request.uri())
+        .ok()
+        .and_then(|Query(params)| params.get("tenant").cloned())
+        .unwrap_or_else(|| "default".to_string());
+    if !is_valid_tenant(&tenant) || routing.state.exports(&tenant) {
+        return next.run(request).await;
+    }
+    let partition = routing
+        .state
+        .cluster()
+        .map(|cluster| kpi_model::partition_of(&tenant, cluster.partitions))
+        .unwrap_or(0);
+    if request.headers().contains_key(FORWARDED_HEADER) {
+        return unavailable(format!(
+            "tenant `{tenant}`: partition {partition} is changing engines; retry in a moment"
+        ));
+    }
+    let Some(cluster) = routing.cluster.clone() else {
+        return next.run(request).await;
+    };
+    let path_and_query = request
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_string);
+    match cluster.forward(&tenant, path_and_query, authorization).await {
+        Ok(answer) => {
+            let mut response = (
+                StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY),
+                answer.body,
+            )
+                .into_response();
+            let headers = response.headers_mut();
+            if let Ok(value) = header::HeaderValue::from_str(&answer.content_type) {
+                headers.insert(header::CONTENT_TYPE, value);
+            }
+            if let Some(value) = answer
+                .retry_after
+                .and_then(|value| header::HeaderValue::from_str(&value).ok())
+            {
+                headers.insert(header::RETRY_AFTER, value);
+            }
+            response
+        }
+        Err(error) => unavailable(format!(
+            "tenant `{tenant}`: partition {partition} has no engine ready ({error}); retry in a moment"
+        )),
+    }
+}
+
+/// Answers a request forwarded by another engine with this engine's routes.
+pub async fn answer_forwarded(
+    router: Router,
+    path_and_query: &str,
+    authorization: Option<&str>,
+) -> Forwarded {
+    use tower::ServiceExt;
+    let mut request = axum::http::Request::get(path_and_query).header(FORWARDED_HEADER, "1");
+    if let Some(authorization) = authorization {
+        request = request.header(header::AUTHORIZATION, authorization);
+    }
+    let Ok(request) = request.body(axum::body::Body::empty()) else {
+        return Forwarded {
+            status: 400,
+            content_type: "application/json".into(),
+            retry_after: None,
+            body: br#"{"error":"bad forwarded request"}"#.to_vec(),
+        };
+    };
+    let response = match router.oneshot(request).await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    };
+    let (parts, body) = response.into_parts();
+    let header_text = |name: header::HeaderName| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_string)
+    };
+    let content_type =
+        header_text(header::CONTENT_TYPE).unwrap_or_else(|| "application/json".into());
+    let retry_after = header_text(header::RETRY_AFTER);
+    let status = parts.status.as_u16();
+    let body = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .map(|bytes| bytes.to_vec())
+        .unwrap_or_default();
+    Forwarded {
+        status,
+        content_type,
+        retry_after,
+        body,
+    }
+}
+
 /// An API error: a status and `{"error": "..."}`.
 #[derive(Debug)]
 pub struct ApiError {
@@ -66,6 +223,7 @@ type Params = Query<HashMap<String, String>>;
 struct Api {
     state: Arc<EngineState>,
     max_rows: usize,
+    cluster: Option<Arc<dyn Cluster>>,
 }
 
 /// `?limit=` (default and at most `max_rows`) and `?offset=` (default 0).
@@ -290,10 +448,7 @@ async fn retention_series(
     )))
 }
 
-async fn tenants(
-    State(api): State<Api>,
-    Query(params): Params,
-) -> Result<Json<serde_json::Value>, ApiError> {
+async fn tenants(State(api): State<Api>, Query(params): Params) -> Result<Response, ApiError> {
     let rows = rows(&params, api.max_rows)?;
     let mut names: std::collections::BTreeSet<String> = api
         .state
@@ -301,7 +456,24 @@ async fn tenants(
         .configured()
         .map(|(name, _)| name.clone())
         .collect();
-    names.extend(api.state.aggregates().tenants.keys().cloned());
+    names.extend(
+        api.state
+            .aggregates()
+            .tenants
+            .keys()
+            .filter(|name| api.state.exports(name))
+            .cloned(),
+    );
+    if let Some(cluster) = &api.cluster {
+        match cluster.remote_tenants().await {
+            Ok(remote) => names.extend(remote),
+            Err(error) => {
+                return Ok(unavailable(format!(
+                    "the tenant list needs every partition: {error}; retry in a moment"
+                )))
+            }
+        }
+    }
     let page = Page::of(rows, &[("tenants", names.len())]);
     let names: Vec<String> = names
         .into_iter()
@@ -311,7 +483,8 @@ async fn tenants(
     Ok(Json(match page {
         None => json!({ "tenants": names }),
         Some(page) => json!({ "tenants": names, "page": page }),
-    }))
+    })
+    .into_response())
 }
 
 /// The OpenAPI 3.1 description of this API (`GET /api/v1/openapi.json`).
@@ -330,7 +503,13 @@ async fn home(State(api): State<Api>, Query(params): Params) -> Response {
         .configured()
         .map(|(name, _)| name.clone())
         .collect();
-    names.extend(aggregates.tenants.keys().cloned());
+    names.extend(
+        aggregates
+            .tenants
+            .keys()
+            .filter(|name| state.exports(name))
+            .cloned(),
+    );
     let tenants: Vec<String> = names.into_iter().take(api.max_rows).collect();
     let html = |status: StatusCode, body: String| {
         (
@@ -484,16 +663,27 @@ pub fn router(
     webhooks: Option<Arc<dyn Webhooks>>,
     basic_auth: Option<Arc<security::BasicAuth>>,
     limits: &server::Limits,
+    cluster: Option<Arc<dyn Cluster>>,
 ) -> Router {
-    let mut protected = Router::new()
+    // The routes about one tenant, which another engine may have to answer.
+    let by_tenant = Router::new()
         .route("/", get(home))
-        .route("/api/v1/openapi.json", get(openapi))
-        .route("/metrics", get(metrics_text))
         .route("/api/v1/kpis", get(kpis))
         .route("/api/v1/kpis/series", get(kpi_series))
         .route("/api/v1/retention", get(retention))
         .route("/api/v1/retention/series", get(retention_series))
-        .route("/api/v1/tenants", get(tenants));
+        .route_layer(axum::middleware::from_fn_with_state(
+            Routing {
+                state: state.clone(),
+                cluster: cluster.clone(),
+            },
+            route_tenant,
+        ));
+    let mut protected = Router::new()
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/metrics", get(metrics_text))
+        .route("/api/v1/tenants", get(tenants))
+        .merge(by_tenant);
     if let Some(auth) = basic_auth {
         protected = protected.route_layer(axum::middleware::from_fn_with_state(
             auth,
@@ -503,6 +693,7 @@ pub fn router(
     let mut limited = protected.fallback(not_found).with_state(Api {
         state: state.clone(),
         max_rows: limits.max_rows,
+        cluster,
     });
     if let Some(webhooks) = webhooks {
         limited = limited.merge(
@@ -526,11 +717,22 @@ pub async fn serve(
     webhooks: Option<Arc<dyn Webhooks>>,
     security: security::Security,
     limits: server::Limits,
+    cluster: Option<Arc<dyn Cluster>>,
     shutdown: tokio::sync::watch::Receiver<bool>,
-) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
+) -> std::io::Result<(
+    SocketAddr,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+    Router,
+)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let app = router(state, webhooks, security.basic_auth, &limits);
-    let task = tokio::spawn(server::run(listener, app, security.tls, limits, shutdown));
-    Ok((bound, task))
+    let app = router(state, webhooks, security.basic_auth, &limits, cluster);
+    let task = tokio::spawn(server::run(
+        listener,
+        app.clone(),
+        security.tls,
+        limits,
+        shutdown,
+    ));
+    Ok((bound, task, app))
 }

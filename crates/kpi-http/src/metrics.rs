@@ -587,11 +587,13 @@ pub fn exported_tenants(state: &EngineState, limit: usize) -> Vec<String> {
         .map(|(name, _)| name.clone())
         .collect();
     configured.sort();
+    // In multi-engine mode, only the tenants of the partitions this engine exports.
+    configured.retain(|name| state.exports(name));
     let aggregates = state.aggregates();
     let others = aggregates
         .tenants
         .keys()
-        .filter(|name| !state.tenants.is_configured(name))
+        .filter(|name| !state.tenants.is_configured(name) && state.exports(name))
         .cloned();
     configured.into_iter().chain(others).take(limit).collect()
 }
@@ -652,6 +654,24 @@ impl Collector for KpiCollector {
                 family
                     .with_label_values(&[tenant, label])
                     .inc_by(*value as f64);
+            } else if let Some(partition) = tenant
+                .strip_prefix(INVALID_TENANT)
+                .and_then(|rest| rest.strip_prefix('.'))
+                .and_then(|partition| partition.parse::<u32>().ok())
+            {
+                // Multi-engine mode: an invalid tenant's rejections, counted per partition,
+                // shown by the partition's owner.
+                if self
+                    .state
+                    .cluster()
+                    .is_some_and(|cluster| cluster.exports_partition(partition))
+                {
+                    family
+                        .with_label_values(&[INVALID_TENANT, label])
+                        .inc_by(*value as f64);
+                }
+            } else if !self.state.exports(tenant) {
+                // Another engine's tenant (multi-engine mode): it shows it.
             } else if let CounterKey::Rejected { reason, .. } = key {
                 // Rejections of tenants past the bound still count, under one label.
                 *folded_rejections.entry(reason).or_default() += value;

@@ -2,7 +2,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{RwLock, RwLockReadGuard};
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard};
+
+use crate::cluster::ClusterView;
 
 use kpi_model::{Aggregates, Clock, Tenants};
 use kpi_store::CounterKey;
@@ -157,6 +159,8 @@ pub struct EngineState {
     aggregates: RwLock<Aggregates>,
     counters: RwLock<BTreeMap<CounterKey, u64>>,
     ready: AtomicBool,
+    /// Multi-engine mode: which partitions this engine owns and exports.
+    cluster: OnceLock<Arc<ClusterView>>,
 }
 
 impl EngineState {
@@ -171,6 +175,7 @@ impl EngineState {
             aggregates: RwLock::new(Aggregates::default()),
             counters: RwLock::new(BTreeMap::new()),
             ready: AtomicBool::new(false),
+            cluster: OnceLock::new(),
         })
     }
 
@@ -186,7 +191,30 @@ impl EngineState {
     /// NATS right now; a lost connection makes the engine unready at once, not when the next
     /// fetch times out.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst) && self.metrics.nats_connected.get() == 1
+        self.ready.load(Ordering::SeqCst)
+            && self.metrics.nats_connected.get() == 1
+            && self.cluster().is_none_or(|cluster| cluster.is_caught_up())
+    }
+
+    /// Multi-engine mode: this engine's view of the partitions (once set at start).
+    pub fn cluster(&self) -> Option<&Arc<ClusterView>> {
+        self.cluster.get()
+    }
+
+    /// Turns multi-engine mode on (once), registering its metrics.
+    pub fn set_cluster(&self, cluster: Arc<ClusterView>) -> Result<(), prometheus::Error> {
+        if self.cluster.set(cluster.clone()).is_ok() {
+            self.registry
+                .register(Box::new(crate::cluster::ClusterCollector::new(cluster)?))?;
+        }
+        Ok(())
+    }
+
+    /// Whether this engine shows `tenant` (on /metrics and in the API): always with one
+    /// engine; in multi-engine mode only when it owns the tenant's partition and has caught up
+    /// on it.
+    pub fn exports(&self, tenant: &str) -> bool {
+        self.cluster().is_none_or(|cluster| cluster.exports(tenant))
     }
 
     pub fn set_ready(&self, ready: bool) {

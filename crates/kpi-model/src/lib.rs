@@ -22,6 +22,7 @@ pub mod clock;
 pub mod encode;
 pub mod event;
 pub mod money;
+pub mod partition;
 pub mod period;
 pub mod record;
 pub mod report;
@@ -34,6 +35,7 @@ pub use event::{
     decode_event, DecodeLimits, Event, EventData, EventType, RejectReason, Rejection, Timestamp,
     Version,
 };
+pub use partition::partition_of;
 pub use period::{Period, Window};
 pub use record::{Record, RecordKey};
 pub use report::{KpiReport, KpiSeries, Page, RetentionReport, RetentionSeries, Rows, Scope};

@@ -57,6 +57,10 @@ const COUNTER_PREFIX: u8 = b'n';
 const REJECTED_PREFIX: u8 = b'x';
 const CONNECTOR_PREFIX: u8 = b'c';
 const REDO_PREFIX: u8 = b'w';
+/// Multi-engine mode: the last stream sequence applied of each partition (`a` + partition).
+const APPLIED_PREFIX: u8 = b'a';
+/// Multi-engine mode: the number of partitions the store's applied sequences refer to.
+const PARTITIONS_KEY: &[u8] = b"mpartitions";
 
 /// A commit of more records than this goes through a redo entry; migrating a version 1 store
 /// moves this many records between flushes.
@@ -162,6 +166,9 @@ pub struct Commit {
     pub counters: BTreeMap<CounterKey, u64>,
     /// Stream sequences of messages dead-lettered by the batch.
     pub rejected_sequences: Vec<u64>,
+    /// Multi-engine mode: the last stream sequence applied of each partition the commit
+    /// covers, written with its records (the partition's exactly-once checkpoint).
+    pub applied: BTreeMap<u32, u64>,
 }
 
 /// The engine's sled database.
@@ -232,6 +239,12 @@ fn write_buckets_in_place(db: &sled::Db, writes: &Writes) -> Result<(), StoreErr
         };
         Ok(())
     })
+}
+
+fn applied_key(partition: u32) -> [u8; 5] {
+    let mut key = [APPLIED_PREFIX; 5];
+    key[1..].copy_from_slice(&partition.to_be_bytes());
+    key
 }
 
 fn rejected_key(sequence: u64) -> [u8; 9] {
@@ -410,6 +423,9 @@ impl Store {
         for sequence in &commit.rejected_sequences {
             batch.insert(&rejected_key(*sequence), &[]);
         }
+        for (partition, sequence) in &commit.applied {
+            batch.insert(&applied_key(*partition), &sequence.to_be_bytes());
+        }
         if writes.len() <= WRITE_CHUNK {
             write_buckets(&self.db, &writes, |key, value| {
                 match value {
@@ -444,6 +460,53 @@ impl Store {
     /// Was the message with this stream sequence already dead-lettered?
     pub fn is_rejected(&self, sequence: u64) -> Result<bool, StoreError> {
         Ok(self.db.contains_key(rejected_key(sequence))?)
+    }
+
+    /// Multi-engine mode: the last stream sequence applied of every partition the store has
+    /// applied something of.
+    pub fn applied_sequences(&self) -> Result<BTreeMap<u32, u64>, StoreError> {
+        let mut applied = BTreeMap::new();
+        for entry in self.db.scan_prefix([APPLIED_PREFIX]) {
+            let (key, value) = entry?;
+            if let (Ok(partition), Ok(sequence)) = (
+                <[u8; 4]>::try_from(&key[1..]),
+                <[u8; 8]>::try_from(value.as_ref()),
+            ) {
+                applied.insert(u32::from_be_bytes(partition), u64::from_be_bytes(sequence));
+            }
+        }
+        Ok(applied)
+    }
+
+    /// The number of partitions of a multi-engine store, `None` for a single engine's.
+    pub fn partitions(&self) -> Result<Option<u32>, StoreError> {
+        Ok(self
+            .db
+            .get(PARTITIONS_KEY)?
+            .and_then(|value| <[u8; 4]>::try_from(value.as_ref()).ok())
+            .map(u32::from_be_bytes))
+    }
+
+    /// Marks the store as a multi-engine one of `partitions` partitions (durably).
+    pub fn set_partitions(&self, partitions: u32) -> Result<(), StoreError> {
+        self.db.insert(PARTITIONS_KEY, &partitions.to_be_bytes())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Whether the store holds nothing applied yet (no record, counter or dead-letter mark).
+    pub fn is_empty_of_events(&self) -> Result<bool, StoreError> {
+        for prefix in [
+            BUCKET_PREFIX,
+            RECORD_PREFIX,
+            COUNTER_PREFIX,
+            REJECTED_PREFIX,
+        ] {
+            if self.db.scan_prefix([prefix]).next().transpose()?.is_some() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// All event counters.
@@ -617,6 +680,33 @@ mod tests {
         delete.records.push((key.clone(), None));
         store.commit(&delete).expect("commit");
         assert_eq!(store.record(&key).expect("read"), None);
+    }
+
+    #[test]
+    fn partitions_applied_sequences_commit_with_the_records_and_survive_reopening() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let store = Store::open(dir.path(), 1 << 20).expect("open");
+            assert!(store.is_empty_of_events().expect("read"));
+            assert_eq!(store.partitions().expect("read"), None);
+            store.set_partitions(16).expect("mark");
+            let commit = Commit {
+                records: leads(3),
+                applied: [(0, 17), (15, 99)].into_iter().collect(),
+                ..Default::default()
+            };
+            store.commit(&commit).expect("commit");
+            let mut later = Commit::default();
+            later.applied.insert(15, 120);
+            store.commit(&later).expect("commit");
+        }
+        let store = open_again(dir.path()).expect("reopen");
+        assert!(!store.is_empty_of_events().expect("read"));
+        assert_eq!(store.partitions().expect("read"), Some(16));
+        assert_eq!(
+            store.applied_sequences().expect("read"),
+            [(0, 17), (15, 120)].into_iter().collect()
+        );
     }
 
     /// `count` lead records, each with one applied event.

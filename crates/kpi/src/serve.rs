@@ -26,7 +26,24 @@ pub async fn run(config_path: Option<&Path>, clock: Clock) -> anyhow::Result<()>
     let cache = config.store.cache_capacity_mb * 1024 * 1024;
     let store = tokio::task::spawn_blocking(move || Store::open(&store_path, cache)).await??;
 
+    check_store_mode(&store, &config).await?;
     let state = Arc::new(EngineState::new(config.tenants(), clock)?);
+    // Multi-engine mode: the view exists before anything is shown, so that nothing of a
+    // partition this engine does not own is (its store may hold an old copy).
+    let cluster = if config.cluster.enabled {
+        let view = Arc::new(kpi_ingest::cluster::ClusterView::new(
+            config.cluster.engine_name(),
+            config.cluster.partitions,
+            config.nats.stream.clone(),
+            Duration::from_millis(config.cluster.lease_ms),
+        ));
+        state
+            .set_cluster(view)
+            .context("registering the cluster metrics")?;
+        Some(Arc::new(ClusterLink::default()))
+    } else {
+        None
+    };
     register_process_metrics(&state.registry).context("registering the process metrics")?;
     state
         .registry
@@ -57,12 +74,15 @@ pub async fn run(config_path: Option<&Path>, clock: Clock) -> anyhow::Result<()>
     } else {
         "http"
     };
-    let (address, http) = kpi_http::serve(
+    let (address, http, router) = kpi_http::serve(
         config.listen_addr(),
         state.clone(),
         http_webhooks,
         security,
         http_limits(&config),
+        cluster
+            .clone()
+            .map(|link| link as Arc<dyn kpi_http::Cluster>),
         stopped.clone(),
     )
     .await
@@ -76,6 +96,30 @@ pub async fn run(config_path: Option<&Path>, clock: Clock) -> anyhow::Result<()>
     };
 
     let client = kpi_ingest::connect(&config, Some(state.clone())).await?;
+    if let (Some(link), Some(view)) = (&cluster, state.cluster()) {
+        let _ = link.0.set(kpi_ingest::cluster::Forwarder::new(
+            client.clone(),
+            view.clone(),
+            Duration::from_secs(5),
+        ));
+        view.set_query_handler(Arc::new(move |query| {
+            let router = router.clone();
+            Box::pin(async move {
+                let answer = kpi_http::answer_forwarded(
+                    router,
+                    &query.path_and_query,
+                    query.authorization.as_deref(),
+                )
+                .await;
+                kpi_ingest::cluster::QueryReply {
+                    status: answer.status,
+                    content_type: answer.content_type,
+                    retry_after: answer.retry_after,
+                    body: answer.body.into(),
+                }
+            })
+        }));
+    }
     webhooks.set_jetstream(async_nats::jetstream::new(client.clone()));
     let connector_ids: Vec<String> = runners.iter().map(|runner| runner.id.clone()).collect();
     let scheduler = kpi_connect::Scheduler::new(runners, connector_metrics);
@@ -122,6 +166,84 @@ pub async fn run(config_path: Option<&Path>, clock: Clock) -> anyhow::Result<()>
             Err(ingest_error.into())
         }
         Err(join_error) => Err(join_error.into()),
+    }
+}
+
+/// Multi-engine mode's link from the HTTP server to the other engines, set once NATS is
+/// connected.
+#[derive(Default)]
+struct ClusterLink(std::sync::OnceLock<kpi_ingest::cluster::Forwarder>);
+
+impl kpi_http::Cluster for ClusterLink {
+    fn forward<'a>(
+        &'a self,
+        tenant: &'a str,
+        path_and_query: String,
+        authorization: Option<String>,
+    ) -> kpi_http::ClusterFuture<'a, kpi_http::Forwarded> {
+        Box::pin(async move {
+            let forwarder = self.0.get().ok_or("not connected to NATS yet")?;
+            let reply = forwarder
+                .query(
+                    tenant,
+                    kpi_ingest::cluster::ForwardedQuery {
+                        path_and_query,
+                        authorization,
+                    },
+                )
+                .await
+                .map_err(|error| error.to_string())?;
+            Ok(kpi_http::Forwarded {
+                status: reply.status,
+                content_type: reply.content_type,
+                retry_after: reply.retry_after,
+                body: reply.body.to_vec(),
+            })
+        })
+    }
+
+    fn remote_tenants(&self) -> kpi_http::ClusterFuture<'_, Vec<String>> {
+        Box::pin(async move {
+            let forwarder = self.0.get().ok_or("not connected to NATS yet")?;
+            forwarder
+                .remote_tenants()
+                .await
+                .map_err(|error| error.to_string())
+        })
+    }
+}
+
+/// Refuses a store of the other mode: a single engine's store holds figures without the
+/// partitions' applied sequences (multi-engine mode rebuilds from the stream into an empty
+/// store), and a multi-engine store holds copies of partitions other engines moved on.
+async fn check_store_mode(store: &Store, config: &Config) -> anyhow::Result<()> {
+    let (partitions, empty) = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || {
+            Ok::<_, kpi_store::StoreError>((store.partitions()?, store.is_empty_of_events()?))
+        })
+        .await??
+    };
+    let path = config.store.path.display();
+    match (config.cluster.enabled, partitions) {
+        (false, None) => Ok(()),
+        (false, Some(_)) => anyhow::bail!(
+            "store.path: {path} is the store of an engine in multi-engine mode; run this engine with the [cluster] settings it had, or give it another store.path"
+        ),
+        (true, Some(partitions)) if partitions == config.cluster.partitions => Ok(()),
+        (true, Some(partitions)) => anyhow::bail!(
+            "cluster.partitions: the store at {path} holds {partitions} partitions, not {}; give the engine an empty store.path to rebuild it",
+            config.cluster.partitions
+        ),
+        (true, None) if !empty => anyhow::bail!(
+            "store.path: {path} is a single engine's store; in multi-engine mode each engine starts from an empty store.path and rebuilds its partitions from the stream (README, \"Moving to several engines\")"
+        ),
+        (true, None) => {
+            let store = store.clone();
+            let partitions = config.cluster.partitions;
+            tokio::task::spawn_blocking(move || store.set_partitions(partitions)).await??;
+            Ok(())
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod api;
+mod cluster;
 mod connector_state;
 mod connectors;
 mod crash;

@@ -1,0 +1,370 @@
+//! Who applies which partition: membership and leases in a JetStream key-value bucket, and the
+//! assignment every engine computes the same way from the engines it sees.
+//!
+//! The bucket (`cluster.bucket`) keeps one revision per key for at most `cluster.lease_ms`:
+//!
+//! - `engines.<name>`: an engine's heartbeat (its instance, partitions and version), renewed
+//!   five times per lease; an engine whose heartbeat expired is gone.
+//! - `partitions.<n>`: the lease of partition `n`, `<name> <instance>`. An engine takes a
+//!   lease by creating the key (only one create succeeds), keeps it by updating it at its
+//!   revision, and gives it back by deleting it at its revision. A lease not renewed for a
+//!   whole lease expires on the server.
+//!
+//! The assignment is a bounded-load rendezvous hash: each partition goes to the engine that
+//! ranks it highest among those with room, every engine having room for `⌊P/N⌋` partitions and
+//! `P mod N` of them for one more. Every engine thus owns `⌊P/N⌋` or `⌈P/N⌉` partitions, and
+//! at least one when there are at least as many partitions as engines.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use kpi_config::Config;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::{js_error, IngestError};
+
+/// FNV-1a 64 of `bytes`, then `partition` mixed in with SplitMix64's finaliser: a well-mixed
+/// rank of an engine for a partition (plain FNV ranks cluster on similar names).
+fn rank(engine: &str, partition: u32) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &byte in engine.as_bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let mut z = hash ^ u64::from(partition).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The owner of every partition `0..partitions` among `engines` (names, any order; duplicates
+/// count once). Empty when there is no engine.
+pub fn assign(engines: &[String], partitions: u32) -> Vec<String> {
+    let mut engines: Vec<&String> = engines.iter().collect();
+    engines.sort();
+    engines.dedup();
+    if engines.is_empty() {
+        return Vec::new();
+    }
+    let count = engines.len();
+    let floor = partitions as usize / count;
+    let extra = partitions as usize % count;
+    let mut load = vec![0usize; count];
+    let mut extras_used = 0;
+    let mut owners = Vec::with_capacity(partitions as usize);
+    for partition in 0..partitions {
+        let mut ranked: Vec<usize> = (0..count).collect();
+        ranked.sort_by_key(|&index| std::cmp::Reverse((rank(engines[index], partition), index)));
+        let chosen = ranked
+            .into_iter()
+            .find(|&index| load[index] < floor || (load[index] == floor && extras_used < extra))
+            .unwrap_or(0);
+        if load[chosen] == floor {
+            extras_used += 1;
+        }
+        load[chosen] += 1;
+        owners.push(engines[chosen].clone());
+    }
+    owners
+}
+
+/// An engine's heartbeat in the bucket.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+struct Heartbeat {
+    instance: String,
+    partitions: u32,
+    version: String,
+}
+
+const ENGINES: &str = "engines.";
+const PARTITIONS: &str = "partitions.";
+
+/// This engine's membership and leases.
+pub(crate) struct Membership {
+    kv: kv::Store,
+    pub(crate) engine: String,
+    instance: String,
+    partitions: u32,
+    /// Revision of each lease held.
+    leases: BTreeMap<u32, u64>,
+}
+
+impl Membership {
+    /// Opens (or creates) the bucket and joins: refuses a `cluster.partitions` other than the
+    /// running engines' and an engine name a running engine uses.
+    pub(crate) async fn join(
+        js: &jetstream::Context,
+        config: &Config,
+    ) -> Result<Membership, IngestError> {
+        let cluster = &config.cluster;
+        let lease = Duration::from_millis(cluster.lease_ms);
+        let kv = match js.get_key_value(&cluster.bucket).await {
+            Ok(kv) => kv,
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: cluster.bucket.clone(),
+                    description: "KPI engines: membership and partition leases".into(),
+                    history: 1,
+                    max_age: lease,
+                    storage: jetstream::stream::StorageType::File,
+                    num_replicas: config.nats.replicas.max(1),
+                    ..Default::default()
+                })
+                .await
+                .map_err(js_error)?,
+        };
+        let max_age = kv.status().await.map_err(js_error)?.info.config.max_age;
+        if max_age != lease {
+            return Err(IngestError::Cluster(format!(
+                "cluster.lease_ms: this engine has {} ms but the bucket {} expires entries after {} ms; every engine needs the same lease (or delete the bucket while no engine runs)",
+                lease.as_millis(),
+                cluster.bucket,
+                max_age.as_millis()
+            )));
+        }
+        let engine = cluster.engine_name();
+        let membership = Membership {
+            kv,
+            instance: format!(
+                "{}-{}",
+                std::process::id(),
+                chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)
+            ),
+            engine,
+            partitions: cluster.partitions,
+            leases: BTreeMap::new(),
+        };
+        for (name, heartbeat) in membership.heartbeats().await? {
+            if heartbeat.partitions != membership.partitions {
+                return Err(IngestError::Cluster(format!(
+                    "cluster.partitions: this engine has {} but the running engine `{name}` has {}; every engine needs the same number",
+                    membership.partitions, heartbeat.partitions
+                )));
+            }
+        }
+        let key = format!("{ENGINES}{}", membership.engine);
+        if let Some(entry) = membership.kv.entry(&key).await.map_err(js_error)? {
+            // A heartbeat under our name: a running engine renews it; a killed one (this
+            // engine's last run, say) lets it expire.
+            info!(engine = %membership.engine, "a heartbeat under this engine's name exists; waiting one lease to see if it is renewed");
+            tokio::time::sleep(lease + lease / 5).await;
+            if let Some(later) = membership.kv.entry(&key).await.map_err(js_error)? {
+                if later.revision != entry.revision && later.operation == kv::Operation::Put {
+                    return Err(IngestError::Cluster(format!(
+                        "cluster.engine: `{}` is the name of a running engine; give each engine its own name",
+                        membership.engine
+                    )));
+                }
+            }
+        }
+        membership.heartbeat().await?;
+        Ok(membership)
+    }
+
+    async fn heartbeats(&self) -> Result<Vec<(String, Heartbeat)>, IngestError> {
+        let mut keys = self.kv.keys().await.map_err(js_error)?;
+        let mut names = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(js_error)?;
+            if let Some(name) = key.strip_prefix(ENGINES) {
+                names.push(name.to_string());
+            }
+        }
+        let mut heartbeats = Vec::new();
+        for name in names {
+            if let Some(value) = self
+                .kv
+                .get(format!("{ENGINES}{name}"))
+                .await
+                .map_err(js_error)?
+            {
+                match serde_json::from_slice::<Heartbeat>(&value) {
+                    Ok(heartbeat) => heartbeats.push((name, heartbeat)),
+                    Err(error) => warn!(engine = %name, %error, "unreadable heartbeat"),
+                }
+            }
+        }
+        Ok(heartbeats)
+    }
+
+    /// Renews this engine's heartbeat.
+    pub(crate) async fn heartbeat(&self) -> Result<(), IngestError> {
+        let heartbeat = Heartbeat {
+            instance: self.instance.clone(),
+            partitions: self.partitions,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        let value = serde_json::to_vec(&heartbeat).unwrap_or_default();
+        self.kv
+            .put(format!("{ENGINES}{}", self.engine), value.into())
+            .await
+            .map_err(js_error)?;
+        Ok(())
+    }
+
+    /// The engines alive (heartbeat not expired), this one included, with the number of
+    /// partitions each has.
+    pub(crate) async fn engines(&self) -> Result<Vec<String>, IngestError> {
+        let mut names: Vec<String> = self
+            .heartbeats()
+            .await?
+            .into_iter()
+            .filter(|(_, heartbeat)| heartbeat.partitions == self.partitions)
+            .map(|(name, _)| name)
+            .collect();
+        if !names.contains(&self.engine) {
+            names.push(self.engine.clone());
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    fn lease_value(&self) -> Bytes {
+        Bytes::from(format!("{} {}", self.engine, self.instance))
+    }
+
+    /// Takes the lease of `partition` if nobody holds it; returns whether it did, and when the
+    /// claim was sent (the lease runs from then, at the latest).
+    pub(crate) async fn claim(&mut self, partition: u32) -> Option<Instant> {
+        let sent = Instant::now();
+        match self
+            .kv
+            .create(format!("{PARTITIONS}{partition}"), self.lease_value())
+            .await
+        {
+            Ok(revision) => {
+                self.leases.insert(partition, revision);
+                Some(sent)
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Renews the leases of `partitions`, all at once (one round trip however many are
+    /// held). For each: `Err` when it is not this engine's any more (expired and maybe
+    /// taken), `Ok(None)` when NATS did not answer (the lease may still hold), else when the
+    /// renewal was sent (the lease runs from then, at the latest).
+    pub(crate) async fn renew(
+        &mut self,
+        partitions: &[u32],
+    ) -> Vec<(u32, Result<Option<Instant>, ()>)> {
+        let value = self.lease_value();
+        let sent = Instant::now();
+        let renewals = partitions.iter().map(|&partition| {
+            let kv = self.kv.clone();
+            let value = value.clone();
+            let revision = self.leases.get(&partition).copied();
+            async move {
+                let Some(revision) = revision else {
+                    return (partition, None);
+                };
+                let key = format!("{PARTITIONS}{partition}");
+                (partition, Some(kv.update(key, value, revision).await))
+            }
+        });
+        let mut renewed = Vec::with_capacity(partitions.len());
+        for (partition, outcome) in futures_util::future::join_all(renewals).await {
+            let outcome = match outcome {
+                None => Err(()),
+                Some(Ok(revision)) => {
+                    self.leases.insert(partition, revision);
+                    Ok(Some(sent))
+                }
+                Some(Err(error)) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    self.leases.remove(&partition);
+                    Err(())
+                }
+                Some(Err(error)) => {
+                    warn!(partition, %error, "lease not renewed");
+                    Ok(None)
+                }
+            };
+            renewed.push((partition, outcome));
+        }
+        renewed
+    }
+
+    /// Gives the lease of `partition` back.
+    pub(crate) async fn release(&mut self, partition: u32) {
+        if let Some(revision) = self.leases.remove(&partition) {
+            if let Err(error) = self
+                .kv
+                .delete_expect_revision(format!("{PARTITIONS}{partition}"), Some(revision))
+                .await
+            {
+                warn!(partition, %error, "lease not given back; it expires by itself");
+            }
+        }
+    }
+
+    /// Removes this engine's heartbeat (a graceful stop: the others rebalance at once).
+    pub(crate) async fn leave(&self) {
+        if let Err(error) = self.kv.purge(format!("{ENGINES}{}", self.engine)).await {
+            warn!(%error, "heartbeat not removed; it expires by itself");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(count: usize) -> Vec<String> {
+        (0..count).map(|n| format!("kpi-{n}")).collect()
+    }
+
+    fn loads(owners: &[String]) -> BTreeMap<&str, usize> {
+        let mut loads = BTreeMap::new();
+        for owner in owners {
+            *loads.entry(owner.as_str()).or_default() += 1;
+        }
+        loads
+    }
+
+    #[test]
+    fn every_engine_gets_an_even_share_and_at_least_one_partition() {
+        for partitions in [1u32, 3, 4, 7, 16, 64, 100] {
+            for count in 1..=9usize {
+                let engines = names(count);
+                let owners = assign(&engines, partitions);
+                assert_eq!(owners.len(), partitions as usize);
+                let loads = loads(&owners);
+                let floor = partitions as usize / count;
+                let ceil = (partitions as usize).div_ceil(count);
+                for engine in &engines {
+                    let load = loads.get(engine.as_str()).copied().unwrap_or(0);
+                    assert!(
+                        load >= floor && load <= ceil,
+                        "{partitions}/{count}: {engine} has {load}"
+                    );
+                    if partitions as usize >= count {
+                        assert!(load >= 1);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_engine_computes_the_same_assignment_in_any_order() {
+        let mut engines = names(5);
+        let first = assign(&engines, 64);
+        engines.reverse();
+        engines.push("kpi-2".into());
+        assert_eq!(assign(&engines, 64), first);
+        assert!(assign(&[], 8).is_empty());
+    }
+
+    #[test]
+    fn an_engine_joining_moves_few_partitions() {
+        let before = assign(&names(3), 64);
+        let after = assign(&names(4), 64);
+        let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
+        // The new engine needs 16; a rebalance that reshuffled everything would move ~48.
+        assert!((16..=32).contains(&moved), "moved {moved}");
+    }
+}

@@ -1,0 +1,440 @@
+//! Multi-engine mode's ingest: the partitions this engine owns, each read from its last
+//! applied sequence, applied and checkpointed together.
+//!
+//! Each owned partition has a reader: an ordered consumer on `<partition>.>` starting after
+//! the partition's last applied stream sequence, which the checkpoint writes atomically with
+//! the records (the partition's exactly-once checkpoint, as the acknowledged floor is the
+//! single engine's). Nothing is acknowledged: the stream keeps every event, and a message at
+//! or below a partition's applied sequence is skipped, whoever delivers it. A reader's
+//! messages carry the epoch of its claim, so what a released reader had in flight is dropped.
+//!
+//! Every fifth of a lease, [`Ingest::ownership_round`] renews the heartbeat, reads the engines
+//! alive, computes the assignment, renews or gives back the leases held, and claims the
+//! partitions assigned and free. A partition is exported (tenants on /metrics and in the API,
+//! queries answered for the others) once its reader has caught up.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use futures_util::StreamExt;
+use kpi_model::partition::split_partitioned_subject;
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+use crate::apply::Incoming;
+use crate::cluster::{ClusterView, Responders};
+use crate::consume::sleep_until;
+use crate::ownership::{assign, Membership};
+use crate::streams::ensure_partitioned_streams;
+use crate::{Ingest, IngestError};
+
+/// What a partition's reader hands to the ingest.
+enum Feed {
+    Message {
+        partition: u32,
+        epoch: u64,
+        incoming: Incoming,
+        /// Messages of the partition after this one (the lag).
+        pending: u64,
+    },
+    /// Every message the partition held when the reader started was handed over.
+    CaughtUp { partition: u32, epoch: u64 },
+}
+
+/// The reader of a partition held.
+struct Reader {
+    epoch: u64,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What the partitioned ingest keeps between rounds.
+struct Partitions {
+    view: Arc<ClusterView>,
+    membership: Membership,
+    events: stream::Stream,
+    readers: BTreeMap<u32, Reader>,
+    responders: Responders,
+    feed: mpsc::Sender<Feed>,
+    epoch: u64,
+}
+
+impl Ingest {
+    pub(crate) async fn partitioned(
+        &self,
+        js: &jetstream::Context,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), IngestError> {
+        let view = self
+            .state
+            .cluster()
+            .cloned()
+            .ok_or_else(|| IngestError::Cluster("cluster view not set".into()))?;
+        let events = ensure_partitioned_streams(js, &self.config).await?;
+        self.load_applied().await?;
+        let membership = Membership::join(js, &self.config).await?;
+        let (feed, mut fed) = mpsc::channel(self.config.ingest.batch_max_events.max(64) * 4);
+        let mut partitions = Partitions {
+            view: view.clone(),
+            membership,
+            events,
+            readers: BTreeMap::new(),
+            responders: Responders::new(js.client(), self.state.clone(), view.clone()),
+            feed,
+            epoch: 0,
+        };
+        info!(engine = %view.engine, partitions = view.partitions, stream = %self.config.nats.stream, "joined the engines");
+        self.state.set_ready(true);
+        let result = self
+            .run_partitions(js, &mut partitions, &mut fed, shutdown)
+            .await;
+        // Leaving, on a stop or an error: what was applied is checkpointed, then every lease
+        // given back (the others take over at once rather than after a lease).
+        let checkpointed = self.checkpoint(None).await;
+        for partition in view.held() {
+            partitions.responders.stop(partition);
+            view.drop_partition(partition);
+            partitions.readers.remove(&partition);
+            partitions.membership.release(partition).await;
+        }
+        partitions.membership.leave().await;
+        result.and(checkpointed)
+    }
+
+    /// Loads the partitions' applied sequences from the store, once per process.
+    async fn load_applied(&self) -> Result<(), IngestError> {
+        if self.staged().applied.is_some() {
+            return Ok(());
+        }
+        let store = self.store.clone();
+        let applied = tokio::task::spawn_blocking(move || store.applied_sequences())
+            .await
+            .map_err(|error| IngestError::Join(error.to_string()))??;
+        self.staged().applied = Some(applied);
+        Ok(())
+    }
+
+    fn applied_of(&self, partition: u32) -> u64 {
+        self.staged()
+            .applied
+            .as_ref()
+            .and_then(|applied| applied.get(&partition).copied())
+            .unwrap_or(0)
+    }
+
+    async fn run_partitions(
+        &self,
+        js: &jetstream::Context,
+        partitions: &mut Partitions,
+        fed: &mut mpsc::Receiver<Feed>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), IngestError> {
+        let mut rounds =
+            tokio::time::interval((partitions.view.lease / 5).max(Duration::from_millis(100)));
+        rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let batch_wait = Duration::from_millis(self.config.ingest.batch_max_wait_ms);
+        let checkpoint_wait = Duration::from_millis(self.config.ingest.checkpoint_max_wait_ms);
+        let batch_max = self.config.ingest.batch_max_events;
+        loop {
+            let checkpoint_due = self
+                .staged()
+                .since
+                .map(|since| tokio::time::Instant::from_std(since + checkpoint_wait));
+            let first = tokio::select! {
+                _ = rounds.tick() => {
+                    self.ownership_round(partitions).await;
+                    continue;
+                }
+                feed = fed.recv() => match feed {
+                    Some(feed) => feed,
+                    None => return Err(IngestError::JetStream("the readers' channel closed".into())),
+                },
+                _ = sleep_until(checkpoint_due) => {
+                    self.checkpoint(None).await?;
+                    continue;
+                }
+                _ = shutdown.changed() => return Ok(()),
+            };
+            let mut feeds = vec![first];
+            let deadline = tokio::time::Instant::now() + batch_wait;
+            while feeds.len() < batch_max {
+                match fed.try_recv() {
+                    Ok(feed) => feeds.push(feed),
+                    Err(_) => match tokio::time::timeout_at(deadline, fed.recv()).await {
+                        Ok(Some(feed)) => feeds.push(feed),
+                        _ => break,
+                    },
+                }
+            }
+            let mut items = Vec::with_capacity(feeds.len());
+            let mut advanced: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
+            let mut caught_up = Vec::new();
+            for feed in feeds {
+                match feed {
+                    Feed::Message {
+                        partition,
+                        epoch,
+                        incoming,
+                        pending,
+                    } => {
+                        let current = partitions.readers.get(&partition).map(|r| r.epoch);
+                        let floor = advanced
+                            .get(&partition)
+                            .map(|(sequence, _)| *sequence)
+                            .unwrap_or_else(|| self.applied_of(partition));
+                        if current != Some(epoch) || incoming.stream_sequence <= floor {
+                            continue;
+                        }
+                        advanced.insert(partition, (incoming.stream_sequence, pending));
+                        items.push(incoming);
+                    }
+                    Feed::CaughtUp { partition, epoch } => {
+                        if partitions.readers.get(&partition).map(|r| r.epoch) == Some(epoch) {
+                            caught_up.push(partition);
+                        }
+                    }
+                }
+            }
+            self.process(js, items).await?;
+            {
+                let mut staged = self.staged();
+                let applied = staged.applied.get_or_insert_with(BTreeMap::new);
+                for (partition, (sequence, _)) in &advanced {
+                    applied.insert(*partition, *sequence);
+                }
+            }
+            for (partition, (_, pending)) in &advanced {
+                partitions.view.set_lag(*partition, *pending);
+            }
+            self.state
+                .metrics
+                .consumer_pending
+                .set(partitions.view.total_lag() as i64);
+            for partition in &caught_up {
+                partitions.view.caught_up(*partition);
+                info!(
+                    partition,
+                    applied = self.applied_of(*partition),
+                    "caught up: exporting the partition"
+                );
+            }
+            if !caught_up.is_empty() {
+                partitions.responders.sync();
+            }
+            let due = {
+                let staged = self.staged();
+                staged.events >= self.config.ingest.checkpoint_max_events
+                    || staged
+                        .since
+                        .is_some_and(|since| since.elapsed() >= checkpoint_wait)
+            };
+            if due {
+                self.checkpoint(None).await?;
+            }
+        }
+    }
+
+    /// One round of membership: heartbeat, assignment, renewals, hand-overs and claims. NATS
+    /// errors are logged and the round ends; leases not renewed stop being exported three
+    /// quarters of a lease after their last renewal was sent.
+    async fn ownership_round(&self, partitions: &mut Partitions) {
+        let view = partitions.view.clone();
+        if let Err(error) = partitions.membership.heartbeat().await {
+            warn!(%error, "heartbeat not renewed");
+        }
+        let engines = match partitions.membership.engines().await {
+            Ok(engines) => engines,
+            Err(error) => {
+                warn!(%error, "cannot read the engines; keeping the partitions held");
+                self.renew(partitions, &view.held()).await;
+                return;
+            }
+        };
+        let owners = assign(&engines, view.partitions);
+        let me = partitions.membership.engine.clone();
+        let (kept, given): (Vec<u32>, Vec<u32>) = view
+            .held()
+            .into_iter()
+            .partition(|&partition| owners[partition as usize] == me);
+        self.renew(partitions, &kept).await;
+        for partition in given {
+            let owner = &owners[partition as usize];
+            {
+                // Stop exporting first, then give the lease back: the next owner can only
+                // take it once this engine no longer shows the partition.
+                partitions.responders.stop(partition);
+                view.drop_partition(partition);
+                partitions.readers.remove(&partition);
+                partitions.membership.release(partition).await;
+                info!(partition, to = %owner, "gave the partition to another engine");
+            }
+        }
+        for (partition, owner) in owners.iter().enumerate() {
+            let partition = partition as u32;
+            if *owner != me || partitions.readers.contains_key(&partition) {
+                continue;
+            }
+            if let Some(at) = partitions.membership.claim(partition).await {
+                view.take(partition, at);
+                partitions.epoch += 1;
+                let from = self.applied_of(partition) + 1;
+                info!(partition, from, "took the partition; catching up");
+                let task = tokio::spawn(read_partition(
+                    partitions.events.clone(),
+                    partition,
+                    from,
+                    partitions.epoch,
+                    partitions.feed.clone(),
+                ));
+                partitions.readers.insert(
+                    partition,
+                    Reader {
+                        epoch: partitions.epoch,
+                        task,
+                    },
+                );
+            }
+        }
+        view.settle(engines.len());
+        partitions.responders.sync();
+        self.state.set_ready(true);
+    }
+
+    async fn renew(&self, partitions: &mut Partitions, held: &[u32]) {
+        for (partition, outcome) in partitions.membership.renew(held).await {
+            match outcome {
+                Ok(Some(at)) => partitions.view.renewed(partition, at),
+                Ok(None) => {}
+                Err(()) => {
+                    partitions.responders.stop(partition);
+                    partitions.view.drop_partition(partition);
+                    partitions.readers.remove(&partition);
+                    warn!(
+                        partition,
+                        "lost the partition's lease (not renewed in time)"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Reads partition `partition` from stream sequence `from` on, handing every message over,
+/// and says when it has handed over all the partition held at the start. Re-creates its
+/// ordered consumer after an error, from the next sequence.
+async fn read_partition(
+    events: stream::Stream,
+    partition: u32,
+    from: u64,
+    epoch: u64,
+    feed: mpsc::Sender<Feed>,
+) {
+    let filter = format!("{partition}.>");
+    let mut next = from;
+    let mut caught_up = false;
+    loop {
+        let created = events
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: filter.clone(),
+                deliver_policy: if next <= 1 {
+                    consumer::DeliverPolicy::All
+                } else {
+                    consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: next,
+                    }
+                },
+                description: Some(format!("KPI engine: partition {partition}")),
+                ..Default::default()
+            })
+            .await;
+        let mut reader = match created {
+            Ok(reader) => reader,
+            Err(error) => {
+                warn!(partition, %error, "cannot read the partition; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        match reader.info().await {
+            Ok(info) if info.config.filter_subject != filter => {
+                error!(partition, stored = %info.config.filter_subject, "the server did not keep the partition reader's filter subject; the partition is not applied");
+                return;
+            }
+            Ok(info) if info.num_pending == 0 => {
+                if !say_caught_up(&feed, partition, epoch, &mut caught_up).await {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(error) => warn!(partition, %error, "partition reader info unavailable"),
+        }
+        let mut messages = match reader.messages().await {
+            Ok(messages) => messages,
+            Err(error) => {
+                warn!(partition, %error, "cannot read the partition; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        while let Some(message) = messages.next().await {
+            let message = match message {
+                Ok(message) => message,
+                Err(error) => {
+                    warn!(partition, %error, "partition reader interrupted; resuming");
+                    break;
+                }
+            };
+            let Ok(info) = message.info() else { continue };
+            let subject = match split_partitioned_subject(&message.subject) {
+                Some((_, subject)) => subject.to_string(),
+                None => message.subject.to_string(),
+            };
+            let incoming = Incoming {
+                subject,
+                payload: message.payload.clone(),
+                stream_sequence: info.stream_sequence,
+                published_unix_seconds: info.published.unix_timestamp_nanos() as f64 / 1e9,
+                partition: Some(partition),
+            };
+            next = info.stream_sequence + 1;
+            let pending = info.pending;
+            if feed
+                .send(Feed::Message {
+                    partition,
+                    epoch,
+                    incoming,
+                    pending,
+                })
+                .await
+                .is_err()
+            {
+                return;
+            }
+            if pending == 0 && !say_caught_up(&feed, partition, epoch, &mut caught_up).await {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Hands over the reader's first [`Feed::CaughtUp`]; false when the ingest is gone.
+async fn say_caught_up(
+    feed: &mpsc::Sender<Feed>,
+    partition: u32,
+    epoch: u64,
+    caught_up: &mut bool,
+) -> bool {
+    if *caught_up {
+        return true;
+    }
+    *caught_up = true;
+    feed.send(Feed::CaughtUp { partition, epoch }).await.is_ok()
+}

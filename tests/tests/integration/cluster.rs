@@ -1,0 +1,597 @@
+//! Several engines on a three-node NATS cluster (SPEC section 5): partitions owned by one
+//! engine at a time, handed over on `kill -9`, on an engine joining or leaving and on the loss
+//! of the stream leader's node, with every tenant's figures exact at the end and every engine
+//! answering for every tenant.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use kpi_tests::{
+    cluster_nats_server_binary, debian_nats_server_binary, event, metric_series, metric_value,
+    nats_server_version, Engine, NatsCluster, NatsServer,
+};
+use serde_json::{json, Value};
+
+const PARTITIONS: u32 = 16;
+const TENANTS: usize = 1000;
+
+fn cluster_config(name: &str) -> String {
+    cluster_config_with(name, PARTITIONS, 2000)
+}
+
+fn cluster_config_with(name: &str, partitions: u32, lease_ms: u64) -> String {
+    format!(
+        "[cluster]\nenabled = true\nengine = \"{name}\"\npartitions = {partitions}\nlease_ms = {lease_ms}\n[metrics]\nmax_tenants = 2000\n"
+    )
+}
+
+fn start_engine(nats: &NatsCluster, name: &str) -> Engine {
+    Engine::start_with_env(
+        &nats.url(),
+        &cluster_config(name),
+        &[("KPI__NATS__REPLICAS", "3")],
+    )
+}
+
+fn tenant(index: usize) -> String {
+    format!("t{index:04}")
+}
+
+/// What the reference model says of one tenant in June 2025: leads, new customers, spend in
+/// cents.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Expected {
+    leads: u64,
+    customers: u64,
+    spend_cents: u64,
+}
+
+/// The `step`th events of a tenant: a lead, every third step a deal won by a new customer,
+/// every second step a spend report for its own day and account, restated once (the later
+/// report wins); with a duplicate of the lead under another message id.
+fn events_of(tenant: &str, step: usize) -> Vec<(String, String, Option<String>)> {
+    let day = 1 + step % 28;
+    let time = format!("2025-06-{day:02}T10:00:00Z");
+    let mut events = vec![event(
+        &format!("{tenant}-l{step}"),
+        "lead.created",
+        &time,
+        tenant,
+        json!({"lead_id": format!("L{step}"), "channel": "paid_search"}),
+    )];
+    // The same event again (a producer's retry past the duplicate window): applied once.
+    let mut duplicate = events[0].clone();
+    duplicate.2 = Some(format!("{tenant}-l{step}-again"));
+    events.push(duplicate);
+    if step.is_multiple_of(3) {
+        events.push(event(
+            &format!("{tenant}-d{step}"),
+            "deal.won",
+            &format!("2025-06-{day:02}T12:00:00Z"),
+            tenant,
+            json!({"deal_id": format!("D{step}"), "customer_id": format!("C{step}"), "lead_id": format!("L{step}"), "amount": "100.00", "currency": "EUR"}),
+        ));
+    }
+    if step.is_multiple_of(2) {
+        for (version, cents, hour) in [(0, 1000 + step, 20), (1, 2000 + step, 23)] {
+            events.push(event(
+                &format!("{tenant}-s{step}-{version}"),
+                "spend.reported",
+                &format!("2025-06-{day:02}T{hour}:00:00Z"),
+                tenant,
+                json!({"date": format!("2025-06-{day:02}"), "amount": format!("{}.{:02}", cents / 100, cents % 100), "currency": "EUR", "channel": "paid_search", "source": "google_ads", "account": format!("a{step}")}),
+            ));
+        }
+    }
+    events
+}
+
+fn expected_after(steps: usize) -> Expected {
+    let mut expected = Expected::default();
+    for step in 0..steps {
+        expected.leads += 1;
+        if step.is_multiple_of(3) {
+            expected.customers += 1;
+        }
+        if step.is_multiple_of(2) {
+            expected.spend_cents += 2000 + step as u64;
+        }
+    }
+    expected
+}
+
+fn cents(text: &str) -> u64 {
+    let (units, fraction) = text.split_once('.').unwrap_or((text, "0"));
+    let fraction = format!("{fraction:0<2}");
+    units.parse::<u64>().unwrap() * 100 + fraction[..2].parse::<u64>().unwrap()
+}
+
+fn figures(body: &Value) -> Expected {
+    Expected {
+        leads: body["total"]["leads"].as_u64().unwrap_or(0),
+        customers: body["total"]["new_customers"].as_u64().unwrap_or(0),
+        spend_cents: body["total"]["spend"].as_str().map(cents).unwrap_or(0),
+    }
+}
+
+/// Publishes every tenant's steps round after round (a few hundred events a second), each
+/// message retried with its `Nats-Msg-Id` until JetStream acknowledges it; returns the steps
+/// published per tenant.
+async fn publisher(
+    client: async_nats::Client,
+    stop: Arc<AtomicBool>,
+    rounds: usize,
+) -> BTreeMap<String, usize> {
+    let js = async_nats::jetstream::new(client);
+    let mut steps: BTreeMap<String, usize> = BTreeMap::new();
+    // About 300 events a second: a step is 3.5 events on average.
+    let mut pace = tokio::time::interval(Duration::from_millis(12));
+    'rounds: for step in 0..rounds {
+        for index in 0..TENANTS {
+            if stop.load(Ordering::SeqCst) {
+                break 'rounds;
+            }
+            pace.tick().await;
+            let name = tenant(index);
+            let sends = events_of(&name, step)
+                .into_iter()
+                .map(|(subject, payload, id)| {
+                    let js = js.clone();
+                    async move {
+                        let mut headers = async_nats::HeaderMap::new();
+                        headers.insert("Nats-Msg-Id", id.as_deref().unwrap());
+                        loop {
+                            let sent = js
+                                .publish_with_headers(
+                                    subject.clone(),
+                                    headers.clone(),
+                                    bytes::Bytes::from(payload.clone()),
+                                )
+                                .await;
+                            if let Ok(ack) = sent {
+                                if let Ok(Ok(_)) =
+                                    tokio::time::timeout(Duration::from_secs(5), ack).await
+                                {
+                                    return;
+                                }
+                            }
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                });
+            futures_util::future::join_all(sends).await;
+            steps.insert(name, step + 1);
+        }
+    }
+    steps
+}
+
+/// What the watcher saw while engines came and went.
+#[derive(Default)]
+struct Watch {
+    /// (partition, engines) seen exported by two engines in one sweep of scrapes.
+    doubles: Vec<(String, Vec<String>)>,
+    /// Answers other than 200, or 503 with `Retry-After`.
+    bad_answers: Vec<String>,
+    /// Longest run of 503 answers per tenant, from the first to the last in a row.
+    longest_unavailable: Duration,
+    /// Figures that went down: an engine answering from a copy behind another's.
+    went_back: Vec<String>,
+    sweeps: usize,
+    answers: usize,
+    unavailable_answers: usize,
+    /// 503 answers per engine and second of the watch.
+    unavailable_at: BTreeMap<(String, u64), usize>,
+}
+
+type Live = Arc<Mutex<Vec<(String, String)>>>;
+
+/// Scrapes every live engine and asks each for a sample of tenants, again and again.
+async fn watcher(live: Live, stop: Arc<AtomicBool>) -> Watch {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let sample: Vec<String> = (0..TENANTS).step_by(97).map(tenant).collect();
+    let mut watch = Watch::default();
+    let watched = Instant::now();
+    let mut highest: BTreeMap<String, Expected> = BTreeMap::new();
+    // (engine, tenant) answering 503: since the first such answer in a row, to the last.
+    let mut unavailable: BTreeMap<(String, String), (Instant, Instant)> = BTreeMap::new();
+    while !stop.load(Ordering::SeqCst) {
+        let engines = live.lock().unwrap().clone();
+        // An engine stopped or killed answers no more: its run of 503s ended at its last one.
+        unavailable.retain(|(name, _), (first, last)| {
+            let live = engines.iter().any(|(engine, _)| engine == name);
+            if !live {
+                watch.longest_unavailable = watch.longest_unavailable.max(*last - *first);
+            }
+            live
+        });
+        let mut owners: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (name, base) in &engines {
+            let Ok(response) = http.get(format!("{base}/metrics")).send().await else {
+                continue;
+            };
+            let Ok(text) = response.text().await else {
+                continue;
+            };
+            for partition in 0..PARTITIONS {
+                let label = partition.to_string();
+                if metric_value(
+                    &text,
+                    "kpi_engine_partition_owned",
+                    &[("engine", name), ("partition", &label)],
+                ) == Some(1.0)
+                {
+                    owners.entry(label).or_default().push(name.clone());
+                }
+            }
+        }
+        for (partition, names) in owners {
+            if names.len() > 1 {
+                watch.doubles.push((partition, names));
+            }
+        }
+        for (name, base) in &engines {
+            for tenant in &sample {
+                let url = format!("{base}/api/v1/kpis?tenant={tenant}&period=2025-06");
+                let Ok(response) = http.get(&url).send().await else {
+                    continue;
+                };
+                watch.answers += 1;
+                let status = response.status().as_u16();
+                let retry_after = response.headers().contains_key("retry-after");
+                let body: Value = response.json().await.unwrap_or(Value::Null);
+                let key = (name.clone(), tenant.clone());
+                match status {
+                    200 => {
+                        if let Some((first, _)) = unavailable.remove(&key) {
+                            watch.longest_unavailable =
+                                watch.longest_unavailable.max(first.elapsed());
+                        }
+                        let seen = figures(&body);
+                        let best = highest.entry(tenant.clone()).or_default();
+                        if seen.leads < best.leads || seen.customers < best.customers {
+                            watch.went_back.push(format!(
+                                "{name} answered {tenant} with {seen:?} after {best:?}"
+                            ));
+                        } else {
+                            *best = seen;
+                        }
+                    }
+                    404 if highest.get(tenant).is_none_or(|best| best.leads == 0) => {}
+                    503 if retry_after && body["error"].is_string() => {
+                        watch.unavailable_answers += 1;
+                        *watch
+                            .unavailable_at
+                            .entry((name.clone(), watched.elapsed().as_secs()))
+                            .or_default() += 1;
+                        let now = Instant::now();
+                        unavailable.entry(key).or_insert((now, now)).1 = now;
+                    }
+                    other => watch
+                        .bad_answers
+                        .push(format!("{name} {tenant}: {other} {body}")),
+                }
+            }
+        }
+        watch.sweeps += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (first, _) in unavailable.values() {
+        watch.longest_unavailable = watch.longest_unavailable.max(first.elapsed());
+    }
+    watch
+}
+
+/// Waits until `engine` answers `tenant`'s figures as `want` (a minute at most).
+async fn agrees(engine: &Engine, name: &str, tenant: String, want: Expected) {
+    let url = format!("/api/v1/kpis?tenant={tenant}&period=2025-06");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = engine.get(&url).await;
+        if (status == 200 && figures(&body) == want) || (want.leads == 0 && status == 404) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}: {tenant} wants {want:?}, got {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn owned(engine: &Engine, name: &str) -> BTreeSet<u32> {
+    let Ok(response) = reqwest::get(format!("{}/metrics", engine.base())).await else {
+        return BTreeSet::new();
+    };
+    let text = response.text().await.unwrap_or_default();
+    (0..PARTITIONS)
+        .filter(|p| {
+            metric_value(
+                &text,
+                "kpi_engine_partition_owned",
+                &[("engine", name), ("partition", &p.to_string())],
+            ) == Some(1.0)
+        })
+        .collect()
+}
+
+/// Waits until the engines own every partition once, each an even share; returns how long
+/// it took.
+async fn settled(engines: &[(&Engine, &str)], timeout: Duration) -> Duration {
+    let started = Instant::now();
+    let share = (PARTITIONS as usize).div_ceil(engines.len());
+    loop {
+        let mut all = Vec::new();
+        let mut even = true;
+        for (engine, name) in engines {
+            let mine = owned(engine, name).await;
+            even &= !mine.is_empty() && mine.len() <= share;
+            all.extend(mine);
+        }
+        all.sort();
+        if even && all == (0..PARTITIONS).collect::<Vec<_>>() {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "the engines did not share the partitions within {timeout:?}: {all:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engines_share_partitions_and_survive_kills_joins_and_a_lost_nats_node() {
+    let started = Instant::now();
+    let phase = |what: &str| println!("cluster test, {:>6.1?}: {what}", started.elapsed());
+    let mut nats = NatsCluster::start(3);
+    nats.wait_ready().await;
+    let mut a = start_engine(&nats, "kpi-a");
+    let mut b = start_engine(&nats, "kpi-b");
+    let mut c = start_engine(&nats, "kpi-c");
+    for engine in [&mut a, &mut b, &mut c] {
+        engine.wait_ready().await;
+    }
+    settled(
+        &[(&a, "kpi-a"), (&b, "kpi-b"), (&c, "kpi-c")],
+        Duration::from_secs(30),
+    )
+    .await;
+
+    let live: Live = Arc::new(Mutex::new(vec![
+        ("kpi-a".into(), a.base()),
+        ("kpi-b".into(), b.base()),
+        ("kpi-c".into(), c.base()),
+    ]));
+    let stop_publishing = Arc::new(AtomicBool::new(false));
+    let stop_watching = Arc::new(AtomicBool::new(false));
+    let publishing = tokio::spawn(publisher(
+        nats.client().await,
+        stop_publishing.clone(),
+        1000,
+    ));
+    let watching = tokio::spawn(watcher(live.clone(), stop_watching.clone()));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    phase("publishing; kill -9 of kpi-a");
+    // kill -9 of an engine: the others take its partitions over.
+    live.lock().unwrap().retain(|(name, _)| name != "kpi-a");
+    let killed = Instant::now();
+    a.kill9();
+    settled(&[(&b, "kpi-b"), (&c, "kpi-c")], Duration::from_secs(60)).await;
+    let takeover = killed.elapsed();
+
+    phase("kpi-b and kpi-c took over; kpi-d joins");
+    // A fourth engine joins: the partitions are shared again.
+    let mut d = start_engine(&nats, "kpi-d");
+    let joined = Instant::now();
+    d.wait_ready().await;
+    settled(
+        &[(&b, "kpi-b"), (&c, "kpi-c"), (&d, "kpi-d")],
+        Duration::from_secs(60),
+    )
+    .await;
+    let rebalance = joined.elapsed();
+    live.lock().unwrap().push(("kpi-d".into(), d.base()));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    phase("rebalanced; kill -9 of the stream leader's node");
+    // kill -9 of the stream leader's NATS node, then it comes back.
+    let js = async_nats::jetstream::new(nats.client().await);
+    let leader = js
+        .get_stream("KPI_EVENTS")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .cluster
+        .clone()
+        .and_then(|cluster| cluster.leader)
+        .expect("the stream has a leader");
+    let node = nats.node_index(&leader).expect("a node of ours leads");
+    nats.kill_node(node);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    nats.start_node(node);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    phase("node back; kpi-b stops");
+    // A graceful stop: its partitions move at once.
+    live.lock().unwrap().retain(|(name, _)| name != "kpi-b");
+    assert!(
+        b.stop().success(),
+        "kpi-b did not stop cleanly:\n{}",
+        b.log()
+    );
+    settled(&[(&c, "kpi-c"), (&d, "kpi-d")], Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    stop_publishing.store(true, Ordering::SeqCst);
+    let steps = publishing.await.unwrap();
+    let published: usize = steps.values().sum();
+    assert!(
+        published >= TENANTS,
+        "the publisher got only {published} steps out"
+    );
+
+    phase("published; checking every tenant");
+    // Every tenant's figures, from every engine, equal the reference.
+    for (engine, name) in [(&c, "kpi-c"), (&d, "kpi-d")] {
+        let checks = (0..TENANTS).map(|index| {
+            let tenant = tenant(index);
+            let want = expected_after(steps.get(&tenant).copied().unwrap_or(0));
+            agrees(engine, name, tenant, want)
+        });
+        futures_util::stream::iter(checks)
+            .buffer_unordered(16)
+            .collect::<Vec<()>>()
+            .await;
+    }
+    phase("checked");
+    // Duplicates were counted once each, by the partition's owner only: summed over the
+    // engines, the processed lead events are the leads.
+    let mut processed = 0.0;
+    for engine in [&c, &d] {
+        processed += metric_series(&engine.metrics().await, "kpi_events_processed_total")
+            .into_iter()
+            .filter(|(labels, _)| {
+                labels.get("type").map(String::as_str) == Some("lead.created")
+                    && labels.get("tenant").is_some_and(|t| t.starts_with('t'))
+            })
+            .map(|(_, value)| value)
+            .sum::<f64>();
+    }
+    assert_eq!(
+        processed as usize, published,
+        "processed lead.created over both engines"
+    );
+    stop_watching.store(true, Ordering::SeqCst);
+    let watch = watching.await.unwrap();
+    for (engine, name) in [(&b, "kpi-b"), (&c, "kpi-c"), (&d, "kpi-d")] {
+        let moves: Vec<String> = engine
+            .log()
+            .lines()
+            .filter(|line| {
+                [
+                    "took the partition",
+                    "caught up",
+                    "gave the partition",
+                    "lost the partition",
+                ]
+                .iter()
+                .any(|m| line.contains(m))
+            })
+            .map(str::to_string)
+            .collect();
+        println!("{name}:\n{}", moves.join("\n"));
+    }
+    println!(
+        "503 answers (engine, second of the watch): {:?}",
+        watch.unavailable_at
+    );
+    println!(
+        "cluster: {published} steps of {TENANTS} tenants; takeover after kill -9 {takeover:?}, rebalance on join {rebalance:?}; {} sweeps, {} answers, {} of them 503, longest unavailability of a tenant {:?}",
+        watch.sweeps, watch.answers, watch.unavailable_answers, watch.longest_unavailable
+    );
+    assert!(
+        watch.doubles.is_empty(),
+        "partitions exported by two engines at once: {:?}",
+        watch.doubles
+    );
+    assert!(
+        watch.bad_answers.is_empty(),
+        "answers other than 200 or 503 with Retry-After: {:?}",
+        &watch.bad_answers[..watch.bad_answers.len().min(10)]
+    );
+    assert!(
+        watch.went_back.is_empty(),
+        "stale answers: {:?}",
+        &watch.went_back[..watch.went_back.len().min(10)]
+    );
+    assert!(
+        watch.sweeps > 20,
+        "the watcher swept {} times only",
+        watch.sweeps
+    );
+    assert!(
+        watch.longest_unavailable < Duration::from_secs(30),
+        "a tenant was unavailable for {:?}",
+        watch.longest_unavailable
+    );
+    assert!(
+        takeover < Duration::from_secs(30),
+        "takeover took {takeover:?}"
+    );
+}
+
+/// Waits for an engine that should refuse to start; returns its log.
+fn refused(engine: &mut Engine) -> String {
+    let status = engine.wait_exit();
+    let log = engine.log();
+    assert!(!status.success(), "the engine did not refuse:\n{log}");
+    log
+}
+
+#[tokio::test]
+async fn multi_engine_mode_refuses_a_nats_server_older_than_2_11() {
+    let binary = debian_nats_server_binary();
+    let version = nats_server_version(&binary);
+    assert!(
+        version < (2, 11),
+        "{} is {version:?}: this test needs Debian's 2.9",
+        binary.display()
+    );
+    let nats = NatsServer::start_binary(&binary, None, &[]);
+    let mut engine = Engine::start(&nats.url(), &cluster_config("kpi-a"));
+    let log = refused(&mut engine);
+    assert!(
+        log.contains("cluster.enabled") && log.contains("2.11") && log.contains("2.9.10"),
+        "the refusal names the setting, the server's version and the one needed:\n{log}"
+    );
+}
+
+#[tokio::test]
+async fn engines_refuse_mismatched_cluster_settings_and_a_single_engine_refuses_a_partitioned_stream(
+) {
+    let nats = NatsServer::start_binary(&cluster_nats_server_binary(), None, &[]);
+    let mut a = Engine::start(&nats.url(), &cluster_config("kpi-a"));
+    a.wait_ready().await;
+
+    let mut other_partitions = Engine::start(&nats.url(), &cluster_config_with("kpi-b", 8, 2000));
+    let log = refused(&mut other_partitions);
+    assert!(
+        log.contains("cluster.partitions") && log.contains("16"),
+        "names the setting and the number the others have:\n{log}"
+    );
+
+    let mut other_lease =
+        Engine::start(&nats.url(), &cluster_config_with("kpi-b", PARTITIONS, 3000));
+    let log = refused(&mut other_lease);
+    assert!(log.contains("cluster.lease_ms"), "{log}");
+
+    let mut same_name = Engine::start(&nats.url(), &cluster_config("kpi-a"));
+    let log = refused(&mut same_name);
+    assert!(
+        log.contains("cluster.engine") && log.contains("`kpi-a`"),
+        "names the setting and the name in use:\n{log}"
+    );
+
+    let mut single = Engine::start(&nats.url(), "");
+    let log = refused(&mut single);
+    assert!(
+        log.contains("[cluster]") && log.contains("nats.stream"),
+        "a single engine on the partitioned stream names [cluster]:\n{log}"
+    );
+
+    // The engine that was there kept its partitions throughout.
+    assert_eq!(
+        owned(&a, "kpi-a").await,
+        (0..PARTITIONS).collect::<BTreeSet<u32>>()
+    );
+}
