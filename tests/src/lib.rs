@@ -552,6 +552,12 @@ impl Engine {
         self.dir.path().join("store")
     }
 
+    /// Starts the engine again on the same store, without waiting for it to be ready.
+    pub fn start_again(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
     /// Starts the engine again on the same store.
     pub async fn restart(&mut self) {
         self.kill9();

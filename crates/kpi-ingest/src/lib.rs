@@ -29,6 +29,7 @@ pub mod cluster;
 mod connection;
 mod consume;
 pub mod dead_letter;
+pub mod migrate;
 pub mod ownership;
 mod partitioned;
 mod recovery;

@@ -94,14 +94,12 @@ pub fn server_version(version: &str) -> Option<(u32, u32)> {
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
-/// Multi-engine mode's streams: refuses a server older than 2.11, creates the partitioned
-/// event stream when absent and reads back the transform the server stored (an older server
-/// drops what it does not know without a word).
-pub async fn ensure_partitioned_streams(
+/// The version of the server `js` is connected to, refused when older than 2.11.
+pub(crate) async fn require_cluster_server(
     js: &jetstream::Context,
     config: &Config,
-) -> Result<stream::Stream, IngestError> {
-    // The engine connects in the background: the server's version is known once connected.
+) -> Result<String, IngestError> {
+    // A client connects in the background: the server's version is known once connected.
     let mut info = js.client().server_info();
     let waited = std::time::Instant::now();
     while info.version.is_empty() {
@@ -118,6 +116,17 @@ pub async fn ensure_partitioned_streams(
             info.server_name, config.nats.url
         )));
     }
+    Ok(version)
+}
+
+/// Multi-engine mode's streams: refuses a server older than 2.11, creates the partitioned
+/// event stream when absent and reads back the transform the server stored (an older server
+/// drops what it does not know without a word).
+pub async fn ensure_partitioned_streams(
+    js: &jetstream::Context,
+    config: &Config,
+) -> Result<stream::Stream, IngestError> {
+    let version = require_cluster_server(js, config).await?;
     let partitions = config.cluster.partitions;
     let name = &config.nats.stream;
     let events = match js.get_stream(name).await {
@@ -160,7 +169,7 @@ pub async fn ensure_partitioned_streams(
 }
 
 /// Refuses an event stream whose stored settings are not those multi-engine mode relies on.
-fn check_partitioned(
+pub(crate) fn check_partitioned(
     stored: &stream::Config,
     config: &Config,
     version: &str,

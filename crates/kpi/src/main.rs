@@ -118,6 +118,14 @@ enum Command {
         #[arg(long, short, global = true)]
         config: Option<PathBuf>,
     },
+    /// Multi-engine mode: `migrate` makes a single engine's event stream partitioned, its
+    /// history kept (README, "Moving to several engines").
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+    },
     /// Publish a CSV export (spend, leads or deals; columns in the README).
     Import {
         file: PathBuf,
@@ -156,6 +164,14 @@ enum ConfigCommand {
     /// Validate everything `kpi serve` would, print the effective configuration (defaults,
     /// file and KPI__* variables merged, secrets masked); exit 1 naming every bad key.
     Check,
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Partition the event stream (`nats.stream`) into `cluster.partitions`, in place: every
+    /// event stored so far is kept, under its tenant's partition, and the single engine's
+    /// consumer deleted. Stop the engine first; run it again if it was interrupted.
+    Migrate,
 }
 
 #[derive(Subcommand)]
@@ -207,6 +223,7 @@ fn config_path(command: &Command) -> Option<&std::path::Path> {
         | Command::Publish { config, .. }
         | Command::Report { config, .. }
         | Command::Connectors { config, .. }
+        | Command::Cluster { config, .. }
         | Command::Config { config, .. }
         | Command::Import { config, .. }
         | Command::Demo { config, .. } => config.as_deref(),
@@ -300,6 +317,13 @@ fn main() -> anyhow::Result<()> {
                     ConnectorsCommand::Reset { id } => connectors::reset(&config, &id).await,
                 }
             }
+            Command::Cluster {
+                command: ClusterCommand::Migrate,
+                config,
+            } => {
+                let config = kpi_config::Config::load(config.as_deref())?;
+                cluster_migrate(&config).await
+            }
             Command::Import {
                 file,
                 kind,
@@ -334,6 +358,34 @@ fn main() -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// `kpi cluster migrate`, with its progress on standard error.
+async fn cluster_migrate(config: &kpi_config::Config) -> anyhow::Result<()> {
+    let stream = &config.nats.stream;
+    let partitions = config.cluster.partitions;
+    let migration = kpi_ingest::migrate::migrate(config, |copied, total| {
+        if total > 0 {
+            eprintln!("{stream}: {copied} of {total} events copied under their partitions");
+        }
+    })
+    .await?;
+    if migration.already_partitioned {
+        println!("{stream} was already partitioned into {partitions}");
+    } else {
+        println!("{stream} is now partitioned into {partitions}");
+    }
+    println!(
+        "{} events stored before were copied under their tenant's partition (the originals removed){}",
+        migration.copied,
+        if migration.consumer_deleted {
+            format!("; the single engine's consumer `{}` is deleted", config.nats.consumer)
+        } else {
+            String::new()
+        }
+    );
+    println!("next: start every engine with the same [cluster] settings, each with an empty store.path (keep the old store as a backup)");
+    Ok(())
 }
 
 #[cfg(test)]

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use kpi_tests::{
-    cluster_nats_server_binary, debian_nats_server_binary, event, metric_series, metric_value,
-    nats_server_version, Engine, NatsCluster, NatsServer,
+    cluster_nats_server_binary, debian_nats_server_binary, drained, event, kpi_command,
+    metric_series, metric_value, nats_server_version, publish, Engine, NatsCluster, NatsServer,
 };
 use serde_json::{json, Value};
 
@@ -594,4 +594,148 @@ async fn engines_refuse_mismatched_cluster_settings_and_a_single_engine_refuses_
         owned(&a, "kpi-a").await,
         (0..PARTITIONS).collect::<BTreeSet<u32>>()
     );
+}
+
+/// The per-tenant figures an engine answers for `tenants`.
+async fn answers(engine: &Engine, tenants: &[String]) -> Vec<(String, Expected)> {
+    let mut figures_of = Vec::new();
+    for tenant in tenants {
+        let (status, body) = engine
+            .get(&format!("/api/v1/kpis?tenant={tenant}&period=2025-06"))
+            .await;
+        assert_eq!(status, 200, "{tenant}: {body}");
+        figures_of.push((tenant.clone(), figures(&body)));
+    }
+    figures_of
+}
+
+fn rejected_total(metrics: &str) -> f64 {
+    metric_series(metrics, "kpi_events_rejected_total")
+        .into_iter()
+        .map(|(_, value)| value)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_engine_install_moves_to_several_engines_with_its_history() {
+    let nats = NatsServer::start_binary(&cluster_nats_server_binary(), None, &[]);
+    let client = nats.client().await;
+    let tenants: Vec<String> = (0..40).map(tenant).collect();
+    let history = |steps: std::ops::Range<usize>| {
+        let mut events = Vec::new();
+        for tenant in &tenants {
+            for step in steps.clone() {
+                events.extend(events_of(tenant, step));
+            }
+        }
+        events
+    };
+
+    // A single engine's history, with an invalid event (a dead letter, counted once).
+    let mut single = Engine::start(&nats.url(), "");
+    single.wait_ready().await;
+    let mut events = history(0..6);
+    events.push((
+        "kpi.events.t0000.lead.created".into(),
+        "{not json".into(),
+        Some("broken".into()),
+    ));
+    publish(&client, &events).await;
+    kpi_tests::wait_until(
+        "the single engine applied the history",
+        Duration::from_secs(60),
+        || drained(&client, "kpi-engine"),
+    )
+    .await;
+    let before = answers(&single, &tenants).await;
+    for (tenant, seen) in &before {
+        assert_eq!(*seen, expected_after(6), "{tenant} before the migration");
+    }
+    assert_eq!(rejected_total(&single.metrics().await), 1.0);
+    assert!(single.stop().success());
+
+    // The migration, with the cluster's settings.
+    let config = single.dir.path().join("cluster.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[nats]\nurl = \"{}\"\n{}",
+            nats.url(),
+            cluster_config("kpi-a")
+        ),
+    )
+    .unwrap();
+    let migrate = || {
+        let output = kpi_command()
+            .args(["cluster", "migrate", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            output.status.success(),
+            "kpi cluster migrate failed:\n{text}"
+        );
+        text
+    };
+    let text = migrate();
+    let stored = events.len() as u64;
+    assert!(
+        text.contains("now partitioned into 16") && text.contains(&format!("{stored} events")),
+        "{text}"
+    );
+
+    // The single engine's store is refused in multi-engine mode.
+    single.set_extra_config(&cluster_config("kpi-a"));
+    single.start_again();
+    let log = refused(&mut single);
+    assert!(log.contains("store.path"), "{log}");
+
+    // Producers go on publishing, unchanged; engines in multi-engine mode, each from an
+    // empty store, rebuild the history and apply the rest.
+    publish(&client, &history(6..9)).await;
+    let mut a = start_engine_on(&nats.url(), "kpi-a");
+    let mut b = start_engine_on(&nats.url(), "kpi-b");
+    a.wait_ready().await;
+    b.wait_ready().await;
+    settled(&[(&a, "kpi-a"), (&b, "kpi-b")], Duration::from_secs(60)).await;
+    for (engine, name) in [(&a, "kpi-a"), (&b, "kpi-b")] {
+        for tenant in &tenants {
+            agrees(engine, name, tenant.clone(), expected_after(9)).await;
+        }
+    }
+    let rejected = rejected_total(&a.metrics().await) + rejected_total(&b.metrics().await);
+    assert_eq!(
+        rejected, 1.0,
+        "the dead letter is counted once, by its partition's owner"
+    );
+
+    // No event is left under its old subject, and a second run has nothing to do.
+    let js = async_nats::jetstream::new(client.clone());
+    let stream = js.get_stream("KPI_EVENTS").await.unwrap();
+    let left = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: "kpi.events.>".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .num_pending;
+    assert_eq!(left, 0, "events still under their unpartitioned subject");
+    let text = migrate();
+    assert!(
+        text.contains("already partitioned") && text.contains("0 events"),
+        "{text}"
+    );
+}
+
+fn start_engine_on(url: &str, name: &str) -> Engine {
+    Engine::start(url, &cluster_config(name))
 }
