@@ -20,15 +20,37 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::Datelike;
-use kpi_ingest::EngineState;
 use kpi_model::event::is_valid_tenant;
 use kpi_model::{
-    KpiReport, KpiSeries, Page, Period, RetentionReport, RetentionSeries, Rows, Scope, Window,
+    Aggregates, Clock, CounterKey, KpiReport, KpiSeries, Page, Period, RetentionReport,
+    RetentionSeries, Rows, Scope, Tenants, Window,
 };
-use prometheus::{Encoder, TextEncoder};
+use prometheus::{Encoder, Registry, TextEncoder};
 use serde_json::json;
 
 pub use metrics::KpiCollector;
+
+/// What the server reads on this engine: the tenants' settings, the clock, the live
+/// aggregates and event counters, which tenants it shows (with several engines, those of the
+/// partitions it owns and has caught up on) and whether it is ready. The binary implements it
+/// over the ingest's state (the local implementation); the tenants other engines show are
+/// read through [`Cluster`] (the remote one).
+pub trait KpiSource: Send + Sync + 'static {
+    fn tenants(&self) -> &Tenants;
+    /// "Now" for every date decision.
+    fn clock(&self) -> &Clock;
+    fn aggregates(&self) -> std::sync::RwLockReadGuard<'_, Aggregates>;
+    fn counters(
+        &self,
+    ) -> std::sync::RwLockReadGuard<'_, std::collections::BTreeMap<CounterKey, u64>>;
+    /// Whether this engine shows `tenant` (always, with one engine).
+    fn exports(&self, tenant: &str) -> bool;
+    /// With several engines, the partition of `tenant`.
+    fn partition_of(&self, tenant: &str) -> Option<u32>;
+    /// With several engines, whether this engine shows `partition` (false with one engine).
+    fn exports_partition(&self, partition: u32) -> bool;
+    fn is_ready(&self) -> bool;
+}
 
 /// The header a forwarded request carries: the engine receiving it answers itself or says it
 /// cannot (it never forwards again).
@@ -74,7 +96,7 @@ fn unavailable(message: String) -> Response {
 /// What the tenant router needs.
 #[derive(Clone)]
 struct Routing {
-    state: Arc<EngineState>,
+    state: Arc<dyn KpiSource>,
     cluster: Option<Arc<dyn Cluster>>,
 }
 
@@ -92,11 +114,7 @@ async fn route_tenant(
     if !is_valid_tenant(&tenant) || routing.state.exports(&tenant) {
         return next.run(request).await;
     }
-    let partition = routing
-        .state
-        .cluster()
-        .map(|cluster| kpi_model::partition_of(&tenant, cluster.partitions))
-        .unwrap_or(0);
+    let partition = routing.state.partition_of(&tenant).unwrap_or(0);
     if request.headers().contains_key(FORWARDED_HEADER) {
         return unavailable(format!(
             "tenant `{tenant}`: partition {partition} is changing engines; retry in a moment"
@@ -221,7 +239,9 @@ type Params = Query<HashMap<String, String>>;
 /// What the API handlers read: the live state, and the longest list an answer may hold.
 #[derive(Clone)]
 struct Api {
-    state: Arc<EngineState>,
+    state: Arc<dyn KpiSource>,
+    /// The binary's registry: every metric of the engine, this crate's collector included.
+    registry: Registry,
     max_rows: usize,
     cluster: Option<Arc<dyn Cluster>>,
 }
@@ -253,7 +273,10 @@ fn rows(params: &HashMap<String, String>, max_rows: usize) -> Result<Rows, ApiEr
 
 /// The tenant named by `?tenant=` (default `default`), which must be known: configured, or
 /// seen in at least one event.
-fn known_tenant(state: &EngineState, params: &HashMap<String, String>) -> Result<String, ApiError> {
+fn known_tenant(
+    state: &dyn KpiSource,
+    params: &HashMap<String, String>,
+) -> Result<String, ApiError> {
     let tenant = params
         .get("tenant")
         .map(String::as_str)
@@ -263,7 +286,7 @@ fn known_tenant(state: &EngineState, params: &HashMap<String, String>) -> Result
             "tenant: `{tenant}` is not a tenant name [a-z0-9_-]{{1,64}}"
         )));
     }
-    if !state.tenants.is_configured(tenant) && state.aggregates().tenant(tenant).is_none() {
+    if !state.tenants().is_configured(tenant) && state.aggregates().tenant(tenant).is_none() {
         return Err(ApiError::not_found(format!("tenant `{tenant}` is unknown")));
     }
     Ok(tenant.to_string())
@@ -271,14 +294,14 @@ fn known_tenant(state: &EngineState, params: &HashMap<String, String>) -> Result
 
 async fn kpis(State(api): State<Api>, Query(params): Params) -> Result<Json<KpiReport>, ApiError> {
     let state = &api.state;
-    let tenant = known_tenant(state, &params)?;
+    let tenant = known_tenant(state.as_ref(), &params)?;
     let rows = rows(&params, api.max_rows)?;
-    let settings = state.tenants.get(&tenant);
+    let settings = state.tenants().get(&tenant);
     let period = match params.get("period") {
         Some(text) => text
             .parse::<Period>()
             .map_err(|error| ApiError::bad_request(format!("period: {error}")))?,
-        None => Window::Month.period_of(settings.today(state.clock.now())),
+        None => Window::Month.period_of(settings.today(state.clock().now())),
     };
     let aggregates = state.aggregates();
     Ok(Json(KpiReport::build_rows(
@@ -295,10 +318,14 @@ async fn retention(
     Query(params): Params,
 ) -> Result<Json<RetentionReport>, ApiError> {
     let state = &api.state;
-    let tenant = known_tenant(state, &params)?;
+    let tenant = known_tenant(state.as_ref(), &params)?;
     let year = match params.get("year") {
         Some(text) => parse_year("year", text)?,
-        None => state.tenants.get(&tenant).today(state.clock.now()).year(),
+        None => state
+            .tenants()
+            .get(&tenant)
+            .today(state.clock().now())
+            .year(),
     };
     let aggregates = state.aggregates();
     Ok(Json(RetentionReport::build(
@@ -385,7 +412,7 @@ async fn kpi_series(
     Query(params): Params,
 ) -> Result<Json<KpiSeries>, ApiError> {
     let state = &api.state;
-    let tenant = known_tenant(state, &params)?;
+    let tenant = known_tenant(state.as_ref(), &params)?;
     let granularity = required(&params, "granularity")?;
     let window = Window::from_label(granularity)
         .filter(|window| *window != Window::All)
@@ -409,7 +436,7 @@ async fn kpi_series(
         )));
     }
     let scope = series_scope(&params)?;
-    let settings = state.tenants.get(&tenant);
+    let settings = state.tenants().get(&tenant);
     let aggregates = state.aggregates();
     Ok(Json(KpiSeries::build(
         &tenant,
@@ -426,7 +453,7 @@ async fn retention_series(
     Query(params): Params,
 ) -> Result<Json<RetentionSeries>, ApiError> {
     let state = &api.state;
-    let tenant = known_tenant(state, &params)?;
+    let tenant = known_tenant(state.as_ref(), &params)?;
     let from = parse_year("from", required(&params, "from")?)?;
     let to = parse_year("to", required(&params, "to")?)?;
     if from > to {
@@ -452,7 +479,7 @@ async fn tenants(State(api): State<Api>, Query(params): Params) -> Result<Respon
     let rows = rows(&params, api.max_rows)?;
     let mut names: std::collections::BTreeSet<String> = api
         .state
-        .tenants
+        .tenants()
         .configured()
         .map(|(name, _)| name.clone())
         .collect();
@@ -499,7 +526,7 @@ async fn home(State(api): State<Api>, Query(params): Params) -> Response {
     let state = &api.state;
     let aggregates = state.aggregates();
     let mut names: std::collections::BTreeSet<String> = state
-        .tenants
+        .tenants()
         .configured()
         .map(|(name, _)| name.clone())
         .collect();
@@ -541,14 +568,14 @@ async fn home(State(api): State<Api>, Query(params): Params) -> Response {
             ),
         );
     }
-    let settings = state.tenants.get(&tenant);
-    let today = settings.today(state.clock.now());
+    let settings = state.tenants().get(&tenant);
+    let today = settings.today(state.clock().now());
     let mut query = page::PageQuery {
         tenant: tenant.clone(),
         period: Window::Month.period_of(today),
     };
     let known = is_valid_tenant(&tenant)
-        && (state.tenants.is_configured(&tenant) || aggregates.tenant(&tenant).is_some());
+        && (state.tenants().is_configured(&tenant) || aggregates.tenant(&tenant).is_some());
     let data = page::PageData {
         tenants,
         tenant: &tenant,
@@ -594,7 +621,7 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
-async fn readyz(State(state): State<Arc<EngineState>>) -> Response {
+async fn readyz(State(state): State<Arc<dyn KpiSource>>) -> Response {
     if state.is_ready() {
         (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response()
     } else {
@@ -607,7 +634,7 @@ async fn readyz(State(state): State<Arc<EngineState>>) -> Response {
 }
 
 async fn metrics_text(State(api): State<Api>) -> Response {
-    let families = api.state.registry.gather();
+    let families = api.registry.gather();
     let mut body = Vec::new();
     match TextEncoder::new().encode(&families, &mut body) {
         Ok(()) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response(),
@@ -657,14 +684,26 @@ async fn webhook(
     }
 }
 
+/// What the server reads and serves: this engine's KPIs, the other engines' (several
+/// engines), and the binary's metrics registry.
+pub struct Sources {
+    pub local: Arc<dyn KpiSource>,
+    pub cluster: Option<Arc<dyn Cluster>>,
+    pub registry: Registry,
+}
+
 /// The routes, over the shared state: everything but the health probes under `limits`.
 pub fn router(
-    state: Arc<EngineState>,
+    sources: Sources,
     webhooks: Option<Arc<dyn Webhooks>>,
     basic_auth: Option<Arc<security::BasicAuth>>,
     limits: &server::Limits,
-    cluster: Option<Arc<dyn Cluster>>,
 ) -> Router {
+    let Sources {
+        local: state,
+        cluster,
+        registry,
+    } = sources;
     // The routes about one tenant, which another engine may have to answer.
     let by_tenant = Router::new()
         .route("/", get(home))
@@ -692,6 +731,7 @@ pub fn router(
     }
     let mut limited = protected.fallback(not_found).with_state(Api {
         state: state.clone(),
+        registry,
         max_rows: limits.max_rows,
         cluster,
     });
@@ -713,11 +753,10 @@ pub fn router(
 /// with `security.tls`, it speaks HTTPS only.
 pub async fn serve(
     addr: SocketAddr,
-    state: Arc<EngineState>,
+    sources: Sources,
     webhooks: Option<Arc<dyn Webhooks>>,
     security: security::Security,
     limits: server::Limits,
-    cluster: Option<Arc<dyn Cluster>>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<(
     SocketAddr,
@@ -726,7 +765,7 @@ pub async fn serve(
 )> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let app = router(state, webhooks, security.basic_auth, &limits, cluster);
+    let app = router(sources, webhooks, security.basic_auth, &limits);
     let task = tokio::spawn(server::run(
         listener,
         app.clone(),

@@ -22,13 +22,13 @@ use std::sync::{Arc, Mutex};
 
 use chrono::Datelike;
 use kpi_config::MetricsConfig;
-use kpi_ingest::EngineState;
 use kpi_model::aggregate::PeriodCells;
 use kpi_model::event::{EventType, RejectReason, INVALID_TENANT};
 use kpi_model::money::to_f64;
 use kpi_model::report::{cac_gauge, ratio, roas, roi};
-use kpi_model::{Cell, Period, RetentionReport, TenantAggregates, Window};
-use kpi_store::CounterKey;
+use kpi_model::{Cell, CounterKey, Period, RetentionReport, TenantAggregates, Window};
+
+use crate::KpiSource;
 
 /// The `window` label of the rolling last 30 days (today included), and of the 30 days
 /// before them.
@@ -289,14 +289,14 @@ impl Families {
 
 /// The collector registered in the engine's registry.
 pub struct KpiCollector {
-    state: Arc<EngineState>,
+    state: Arc<dyn KpiSource>,
     bounds: MetricsConfig,
     families: Mutex<Families>,
     descs: Vec<Desc>,
 }
 
 impl KpiCollector {
-    pub fn new(state: Arc<EngineState>, bounds: MetricsConfig) -> KpiCollector {
+    pub fn new(state: Arc<dyn KpiSource>, bounds: MetricsConfig) -> KpiCollector {
         let families = Families::new();
         let descs = families
             .collectors()
@@ -389,12 +389,12 @@ impl Families {
     fn fill_tenant(
         &self,
         tenant: &str,
-        state: &EngineState,
+        state: &dyn KpiSource,
         aggregates: Option<&TenantAggregates>,
         bounds: &MetricsConfig,
     ) {
-        let settings = state.tenants.get(tenant);
-        let today = settings.today(state.clock.now());
+        let settings = state.tenants().get(tenant);
+        let today = settings.today(state.clock().now());
         let currency = settings.currency.as_str();
         let all_time = aggregates.and_then(|a| a.period(&Period::All));
         let (channels, channels_omitted) = top(
@@ -580,9 +580,9 @@ impl Families {
 }
 
 /// Tenants shown on /metrics: configured ones first, then the others by name, at most `limit`.
-pub fn exported_tenants(state: &EngineState, limit: usize) -> Vec<String> {
+pub fn exported_tenants(state: &dyn KpiSource, limit: usize) -> Vec<String> {
     let mut configured: Vec<String> = state
-        .tenants
+        .tenants()
         .configured()
         .map(|(name, _)| name.clone())
         .collect();
@@ -593,7 +593,7 @@ pub fn exported_tenants(state: &EngineState, limit: usize) -> Vec<String> {
     let others = aggregates
         .tenants
         .keys()
-        .filter(|name| !state.tenants.is_configured(name) && state.exports(name))
+        .filter(|name| !state.tenants().is_configured(name) && state.exports(name))
         .cloned();
     configured.into_iter().chain(others).take(limit).collect()
 }
@@ -606,11 +606,16 @@ impl Collector for KpiCollector {
     fn collect(&self) -> Vec<MetricFamily> {
         let families = self.families.lock().unwrap_or_else(|e| e.into_inner());
         families.reset();
-        let tenants = exported_tenants(&self.state, self.bounds.max_tenants);
+        let tenants = exported_tenants(self.state.as_ref(), self.bounds.max_tenants);
         {
             let aggregates = self.state.aggregates();
             for tenant in &tenants {
-                families.fill_tenant(tenant, &self.state, aggregates.tenant(tenant), &self.bounds);
+                families.fill_tenant(
+                    tenant,
+                    self.state.as_ref(),
+                    aggregates.tenant(tenant),
+                    &self.bounds,
+                );
             }
         }
         // Every counter of a known tenant exists from the start, at 0, as Prometheus expects of
@@ -661,11 +666,7 @@ impl Collector for KpiCollector {
             {
                 // Multi-engine mode: an invalid tenant's rejections, counted per partition,
                 // shown by the partition's owner.
-                if self
-                    .state
-                    .cluster()
-                    .is_some_and(|cluster| cluster.exports_partition(partition))
-                {
+                if self.state.exports_partition(partition) {
                     family
                         .with_label_values(&[INVALID_TENANT, label])
                         .inc_by(*value as f64);
@@ -697,7 +698,12 @@ mod tests {
     use std::convert::Infallible;
 
     use chrono::{DateTime, Utc};
-    use kpi_model::{Clock, DecodeLimits, Record, RecordKey, TenantSettings, Tenants, WorkingSet};
+    use std::collections::BTreeMap;
+    use std::sync::{RwLock, RwLockReadGuard};
+
+    use kpi_model::{
+        Aggregates, Clock, DecodeLimits, Record, RecordKey, TenantSettings, Tenants, WorkingSet,
+    };
     use prometheus::core::Collector;
 
     use super::*;
@@ -729,16 +735,50 @@ mod tests {
             .with_timezone(&Utc)
     }
 
-    /// An engine state on `clock` with one lead per tenant, created at `lead_time`.
-    fn state_with_leads(clock: Clock, lead_time: &str, tenants: &[&str]) -> Arc<EngineState> {
+    /// What one engine shows: everything.
+    struct Source {
+        tenants: Tenants,
+        clock: Clock,
+        aggregates: RwLock<Aggregates>,
+        counters: RwLock<BTreeMap<CounterKey, u64>>,
+    }
+
+    impl KpiSource for Source {
+        fn tenants(&self) -> &Tenants {
+            &self.tenants
+        }
+        fn clock(&self) -> &Clock {
+            &self.clock
+        }
+        fn aggregates(&self) -> RwLockReadGuard<'_, Aggregates> {
+            self.aggregates.read().expect("not poisoned")
+        }
+        fn counters(&self) -> RwLockReadGuard<'_, BTreeMap<CounterKey, u64>> {
+            self.counters.read().expect("not poisoned")
+        }
+        fn exports(&self, _tenant: &str) -> bool {
+            true
+        }
+        fn partition_of(&self, _tenant: &str) -> Option<u32> {
+            None
+        }
+        fn exports_partition(&self, _partition: u32) -> bool {
+            false
+        }
+        fn is_ready(&self) -> bool {
+            true
+        }
+    }
+
+    /// An engine on `clock` with one lead per tenant, created at `lead_time`.
+    fn state_with_leads(clock: Clock, lead_time: &str, tenants: &[&str]) -> Arc<Source> {
         let paris = TenantSettings {
             timezone: chrono_tz::Europe::Paris,
             ..TenantSettings::default()
         };
         let settings = Tenants::new(HashMap::from([("paris".to_string(), paris)]));
-        let state = EngineState::new(settings, clock).expect("metrics register");
         let mut set = WorkingSet::new();
-        let mut batch = set.batch(&Nothing, &state.tenants);
+        let mut batch = set.batch(&Nothing, &settings);
         for tenant in tenants {
             let body = format!(
                 r#"{{"specversion":"1.0","id":"e-{tenant}","source":"t","type":"lead.created","time":"{lead_time}","data":{{"lead_id":"L1","channel":"seo"}}}}"#
@@ -752,9 +792,14 @@ mod tests {
             .expect("valid event");
             batch.apply(&event).expect("applies");
         }
-        let delta = set.take_delta(&state.tenants);
-        state.apply(delta, &Default::default());
-        Arc::new(state)
+        let mut aggregates = Aggregates::default();
+        aggregates.merge(set.take_delta(&settings));
+        Arc::new(Source {
+            tenants: settings,
+            clock,
+            aggregates: RwLock::new(aggregates),
+            counters: RwLock::new(BTreeMap::new()),
+        })
     }
 
     fn leads_gauge(collector: &KpiCollector, tenant: &str, window: &str) -> Option<f64> {

@@ -432,8 +432,8 @@ async fn respond(
     }
 }
 
-/// The cluster metrics of SPEC section 5, read at every scrape.
-pub(crate) struct ClusterCollector {
+/// The cluster metrics of SPEC section 5, read at every scrape (registered by the binary).
+pub struct ClusterCollector {
     view: Arc<ClusterView>,
     owned: IntGaugeVec,
     lag: IntGaugeVec,
@@ -442,7 +442,7 @@ pub(crate) struct ClusterCollector {
 }
 
 impl ClusterCollector {
-    pub(crate) fn new(view: Arc<ClusterView>) -> Result<ClusterCollector, prometheus::Error> {
+    pub fn new(view: Arc<ClusterView>) -> Result<ClusterCollector, prometheus::Error> {
         Ok(ClusterCollector {
             view,
             owned: IntGaugeVec::new(

@@ -154,7 +154,6 @@ pub struct EngineState {
     pub tenants: Tenants,
     /// "Now" for every date decision (current periods, the future-time check).
     pub clock: Clock,
-    pub registry: Registry,
     pub metrics: EngineMetrics,
     aggregates: RwLock<Aggregates>,
     counters: RwLock<BTreeMap<CounterKey, u64>>,
@@ -164,13 +163,16 @@ pub struct EngineState {
 }
 
 impl EngineState {
-    pub fn new(tenants: Tenants, clock: Clock) -> Result<EngineState, prometheus::Error> {
-        let registry = Registry::new();
-        let metrics = EngineMetrics::new(&registry)?;
+    /// The engine's state, its metrics registered in `registry` (the binary's).
+    pub fn new(
+        tenants: Tenants,
+        clock: Clock,
+        registry: &Registry,
+    ) -> Result<EngineState, prometheus::Error> {
+        let metrics = EngineMetrics::new(registry)?;
         Ok(EngineState {
             tenants,
             clock,
-            registry,
             metrics,
             aggregates: RwLock::new(Aggregates::default()),
             counters: RwLock::new(BTreeMap::new()),
@@ -201,13 +203,9 @@ impl EngineState {
         self.cluster.get()
     }
 
-    /// Turns multi-engine mode on (once), registering its metrics.
-    pub fn set_cluster(&self, cluster: Arc<ClusterView>) -> Result<(), prometheus::Error> {
-        if self.cluster.set(cluster.clone()).is_ok() {
-            self.registry
-                .register(Box::new(crate::cluster::ClusterCollector::new(cluster)?))?;
-        }
-        Ok(())
+    /// Turns multi-engine mode on (once; its metrics are [`crate::cluster::ClusterCollector`]).
+    pub fn set_cluster(&self, cluster: Arc<ClusterView>) {
+        let _ = self.cluster.set(cluster);
     }
 
     /// Whether this engine shows `tenant` (on /metrics and in the API): always with one

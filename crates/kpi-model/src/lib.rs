@@ -19,6 +19,7 @@
 pub mod aggregate;
 pub mod batch;
 pub mod clock;
+pub mod counter;
 pub mod encode;
 pub mod event;
 pub mod money;
@@ -31,6 +32,7 @@ pub mod settings;
 pub use aggregate::{contribute, Aggregates, Cell, TenantAggregates};
 pub use batch::{aggregate_records, Batch, BatchOutput, Outcome, RecordSource, WorkingSet};
 pub use clock::Clock;
+pub use counter::CounterKey;
 pub use event::{
     decode_event, DecodeLimits, Event, EventData, EventType, RejectReason, Rejection, Timestamp,
     Version,

@@ -109,51 +109,41 @@ pub enum StoreError {
     },
 }
 
-/// Which event counter.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum CounterKey {
-    /// `kpi_events_processed_total{tenant,type}`
-    Processed { tenant: String, event_type: String },
-    /// `kpi_events_duplicate_total{tenant,type}`
-    Duplicate { tenant: String, event_type: String },
-    /// `kpi_events_rejected_total{tenant,reason}`
-    Rejected { tenant: String, reason: String },
+pub use kpi_model::CounterKey;
+
+/// A counter's key in the store: prefix, kind, tenant, 0, label.
+fn counter_key(key: &CounterKey) -> Vec<u8> {
+    let (kind, tenant, label) = match key {
+        CounterKey::Processed { tenant, event_type } => (b'p', tenant, event_type),
+        CounterKey::Duplicate { tenant, event_type } => (b'd', tenant, event_type),
+        CounterKey::Rejected { tenant, reason } => (b'r', tenant, reason),
+    };
+    let mut bytes = vec![COUNTER_PREFIX, kind];
+    bytes.extend_from_slice(tenant.as_bytes());
+    bytes.push(0);
+    bytes.extend_from_slice(label.as_bytes());
+    bytes
 }
 
-impl CounterKey {
-    fn encode(&self) -> Vec<u8> {
-        let (kind, tenant, label) = match self {
-            CounterKey::Processed { tenant, event_type } => (b'p', tenant, event_type),
-            CounterKey::Duplicate { tenant, event_type } => (b'd', tenant, event_type),
-            CounterKey::Rejected { tenant, reason } => (b'r', tenant, reason),
-        };
-        let mut key = vec![COUNTER_PREFIX, kind];
-        key.extend_from_slice(tenant.as_bytes());
-        key.push(0);
-        key.extend_from_slice(label.as_bytes());
-        key
-    }
-
-    fn decode(bytes: &[u8]) -> Option<CounterKey> {
-        let (&kind, rest) = bytes.get(1..)?.split_first()?;
-        let split = rest.iter().position(|&b| b == 0)?;
-        let tenant = String::from_utf8(rest[..split].to_vec()).ok()?;
-        let label = String::from_utf8(rest[split + 1..].to_vec()).ok()?;
-        match kind {
-            b'p' => Some(CounterKey::Processed {
-                tenant,
-                event_type: label,
-            }),
-            b'd' => Some(CounterKey::Duplicate {
-                tenant,
-                event_type: label,
-            }),
-            b'r' => Some(CounterKey::Rejected {
-                tenant,
-                reason: label,
-            }),
-            _ => None,
-        }
+fn decode_counter_key(bytes: &[u8]) -> Option<CounterKey> {
+    let (&kind, rest) = bytes.get(1..)?.split_first()?;
+    let split = rest.iter().position(|&b| b == 0)?;
+    let tenant = String::from_utf8(rest[..split].to_vec()).ok()?;
+    let label = String::from_utf8(rest[split + 1..].to_vec()).ok()?;
+    match kind {
+        b'p' => Some(CounterKey::Processed {
+            tenant,
+            event_type: label,
+        }),
+        b'd' => Some(CounterKey::Duplicate {
+            tenant,
+            event_type: label,
+        }),
+        b'r' => Some(CounterKey::Rejected {
+            tenant,
+            reason: label,
+        }),
+        _ => None,
     }
 }
 
@@ -418,7 +408,7 @@ impl Store {
             batch.remove(&previous.wait()?);
         }
         for (key, value) in &commit.counters {
-            batch.insert(key.encode(), &value.to_be_bytes());
+            batch.insert(counter_key(key), &value.to_be_bytes());
         }
         for sequence in &commit.rejected_sequences {
             batch.insert(&rejected_key(*sequence), &[]);
@@ -515,7 +505,7 @@ impl Store {
         for entry in self.db.scan_prefix([COUNTER_PREFIX]) {
             let (key, value) = entry?;
             if let (Some(key), Ok(bytes)) = (
-                CounterKey::decode(&key),
+                decode_counter_key(&key),
                 <[u8; 8]>::try_from(value.as_ref()),
             ) {
                 counters.insert(key, u64::from_be_bytes(bytes));

@@ -27,7 +27,10 @@ pub async fn run(config_path: Option<&Path>, clock: Clock) -> anyhow::Result<()>
     let store = tokio::task::spawn_blocking(move || Store::open(&store_path, cache)).await??;
 
     check_store_mode(&store, &config).await?;
-    let state = Arc::new(EngineState::new(config.tenants(), clock)?);
+    // The binary's registry: the engine's, the cluster's, the KPIs', the connectors' and the
+    // process's metrics.
+    let registry = prometheus::Registry::new();
+    let state = Arc::new(EngineState::new(config.tenants(), clock, &registry)?);
     // Multi-engine mode: the view exists before anything is shown, so that nothing of a
     // partition this engine does not own is (its store may hold an old copy).
     let cluster = if config.cluster.enabled {
@@ -37,24 +40,27 @@ pub async fn run(config_path: Option<&Path>, clock: Clock) -> anyhow::Result<()>
             config.nats.stream.clone(),
             Duration::from_millis(config.cluster.lease_ms),
         ));
-        state
-            .set_cluster(view)
+        registry
+            .register(Box::new(kpi_ingest::cluster::ClusterCollector::new(
+                view.clone(),
+            )?))
             .context("registering the cluster metrics")?;
+        state.set_cluster(view);
         Some(Arc::new(ClusterLink::default()))
     } else {
         None
     };
-    register_process_metrics(&state.registry).context("registering the process metrics")?;
-    state
-        .registry
+    register_process_metrics(&registry).context("registering the process metrics")?;
+    let source: Arc<dyn kpi_http::KpiSource> = Arc::new(Local(state.clone()));
+    registry
         .register(Box::new(KpiCollector::new(
-            state.clone(),
+            source.clone(),
             config.metrics.clone(),
         )))
         .context("registering the KPI collector")?;
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let connector_metrics = kpi_connect::ConnectorMetrics::new(&state.registry)
+    let connector_metrics = kpi_connect::ConnectorMetrics::new(&registry)
         .context("registering the connector metrics")?;
     let webhooks = Arc::new(crate::connectors::webhooks(
         &config,
@@ -74,15 +80,19 @@ pub async fn run(config_path: Option<&Path>, clock: Clock) -> anyhow::Result<()>
     } else {
         "http"
     };
+    let sources = kpi_http::Sources {
+        local: source,
+        cluster: cluster
+            .clone()
+            .map(|link| link as Arc<dyn kpi_http::Cluster>),
+        registry,
+    };
     let (address, http, router) = kpi_http::serve(
         config.listen_addr(),
-        state.clone(),
+        sources,
         http_webhooks,
         security,
         http_limits(&config),
-        cluster
-            .clone()
-            .map(|link| link as Arc<dyn kpi_http::Cluster>),
         stopped.clone(),
     )
     .await
@@ -173,6 +183,43 @@ pub async fn run(config_path: Option<&Path>, clock: Clock) -> anyhow::Result<()>
 /// connected.
 #[derive(Default)]
 struct ClusterLink(std::sync::OnceLock<kpi_ingest::cluster::Forwarder>);
+
+/// What the HTTP server reads on this engine: the ingest's live state.
+struct Local(Arc<EngineState>);
+
+impl kpi_http::KpiSource for Local {
+    fn tenants(&self) -> &kpi_model::Tenants {
+        &self.0.tenants
+    }
+    fn clock(&self) -> &Clock {
+        &self.0.clock
+    }
+    fn aggregates(&self) -> std::sync::RwLockReadGuard<'_, kpi_model::Aggregates> {
+        self.0.aggregates()
+    }
+    fn counters(
+        &self,
+    ) -> std::sync::RwLockReadGuard<'_, std::collections::BTreeMap<kpi_model::CounterKey, u64>>
+    {
+        self.0.counters()
+    }
+    fn exports(&self, tenant: &str) -> bool {
+        self.0.exports(tenant)
+    }
+    fn partition_of(&self, tenant: &str) -> Option<u32> {
+        self.0
+            .cluster()
+            .map(|cluster| kpi_model::partition_of(tenant, cluster.partitions))
+    }
+    fn exports_partition(&self, partition: u32) -> bool {
+        self.0
+            .cluster()
+            .is_some_and(|cluster| cluster.exports_partition(partition))
+    }
+    fn is_ready(&self) -> bool {
+        self.0.is_ready()
+    }
+}
 
 impl kpi_http::Cluster for ClusterLink {
     fn forward<'a>(
