@@ -27,7 +27,7 @@ fn prometheus_config_and_rules_pass_promtool_and_their_unit_tests() {
     assert!(ok, "{text}");
     let (ok, text) = promtool(&["check", "rules", "rules/kpi.yml"]);
     assert!(ok, "{text}");
-    assert!(text.contains("SUCCESS: 14 rules found"), "{text}");
+    assert!(text.contains("SUCCESS: 17 rules found"), "{text}");
     let (ok, text) = promtool(&["test", "rules", "tests/kpi_test.yml"]);
     assert!(ok, "{text}");
 
@@ -63,7 +63,7 @@ fn prometheus_config_and_rules_pass_promtool_and_their_unit_tests() {
             );
         }
     }
-    assert_eq!(alerts, 14);
+    assert_eq!(alerts, 17);
 }
 
 /// The repository's rules with every `for:` shortened to two seconds, so that a test sees an
@@ -275,6 +275,11 @@ fn dashboard_queries(file: &str) -> Vec<(String, String)> {
                 !expr.contains('$'),
                 "{file}: a variable without a default in {expr}"
             );
+            // The Cluster row reads the metrics of several engines ([cluster] enabled), which
+            // the single engine scraped here does not export: the cluster tests check them.
+            if expr.contains("kpi_engine_partition_") || expr.contains("kpi_engine_cluster_") {
+                continue;
+            }
             queries.push((panel["title"].as_str().unwrap().to_string(), expr));
         }
     }
@@ -413,16 +418,60 @@ fn toml_value(path: &std::path::Path, section: &str, key: &str) -> String {
     panic!("{}: no {section}.{key}", path.display())
 }
 
+/// Whether a compose service is in `profile` (`docker compose --profile PROFILE up`).
+fn in_profile(service: &yaml_rust2::Yaml, profile: &str) -> bool {
+    service["profiles"]
+        .as_vec()
+        .is_some_and(|profiles| profiles.iter().any(|p| p.as_str() == Some(profile)))
+}
+
+/// Whether a `nats:` image is a nats-server with the pinned-client fixes that multi-engine
+/// mode relies on: 2.12.12 or later in 2.12, 2.14.3 or later in 2.14, or a later minor.
+fn nats_image_has_the_pinned_client_fixes(image: &str) -> bool {
+    let Some(tag) = image.strip_prefix("nats:") else {
+        return false;
+    };
+    // `2.12.12-alpine`: 2, 12, 12; a tag without a patch version (`2.12-alpine`) moves.
+    let version: Vec<u32> = tag
+        .split(['.', '-'])
+        .take(3)
+        .map(|part| part.parse::<u32>().unwrap_or(0))
+        .collect();
+    match version.as_slice() {
+        [2, 12, patch] => *patch >= 12,
+        [2, 14, patch] => *patch >= 3,
+        [2, minor, _] => *minor > 14,
+        [major, _, _] => *major > 2,
+        _ => false,
+    }
+}
+
 #[test]
 fn compose_mounts_existing_files_and_agrees_with_the_configurations() {
     let compose_dir = repo_root().join("deploy/compose");
     let compose = &yaml("deploy/compose/compose.yaml")[0];
     let services = compose["services"].as_hash().unwrap();
-    let names: Vec<&str> = services.keys().map(|k| k.as_str().unwrap()).collect();
+    // `docker compose up` starts the services without a profile; `--profile cluster` adds
+    // three NATS servers and three engines.
+    let names: Vec<&str> = services
+        .iter()
+        .filter(|(_, service)| service["profiles"].is_badvalue())
+        .map(|(name, _)| name.as_str().unwrap())
+        .collect();
     assert_eq!(
         names,
         ["nats", "engine", "prometheus", "alertmanager", "grafana"]
     );
+    let cluster_names: Vec<&str> = services
+        .iter()
+        .filter(|(_, service)| in_profile(service, "cluster"))
+        .map(|(name, _)| name.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        cluster_names,
+        ["nats-1", "nats-2", "nats-3", "kpi-1", "kpi-2", "kpi-3"]
+    );
+    assert_eq!(names.len() + cluster_names.len(), services.len());
     let mut mounts = std::collections::HashMap::new();
     for (name, service) in services {
         let name = name.as_str().unwrap();
@@ -495,6 +544,87 @@ fn compose_mounts_existing_files_and_agrees_with_the_configurations() {
         }
     }
 
+    // The `cluster` profile: three NATS servers with JetStream fsyncing every write and routes
+    // to each other, and three engines of one configuration sharing the partitions on them.
+    let nats_conf = std::fs::read_to_string(compose_dir.join("nats-cluster.conf")).unwrap();
+    let setting = |line: &str| nats_conf.lines().any(|l| l.trim() == line);
+    assert!(setting("jetstream {"), "{nats_conf}");
+    assert!(setting("sync_interval: always"), "{nats_conf}");
+    assert!(setting("server_name: $NATS_SERVER_NAME"), "{nats_conf}");
+    assert!(setting("store_dir: /data"), "{nats_conf}");
+    let cluster_toml = compose_dir.join("kpi-cluster.toml");
+    assert_engine_config_is_valid(&cluster_toml);
+    assert_eq!(toml_value(&cluster_toml, "cluster", "enabled"), "true");
+    assert_eq!(toml_value(&cluster_toml, "nats", "replicas"), "3");
+    assert_eq!(toml_value(&cluster_toml, "http", "listen"), listen);
+    assert!(toml_value(&cluster_toml, "store", "path").starts_with("/var/lib/kpi/"));
+    let urls = toml_value(&cluster_toml, "nats", "url");
+    let servers: Vec<&str> = urls.split(',').map(str::trim).collect();
+    assert_eq!(
+        servers,
+        [
+            "nats://nats-1:4222",
+            "nats://nats-2:4222",
+            "nats://nats-3:4222"
+        ]
+    );
+    for n in 1..=3 {
+        let server = format!("nats-{n}");
+        let nats = &compose["services"][server.as_str()];
+        let image = nats["image"].as_str().unwrap();
+        assert!(
+            nats_image_has_the_pinned_client_fixes(image),
+            "{server}: {image}"
+        );
+        assert_eq!(
+            nats["environment"]["NATS_SERVER_NAME"].as_str(),
+            Some(server.as_str())
+        );
+        assert_eq!(
+            nats["command"][1].as_str(),
+            Some("/etc/nats/nats-cluster.conf")
+        );
+        let volumes = nats["volumes"].as_vec().unwrap();
+        assert!(volumes
+            .iter()
+            .any(|v| v.as_str() == Some("./nats-cluster.conf:/etc/nats/nats-cluster.conf:ro")));
+        assert!(volumes
+            .iter()
+            .any(|v| v.as_str() == Some(format!("nats-{n}-data:/data").as_str())));
+        assert!(
+            setting(format!("nats://{server}:6222").as_str()),
+            "no route to {server}: {nats_conf}"
+        );
+
+        let name = format!("kpi-{n}");
+        let kpi = &compose["services"][name.as_str()];
+        assert_eq!(
+            kpi["environment"]["KPI__CLUSTER__ENGINE"].as_str(),
+            Some(name.as_str())
+        );
+        assert_eq!(kpi["build"], engine["build"]);
+        assert_eq!(kpi["image"], engine["image"]);
+        assert_eq!(kpi["command"], engine["command"]);
+        let volumes = kpi["volumes"].as_vec().unwrap();
+        assert!(volumes
+            .iter()
+            .any(|v| v.as_str() == Some("./kpi-cluster.toml:/etc/kpi/kpi.toml:ro")));
+        assert!(volumes
+            .iter()
+            .any(|v| v.as_str() == Some(format!("kpi-{n}-data:/var/lib/kpi").as_str())));
+        assert_eq!(
+            kpi["ports"][0].as_str(),
+            Some(format!("127.0.0.1:{}:9464", 9464 + n).as_str())
+        );
+        for peer in ["nats-1", "nats-2", "nats-3"] {
+            assert_eq!(
+                kpi["depends_on"][peer]["condition"].as_str(),
+                Some("service_healthy"),
+                "{name} waits for {peer}"
+            );
+        }
+    }
+
     // Prometheus scrapes the engine service and sends to the alertmanager service; its rules
     // are mounted where rule_files looks.
     let prometheus = &yaml("deploy/prometheus/prometheus.yml")[0];
@@ -510,6 +640,16 @@ fn compose_mounts_existing_files_and_agrees_with_the_configurations() {
         prometheus["rule_files"][0].as_str(),
         Some("/etc/prometheus/rules/*.yml")
     );
+    // The engines of the `cluster` profile, found by name when they run (job kpi-engine too).
+    let found = &prometheus["scrape_configs"][0]["dns_sd_configs"][0];
+    let found_names: Vec<&str> = found["names"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|name| name.as_str().unwrap())
+        .collect();
+    assert_eq!(found_names, ["kpi-1", "kpi-2", "kpi-3"]);
+    assert_eq!(found["port"].as_i64(), Some(9464));
     assert_eq!(mounts["../prometheus/rules"].1, "/etc/prometheus/rules");
     assert_eq!(
         mounts["../prometheus/prometheus.yml"].1,
@@ -813,6 +953,244 @@ fn kubernetes_manifests_are_consistent_and_their_configuration_valid() {
         Some(format!("kpi-engine;{port}").as_str()),
         "keeps the kpi-engine Service's {port} port only"
     );
+}
+
+/// The first document of a manifest of kind `kind`.
+fn document<'a>(documents: &'a [yaml_rust2::Yaml], kind: &str) -> &'a yaml_rust2::Yaml {
+    documents
+        .iter()
+        .find(|document| document["kind"].as_str() == Some(kind))
+        .unwrap_or_else(|| panic!("no {kind}"))
+}
+
+/// The `containerPort` of a container's port named `name`.
+fn container_port(container: &yaml_rust2::Yaml, name: &str) -> i64 {
+    container["ports"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .find(|port| port["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no port {name}"))["containerPort"]
+        .as_i64()
+        .unwrap()
+}
+
+/// Where a container mounts volume `volume`.
+fn mount_path(container: &yaml_rust2::Yaml, volume: &str) -> String {
+    container["volumeMounts"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .find(|mount| mount["name"].as_str() == Some(volume))
+        .unwrap_or_else(|| panic!("no mount of {volume}"))["mountPath"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn kubernetes_cluster_manifests_run_three_engines_on_a_three_node_nats_cluster() {
+    let kustomization = &yaml("deploy/kubernetes/cluster/kustomization.yaml")[0];
+    let resources: Vec<&str> = kustomization["resources"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|resource| resource.as_str().unwrap())
+        .collect();
+    assert_eq!(resources, ["nats-cluster.yaml", "kpi-engine-cluster.yaml"]);
+    let nats = yaml("deploy/kubernetes/cluster/nats-cluster.yaml");
+    let engines = yaml("deploy/kubernetes/cluster/kpi-engine-cluster.yaml");
+
+    // NATS: three servers named after their pods, JetStream on the claimed volume fsyncing
+    // every write, routes to the three pods' stable names under the headless Service.
+    let nats_set = document(&nats, "StatefulSet");
+    assert_eq!(nats_set["spec"]["replicas"].as_i64(), Some(3));
+    let nats_pod = &nats_set["spec"]["template"]["spec"];
+    let nats_container = &nats_pod["containers"][0];
+    let nats_image = nats_container["image"].as_str().unwrap();
+    assert!(
+        nats_image_has_the_pinned_client_fixes(nats_image),
+        "{nats_image}"
+    );
+    let nats_name = nats_set["metadata"]["name"].as_str().unwrap();
+    let nats_service = nats_set["spec"]["serviceName"].as_str().unwrap();
+    let nats_governing = nats
+        .iter()
+        .find(|document| {
+            document["kind"].as_str() == Some("Service")
+                && document["metadata"]["name"].as_str() == Some(nats_service)
+        })
+        .expect("the NATS StatefulSet's serviceName is a Service of the manifest");
+    assert_eq!(nats_governing["spec"]["clusterIP"].as_str(), Some("None"));
+    // The servers find each other before they are ready.
+    assert_eq!(
+        nats_governing["spec"]["publishNotReadyAddresses"].as_bool(),
+        Some(true)
+    );
+    let nats_map = document(&nats, "ConfigMap");
+    let nats_conf = nats_map["data"]["nats.conf"].as_str().unwrap();
+    let setting = |line: &str| nats_conf.lines().any(|l| l.trim() == line);
+    assert!(setting("jetstream {"), "{nats_conf}");
+    assert!(setting("sync_interval: always"), "{nats_conf}");
+    assert!(setting("server_name: $SERVER_NAME"), "{nats_conf}");
+    let server_name = nats_container["env"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .find(|env| env["name"].as_str() == Some("SERVER_NAME"))
+        .expect("SERVER_NAME in the NATS container's environment");
+    assert_eq!(
+        server_name["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+        Some("metadata.name")
+    );
+    assert_eq!(
+        nats_pod["volumes"][0]["configMap"]["name"],
+        nats_map["metadata"]["name"]
+    );
+    let nats_config_dir = mount_path(nats_container, "config");
+    assert_eq!(
+        nats_container["args"][1].as_str(),
+        Some(format!("{nats_config_dir}/nats.conf").as_str())
+    );
+    let nats_claim = nats_set["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
+        .as_str()
+        .unwrap();
+    let nats_store = mount_path(nats_container, nats_claim);
+    assert!(
+        setting(format!("store_dir: {nats_store}").as_str()),
+        "{nats_conf}"
+    );
+    let pods: Vec<String> = (0..3)
+        .map(|index| format!("{nats_name}-{index}.{nats_service}"))
+        .collect();
+    let cluster_port = container_port(nats_container, "cluster");
+    for pod in &pods {
+        assert!(
+            setting(format!("nats://{pod}:{cluster_port}").as_str()),
+            "no route to {pod}: {nats_conf}"
+        );
+    }
+    let nats_budget = document(&nats, "PodDisruptionBudget");
+    assert_eq!(nats_budget["spec"]["maxUnavailable"].as_i64(), Some(1));
+    assert_eq!(
+        nats_budget["spec"]["selector"],
+        nats_set["spec"]["selector"]
+    );
+
+    // The engines: three, each named after its pod, with a valid configuration in cluster
+    // mode on the three NATS pods, R3 streams, and the store on the claimed volume.
+    let statefulset = document(&engines, "StatefulSet");
+    assert_eq!(statefulset["spec"]["replicas"].as_i64(), Some(3));
+    let pod = &statefulset["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let config_map = document(&engines, "ConfigMap");
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        config_map["data"]["kpi.toml"].as_str().unwrap(),
+    )
+    .unwrap();
+    assert_engine_config_is_valid(config.path());
+    assert_eq!(toml_value(config.path(), "cluster", "enabled"), "true");
+    assert_eq!(toml_value(config.path(), "nats", "replicas"), "3");
+    let urls = toml_value(config.path(), "nats", "url");
+    let servers: Vec<&str> = urls.split(',').map(str::trim).collect();
+    let client_port = container_port(nats_container, "client");
+    let expected: Vec<String> = pods
+        .iter()
+        .map(|pod| format!("nats://{pod}:{client_port}"))
+        .collect();
+    assert_eq!(servers, expected);
+    let engine_name = container["env"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .find(|env| env["name"].as_str() == Some("KPI__CLUSTER__ENGINE"))
+        .expect("KPI__CLUSTER__ENGINE in the engine's environment");
+    assert_eq!(
+        engine_name["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+        Some("metadata.name")
+    );
+    let listen = toml_value(config.path(), "http", "listen");
+    let port: i64 = listen.rsplit(':').next().unwrap().parse().unwrap();
+    assert_eq!(container_port(container, "http"), port);
+    assert_eq!(
+        container["readinessProbe"]["httpGet"]["path"].as_str(),
+        Some("/readyz")
+    );
+    assert_eq!(
+        container["envFrom"][0]["secretRef"]["name"],
+        document(&engines, "Secret")["metadata"]["name"]
+    );
+    assert_eq!(
+        pod["volumes"][0]["configMap"]["name"],
+        config_map["metadata"]["name"]
+    );
+    assert_eq!(mount_path(container, "config"), "/etc/kpi");
+    assert_eq!(container["args"][2].as_str(), Some("/etc/kpi/kpi.toml"));
+    let claim = statefulset["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
+        .as_str()
+        .unwrap();
+    let data_mount = mount_path(container, claim);
+    assert!(toml_value(config.path(), "store", "path").starts_with(&format!("{data_mount}/")));
+
+    // Spread over the nodes, one engine down at a time at most.
+    let spread = &pod["affinity"]["podAntiAffinity"]
+        ["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"];
+    assert_eq!(
+        spread["topologyKey"].as_str(),
+        Some("kubernetes.io/hostname")
+    );
+    assert_eq!(
+        spread["labelSelector"]["matchLabels"],
+        statefulset["spec"]["selector"]["matchLabels"]
+    );
+    let budget = document(&engines, "PodDisruptionBudget");
+    assert_eq!(budget["spec"]["maxUnavailable"].as_i64(), Some(1));
+    assert_eq!(budget["spec"]["selector"], statefulset["spec"]["selector"]);
+
+    // The Services: a headless one governs the StatefulSet, and the client one is what the
+    // ServiceMonitor of deploy/kubernetes selects (every engine scraped, job="kpi-engine").
+    let services: Vec<&yaml_rust2::Yaml> = engines
+        .iter()
+        .filter(|document| document["kind"].as_str() == Some("Service"))
+        .collect();
+    let governing = services
+        .iter()
+        .find(|s| s["metadata"]["name"] == statefulset["spec"]["serviceName"])
+        .expect("the StatefulSet's serviceName is a Service of the manifest");
+    assert_eq!(governing["spec"]["clusterIP"].as_str(), Some("None"));
+    let monitor = &yaml("deploy/kubernetes/servicemonitor.yaml")[0];
+    let wanted = monitor["spec"]["selector"]["matchLabels"]
+        .as_hash()
+        .unwrap();
+    let selected: Vec<&&yaml_rust2::Yaml> = services
+        .iter()
+        .filter(|service| {
+            wanted
+                .iter()
+                .all(|(key, value)| service["metadata"]["labels"][key.as_str().unwrap()] == *value)
+        })
+        .collect();
+    assert_eq!(selected.len(), 1, "the ServiceMonitor selects one Service");
+    assert_eq!(selected[0]["metadata"]["name"].as_str(), Some("kpi-engine"));
+    assert_eq!(selected[0]["spec"]["ports"][0]["port"].as_i64(), Some(port));
+    assert_eq!(
+        selected[0]["spec"]["ports"][0]["name"].as_str(),
+        monitor["spec"]["endpoints"][0]["port"].as_str()
+    );
+
+    // The image is set in kustomization.yaml, to this version.
+    let image = container["image"].as_str().unwrap();
+    let (name, tag) = image.split_once(':').unwrap();
+    let replaced = &kustomization["images"][0];
+    assert_eq!(
+        replaced["name"].as_str(),
+        Some(name),
+        "kustomization replaces {image}"
+    );
+    assert_eq!(tag, env!("CARGO_PKG_VERSION"));
+    assert_eq!(replaced["newTag"].as_str(), Some(tag));
 }
 
 #[test]
