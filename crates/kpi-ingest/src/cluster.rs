@@ -32,6 +32,8 @@ use crate::EngineState;
 struct Held {
     /// Applied every message the partition held when the engine took it.
     caught_up: bool,
+    /// When the lease was taken.
+    taken: Instant,
     /// When the last successful renewal was sent.
     renewed: Instant,
     /// Messages of the partition not yet applied (from the last delivery's metadata).
@@ -105,13 +107,24 @@ impl ClusterView {
         self.lease * 3 / 4
     }
 
+    /// How long after taking a partition this engine waits before exporting it, caught up or
+    /// not: the engine that gave it back stopped exporting it before, and this margin keeps
+    /// the two apart for anyone comparing scrapes of both taken a moment apart.
+    fn grace(&self) -> Duration {
+        self.lease / 4
+    }
+
+    fn is_exported(&self, held: &Held, now: Instant) -> bool {
+        held.caught_up && now >= held.taken + self.grace() && now < held.renewed + self.fence()
+    }
+
     /// Whether this engine exports `partition` right now.
     pub fn exports_partition(&self, partition: u32) -> bool {
         let now = Instant::now();
         self.inner()
             .held
             .get(&partition)
-            .is_some_and(|held| held.caught_up && now < held.renewed + self.fence())
+            .is_some_and(|held| self.is_exported(held, now))
     }
 
     /// Whether this engine exports `tenant`'s partition right now.
@@ -125,7 +138,7 @@ impl ClusterView {
         self.inner()
             .held
             .iter()
-            .filter(|(_, held)| held.caught_up && now < held.renewed + self.fence())
+            .filter(|(_, held)| self.is_exported(held, now))
             .map(|(partition, _)| *partition)
             .collect()
     }
@@ -154,6 +167,7 @@ impl ClusterView {
             partition,
             Held {
                 caught_up: false,
+                taken: renewed,
                 renewed,
                 lag: 0,
             },
@@ -526,11 +540,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_partition_is_exported_only_caught_up_and_within_three_quarters_of_a_lease_of_its_renewal()
-    {
+    fn a_partition_is_exported_caught_up_past_the_grace_and_within_the_fence() {
         let view = ClusterView::new("a".into(), 4, "S".into(), Duration::from_secs(4));
         let now = Instant::now();
-        view.take(1, now);
+        view.take(1, now - Duration::from_millis(1100));
+        view.renewed(1, now);
         assert!(!view.exports_partition(1), "not caught up yet");
         assert!(!view.is_caught_up(), "not settled yet");
         view.settle(1);
@@ -554,5 +568,13 @@ mod tests {
         assert!(view.exports(&tenant));
         view.drop_partition(1);
         assert!(!view.exports(&tenant));
+        // Just taken and caught up at once: exported only a quarter of a lease after taking.
+        view.take(2, now);
+        view.caught_up(2);
+        assert!(!view.exports_partition(2), "within the grace after taking");
+        view.take(2, now - Duration::from_millis(1100));
+        view.renewed(2, now);
+        view.caught_up(2);
+        assert!(view.exports_partition(2), "past the grace");
     }
 }

@@ -43,16 +43,29 @@ enum Feed {
     CaughtUp { partition: u32, epoch: u64 },
 }
 
-/// The reader of a partition held.
+/// The reader of a partition held: dropping it stops the tasks reading the partition.
 struct Reader {
     epoch: u64,
-    task: tokio::task::JoinHandle<()>,
+    _stop: watch::Sender<()>,
 }
 
-impl Drop for Reader {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+/// What a task reading a partition is told when the partition's [`Reader`] is dropped.
+type Stop = watch::Receiver<()>;
+
+fn stopped(stop: &Stop) -> bool {
+    stop.has_changed().is_err()
+}
+
+/// Partitions taken in one round from which on they are caught up together, in one pass over
+/// the stream (the server scans the whole stream for each filtered reader; one unfiltered
+/// reader scans it once), before each gets its own reader of what comes next.
+const CATCH_UP_TOGETHER: usize = 4;
+
+/// A partition of a catch-up together.
+struct Member {
+    from: u64,
+    epoch: u64,
+    stop: Stop,
 }
 
 /// What the partitioned ingest keeps between rounds.
@@ -276,6 +289,7 @@ impl Ingest {
                 info!(partition, to = %owner, "gave the partition to another engine");
             }
         }
+        let mut taken = BTreeMap::new();
         for (partition, owner) in owners.iter().enumerate() {
             let partition = partition as u32;
             if *owner != me || partitions.readers.contains_key(&partition) {
@@ -286,20 +300,39 @@ impl Ingest {
                 partitions.epoch += 1;
                 let from = self.applied_of(partition) + 1;
                 info!(partition, from, "took the partition; catching up");
-                let task = tokio::spawn(read_partition(
-                    partitions.events.clone(),
-                    partition,
-                    from,
-                    partitions.epoch,
-                    partitions.feed.clone(),
-                ));
+                let (stop, stop_told) = watch::channel(());
                 partitions.readers.insert(
                     partition,
                     Reader {
                         epoch: partitions.epoch,
-                        task,
+                        _stop: stop,
                     },
                 );
+                taken.insert(
+                    partition,
+                    Member {
+                        from,
+                        epoch: partitions.epoch,
+                        stop: stop_told,
+                    },
+                );
+            }
+        }
+        if taken.len() >= CATCH_UP_TOGETHER {
+            tokio::spawn(catch_up_together(
+                partitions.events.clone(),
+                taken,
+                partitions.feed.clone(),
+            ));
+        } else {
+            for (partition, member) in taken {
+                tokio::spawn(read_partition(
+                    partitions.events.clone(),
+                    partition,
+                    member,
+                    false,
+                    partitions.feed.clone(),
+                ));
             }
         }
         view.settle(engines.len());
@@ -326,20 +359,28 @@ impl Ingest {
     }
 }
 
-/// Reads partition `partition` from stream sequence `from` on, handing every message over,
-/// and says when it has handed over all the partition held at the start. Re-creates its
-/// ordered consumer after an error, from the next sequence.
+/// Reads partition `partition` from stream sequence `member.from` on, handing every message
+/// over, and says when it has handed over all the partition held at the start (unless
+/// `caught_up` already). Re-creates its ordered consumer after an error, from the next
+/// sequence; ends when the partition's reader is dropped.
 async fn read_partition(
     events: stream::Stream,
     partition: u32,
-    from: u64,
-    epoch: u64,
+    member: Member,
+    mut caught_up: bool,
     feed: mpsc::Sender<Feed>,
 ) {
+    let Member {
+        from,
+        epoch,
+        mut stop,
+    } = member;
     let filter = format!("{partition}.>");
     let mut next = from;
-    let mut caught_up = false;
     loop {
+        if stopped(&stop) {
+            return;
+        }
         let created = events
             .create_consumer(consumer::pull::OrderedConfig {
                 filter_subject: filter.clone(),
@@ -383,7 +424,12 @@ async fn read_partition(
                 continue;
             }
         };
-        while let Some(message) = messages.next().await {
+        loop {
+            let message = tokio::select! {
+                message = messages.next() => message,
+                _ = stop.changed() => return,
+            };
+            let Some(message) = message else { break };
             let message = match message {
                 Ok(message) => message,
                 Err(error) => {
@@ -437,4 +483,128 @@ async fn say_caught_up(
     }
     *caught_up = true;
     feed.send(Feed::CaughtUp { partition, epoch }).await.is_ok()
+}
+
+/// Catches up the partitions `members` in one pass over the stream: an unfiltered ordered
+/// consumer from the lowest sequence any of them needs to the stream's last sequence when it
+/// starts, handing over the messages of the members at or after their own start; then says
+/// they are caught up and starts each member's own reader after the last sequence read.
+async fn catch_up_together(
+    mut events: stream::Stream,
+    members: BTreeMap<u32, Member>,
+    feed: mpsc::Sender<Feed>,
+) {
+    let Some(mut next) = members.values().map(|member| member.from).min() else {
+        return;
+    };
+    let last = loop {
+        match events.info().await {
+            Ok(info) => break info.state.last_sequence,
+            Err(error) => {
+                warn!(%error, "stream info unavailable; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+        if members.values().all(|member| stopped(&member.stop)) {
+            return;
+        }
+    };
+    info!(
+        partitions = members.len(),
+        from = next,
+        to = last,
+        "catching up the partitions taken in one pass"
+    );
+    'pass: while next <= last {
+        if members.values().all(|member| stopped(&member.stop)) {
+            return;
+        }
+        let created = events
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: next,
+                },
+                description: Some("KPI engine: partitions catching up".into()),
+                ..Default::default()
+            })
+            .await;
+        let mut messages = match created {
+            Ok(reader) => match reader.messages().await {
+                Ok(messages) => messages,
+                Err(error) => {
+                    warn!(%error, "cannot read the stream; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            },
+            Err(error) => {
+                warn!(%error, "cannot read the stream; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        while let Some(message) = messages.next().await {
+            let message = match message {
+                Ok(message) => message,
+                Err(error) => {
+                    warn!(%error, "catch-up reader interrupted; resuming");
+                    continue 'pass;
+                }
+            };
+            let Ok(info) = message.info() else { continue };
+            let sequence = info.stream_sequence;
+            let pending = info.pending;
+            if let Some((partition, subject)) = split_partitioned_subject(&message.subject) {
+                if let Some(member) = members.get(&partition) {
+                    if sequence >= member.from && !stopped(&member.stop) {
+                        let incoming = Incoming {
+                            subject: subject.to_string(),
+                            payload: message.payload.clone(),
+                            stream_sequence: sequence,
+                            published_unix_seconds: info.published.unix_timestamp_nanos() as f64
+                                / 1e9,
+                            partition: Some(partition),
+                        };
+                        let message = Feed::Message {
+                            partition,
+                            epoch: member.epoch,
+                            incoming,
+                            pending,
+                        };
+                        if feed.send(message).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            next = sequence + 1;
+            if sequence >= last || pending == 0 {
+                break 'pass;
+            }
+        }
+    }
+    for (partition, member) in members {
+        if stopped(&member.stop) {
+            continue;
+        }
+        let epoch = member.epoch;
+        if feed
+            .send(Feed::CaughtUp { partition, epoch })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let member = Member {
+            from: member.from.max(next),
+            ..member
+        };
+        tokio::spawn(read_partition(
+            events.clone(),
+            partition,
+            member,
+            true,
+            feed.clone(),
+        ));
+    }
 }

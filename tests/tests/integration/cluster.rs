@@ -212,13 +212,20 @@ async fn watcher(live: Live, stop: Arc<AtomicBool>) -> Watch {
             live
         });
         let mut owners: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for (name, base) in &engines {
-            let Ok(response) = http.get(format!("{base}/metrics")).send().await else {
-                continue;
-            };
-            let Ok(text) = response.text().await else {
-                continue;
-            };
+        // Every engine scraped at the same moment, as one Prometheus scrape interval would.
+        let scrapes = futures_util::future::join_all(engines.iter().map(|(name, base)| {
+            let http = http.clone();
+            async move {
+                let text = match http.get(format!("{base}/metrics")).send().await {
+                    Ok(response) => response.text().await.ok(),
+                    Err(_) => None,
+                };
+                (name, text)
+            }
+        }))
+        .await;
+        for (name, text) in scrapes {
+            let Some(text) = text else { continue };
             for partition in 0..PARTITIONS {
                 let label = partition.to_string();
                 if metric_value(
