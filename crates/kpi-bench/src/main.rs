@@ -24,6 +24,8 @@ use clap::Parser;
 use futures_util::StreamExt;
 use kpi::publish::Outgoing;
 
+mod cluster;
+
 #[derive(Parser)]
 struct Args {
     /// Events in the first history.
@@ -50,6 +52,22 @@ struct Args {
     /// Working directory (stream and store); a temporary one when absent.
     #[arg(long)]
     work_dir: Option<PathBuf>,
+    /// Multi-engine mode instead (`scripts/bench-cluster.sh`): partitioned ingest against the
+    /// bare consumer (`--events`, `--runs` times), then 1 to 3 engines on a 3-node cluster
+    /// (`--cluster-events`), takeover, rebalance and forwarded queries; `--out` is the
+    /// BENCHMARKS.md whose section "Multi-engine mode" it replaces. `--nats-server` must be
+    /// 2.11 or later.
+    #[arg(long)]
+    cluster: bool,
+    /// Events pre-loaded in the 3-node cluster (R3, fsync on every write).
+    #[arg(long, default_value_t = 200_000)]
+    cluster_events: u64,
+    /// Partitions in multi-engine mode.
+    #[arg(long, default_value_t = 64)]
+    partitions: u32,
+    /// Runs of the partitioned ingest measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
 }
 
 struct Nats {
@@ -102,13 +120,28 @@ struct Engine {
 
 impl Engine {
     fn start(binary: &Path, nats_url: &str, dir: &Path) -> anyhow::Result<Engine> {
+        Self::start_with(binary, nats_url, dir, &[])
+    }
+
+    /// As [`Engine::start`], with more `KPI__*` settings.
+    fn start_with(
+        binary: &Path,
+        nats_url: &str,
+        dir: &Path,
+        env: &[(&str, String)],
+    ) -> anyhow::Result<Engine> {
+        std::fs::create_dir_all(dir)?;
         let port = free_port();
         let child = Command::new(binary)
             .args(["serve"])
+            .envs(env.iter().map(|(key, value)| (key, value)))
             .env("KPI__NATS__URL", nats_url)
             .env("KPI__STORE__PATH", dir.join("store"))
             .env("KPI__HTTP__LISTEN", format!("127.0.0.1:{port}"))
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("KPI_BENCH_ENGINE_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("engine.log"))?)
             .spawn()
@@ -160,6 +193,12 @@ impl Engine {
             .unwrap_or(f64::NAN)
     }
 
+    /// SIGKILL.
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     fn stop(mut self) {
         let _ = Command::new("kill")
             .arg("-TERM")
@@ -184,6 +223,16 @@ async fn publish(
 
 /// The history, generated on a thread and streamed through a channel.
 fn history(tenant: &str, seed: u64, leads_per_day: u32) -> std::sync::mpsc::IntoIter<Outgoing> {
+    history_of_years(tenant, seed, leads_per_day, 6)
+}
+
+/// As [`history`], over `years` years before the current month.
+fn history_of_years(
+    tenant: &str,
+    seed: u64,
+    leads_per_day: u32,
+    years: u32,
+) -> std::sync::mpsc::IntoIter<Outgoing> {
     let (sender, receiver) = std::sync::mpsc::sync_channel(100_000);
     let tenant = tenant.to_string();
     std::thread::spawn(move || {
@@ -191,7 +240,7 @@ fn history(tenant: &str, seed: u64, leads_per_day: u32) -> std::sync::mpsc::Into
             &tenant,
             seed,
             leads_per_day,
-            6,
+            years,
             chrono::Utc::now(),
             &mut |event| {
                 let _ = sender.send(event);
@@ -475,6 +524,9 @@ fn command_output(program: &str, args: &[&str]) -> String {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.cluster {
+        return cluster::run(&args).await;
+    }
     let temp = tempfile::tempdir()?;
     let work = args
         .work_dir

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
-use crate::*;
+use crate::{dead_letter, js_error, EngineState, Ingest, IngestError};
 use async_nats::jetstream::{self};
 use bytes::Bytes;
 use chrono::Utc;

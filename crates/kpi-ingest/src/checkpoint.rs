@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use crate::*;
+use crate::{js_error, Ingest, IngestError};
 use async_nats::jetstream::{self};
 use kpi_store::{Commit, StoreError};
 

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::*;
+use crate::{EngineState, IngestError};
 use kpi_config::Config;
 use tracing::{debug, warn};
 

@@ -4,8 +4,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::apply::*;
-use crate::*;
+use crate::apply::Delivery;
+use crate::streams::ensure_streams;
+use crate::{js_error, EngineState, Ingest, IngestError};
 use async_nats::jetstream::{self, consumer, stream};
 use futures_util::StreamExt;
 use tokio::sync::watch;

@@ -39,8 +39,13 @@ enum Feed {
         /// Messages of the partition after this one (the lag).
         pending: u64,
     },
-    /// Every message the partition held when the reader started was handed over.
-    CaughtUp { partition: u32, epoch: u64 },
+    /// Every message the partition held when the reader started was handed over; none of
+    /// the partition's messages up to stream sequence `through` is still to come.
+    CaughtUp {
+        partition: u32,
+        epoch: u64,
+        through: u64,
+    },
 }
 
 /// The reader of a partition held: dropping it stops the tasks reading the partition.
@@ -60,6 +65,9 @@ fn stopped(stop: &Stop) -> bool {
 /// the stream (the server scans the whole stream for each filtered reader; one unfiltered
 /// reader scans it once), before each gets its own reader of what comes next.
 const CATCH_UP_TOGETHER: usize = 4;
+
+/// How long a reader catching up waits for its next message before it reads again.
+const QUIET: Duration = Duration::from_secs(2);
 
 /// A partition of a catch-up together.
 struct Member {
@@ -208,9 +216,13 @@ impl Ingest {
                         advanced.insert(partition, (incoming.stream_sequence, pending));
                         items.push(incoming);
                     }
-                    Feed::CaughtUp { partition, epoch } => {
+                    Feed::CaughtUp {
+                        partition,
+                        epoch,
+                        through,
+                    } => {
                         if partitions.readers.get(&partition).map(|r| r.epoch) == Some(epoch) {
-                            caught_up.push(partition);
+                            caught_up.push((partition, through));
                         }
                     }
                 }
@@ -219,8 +231,15 @@ impl Ingest {
             {
                 let mut staged = self.staged();
                 let applied = staged.applied.get_or_insert_with(BTreeMap::new);
-                for (partition, (sequence, _)) in &advanced {
-                    applied.insert(*partition, *sequence);
+                // A partition read through sequence `through` resumes after it, even if its
+                // own last message is far before (a pass over the whole stream read it).
+                let read = advanced
+                    .iter()
+                    .map(|(partition, (sequence, _))| (*partition, *sequence))
+                    .chain(caught_up.iter().copied());
+                for (partition, sequence) in read {
+                    let entry = applied.entry(partition).or_insert(0);
+                    *entry = (*entry).max(sequence);
                 }
             }
             for (partition, (_, pending)) in &advanced {
@@ -230,8 +249,9 @@ impl Ingest {
                 .metrics
                 .consumer_pending
                 .set(partitions.view.total_lag() as i64);
-            for partition in &caught_up {
+            for (partition, _) in &caught_up {
                 partitions.view.caught_up(*partition);
+                partitions.view.set_lag(*partition, 0);
                 info!(
                     partition,
                     applied = self.applied_of(*partition),
@@ -425,8 +445,18 @@ async fn read_partition(
             }
         };
         loop {
+            // Catching up, the partition has messages still to come: a reader silent for a
+            // while has lost its consumer (the server drops an idle ephemeral one), so it is
+            // made again from the next sequence rather than waiting for missed heartbeats.
+            let quiet = if caught_up { Duration::MAX } else { QUIET };
             let message = tokio::select! {
-                message = messages.next() => message,
+                message = tokio::time::timeout(quiet, messages.next()) => match message {
+                    Ok(message) => message,
+                    Err(_) => {
+                        warn!(partition, next, "partition reader silent while catching up; reading again");
+                        break;
+                    }
+                },
                 _ = stop.changed() => return,
             };
             let Some(message) = message else { break };
@@ -482,7 +512,14 @@ async fn say_caught_up(
         return true;
     }
     *caught_up = true;
-    feed.send(Feed::CaughtUp { partition, epoch }).await.is_ok()
+    let through = 0;
+    feed.send(Feed::CaughtUp {
+        partition,
+        epoch,
+        through,
+    })
+    .await
+    .is_ok()
 }
 
 /// Catches up the partitions `members` in one pass over the stream: an unfiltered ordered
@@ -543,7 +580,15 @@ async fn catch_up_together(
                 continue;
             }
         };
-        while let Some(message) = messages.next().await {
+        loop {
+            let message = match tokio::time::timeout(QUIET, messages.next()).await {
+                Ok(Some(message)) => message,
+                Ok(None) => break,
+                Err(_) => {
+                    warn!(next, last, "catch-up reader silent; reading again");
+                    continue 'pass;
+                }
+            };
             let message = match message {
                 Ok(message) => message,
                 Err(error) => {
@@ -589,7 +634,11 @@ async fn catch_up_together(
         }
         let epoch = member.epoch;
         if feed
-            .send(Feed::CaughtUp { partition, epoch })
+            .send(Feed::CaughtUp {
+                partition,
+                epoch,
+                through: next - 1,
+            })
             .await
             .is_err()
         {

@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use crate::apply::*;
-use crate::*;
+use crate::apply::{Delivery, Incoming};
+use crate::{js_error, Ingest, IngestError};
 use async_nats::jetstream::{self, consumer, stream};
 use chrono::Utc;
 use futures_util::StreamExt;

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::*;
+use crate::{js_error, IngestError};
 use async_nats::jetstream::{self, stream};
 use kpi_config::Config;
 use kpi_model::event::REJECTED_SUBJECT_PREFIX;
