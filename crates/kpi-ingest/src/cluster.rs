@@ -402,7 +402,13 @@ async fn respond(
                 let Some(reply) = message.reply else { continue };
                 let Some(handler) = view.handler.get().cloned() else { continue };
                 let client = client.clone();
+                let view = view.clone();
                 tokio::spawn(async move {
+                    // An engine that no longer exports the partition (its responder not yet
+                    // stopped) answers 503 late, so that the owner's answer comes first.
+                    if !view.exports_partition(partition) {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
                     let authorization = message
                         .headers
                         .as_ref()
@@ -419,8 +425,21 @@ async fn respond(
                     if let Some(retry_after) = &answer.retry_after {
                         headers.insert(RETRY_AFTER_HEADER, retry_after.as_str());
                     }
-                    if let Err(error) = client.publish_with_headers(reply, headers, answer.body).await {
-                        debug!(%error, "a forwarded query's reply was not sent");
+                    let limit = client.server_info().max_payload;
+                    let body = if answer.body.len() + 512 > limit {
+                        warn!(partition, bytes = answer.body.len(), limit, "a forwarded answer is larger than NATS max_payload; ask this engine directly");
+                        headers.insert(STATUS_HEADER, "502");
+                        headers.insert("Content-Type", "application/json");
+                        Bytes::from(format!(
+                            r#"{{"error":"the answer ({} bytes) is larger than NATS max_payload ({limit}): ask engine `{}`, which owns the tenant, directly"}}"#,
+                            answer.body.len(),
+                            view.engine
+                        ))
+                    } else {
+                        answer.body
+                    };
+                    if let Err(error) = client.publish_with_headers(reply, headers, body).await {
+                        warn!(%error, "a forwarded query's reply was not sent");
                     }
                 });
             }

@@ -44,6 +44,9 @@ pub struct Migration {
     pub already_partitioned: bool,
     /// Events copied under their partition (and their originals purged).
     pub copied: u64,
+    /// Messages on a subject without an event type (`kpi.events.<tenant>`), invalid and
+    /// dead-lettered by the single engine: purged, not copied.
+    pub left_out: u64,
     /// The single engine's durable consumer was there and is deleted.
     pub consumer_deleted: bool,
 }
@@ -99,30 +102,40 @@ pub async fn migrate(
     if total > 0 {
         let mut messages = originals.messages().await.map_err(js_error)?;
         let mut acks = Vec::with_capacity(BATCH);
-        while migration.copied + (acks.len() as u64) < total {
+        let mut read = 0u64;
+        while read < total {
             let message = tokio::time::timeout(Duration::from_secs(30), messages.next())
                 .await
                 .map_err(|_| js_error("no message from the stream within 30 s"))?
                 .ok_or_else(|| js_error("the stream's messages ended"))?
                 .map_err(js_error)?;
             let sequence = message.info().map_err(js_error)?.stream_sequence;
-            let mut headers = HeaderMap::new();
-            if let Some(original) = &message.headers {
-                for (key, values) in original.iter() {
-                    if AsRef::<str>::as_ref(key) != "Nats-Msg-Id" {
-                        for value in values {
-                            headers.append(key.clone(), value.clone());
+            read += 1;
+            // `kpi.events.<tenant>` with no type: invalid, already dead-lettered by the single
+            // engine, and not a subject the partitioned stream takes: left out.
+            if message.subject.split('.').count() < 4 {
+                migration.left_out += 1;
+            } else {
+                let mut headers = HeaderMap::new();
+                if let Some(original) = &message.headers {
+                    for (key, values) in original.iter() {
+                        // The server's own headers (message id, expected sequences, rollups, TTL)
+                        // are not the event's: a copy without them is stored as it is.
+                        if !AsRef::<str>::as_ref(key).starts_with("Nats-") {
+                            for value in values {
+                                headers.append(key.clone(), value.clone());
+                            }
                         }
                     }
                 }
+                headers.insert(MIGRATED_FROM_HEADER, sequence.to_string().as_str());
+                let ack = js
+                    .publish_with_headers(message.subject.clone(), headers, message.payload.clone())
+                    .await
+                    .map_err(js_error)?;
+                acks.push(ack);
             }
-            headers.insert(MIGRATED_FROM_HEADER, sequence.to_string().as_str());
-            let ack = js
-                .publish_with_headers(message.subject.clone(), headers, message.payload.clone())
-                .await
-                .map_err(js_error)?;
-            acks.push(ack);
-            if acks.len() == BATCH || migration.copied + (acks.len() as u64) == total {
+            if acks.len() == BATCH || read == total {
                 for ack in acks.drain(..) {
                     ack.await.map_err(js_error)?;
                     migration.copied += 1;
@@ -133,7 +146,7 @@ pub async fn migrate(
                     .sequence(sequence + 1)
                     .await
                     .map_err(js_error)?;
-                progress(migration.copied, total);
+                progress(read, total);
             }
         }
     }

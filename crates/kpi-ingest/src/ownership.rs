@@ -147,7 +147,9 @@ impl Membership {
             }
         }
         let key = format!("{ENGINES}{}", membership.engine);
-        if let Some(entry) = membership.kv.entry(&key).await.map_err(js_error)? {
+        let existing = membership.kv.entry(&key).await.map_err(js_error)?;
+        // A heartbeat under our name (a purge marker is a graceful leave, not one).
+        if let Some(entry) = existing.filter(|entry| entry.operation == kv::Operation::Put) {
             // A heartbeat under our name: a running engine renews it; a killed one (this
             // engine's last run, say) lets it expire.
             info!(engine = %membership.engine, "a heartbeat under this engine's name exists; waiting one lease to see if it is renewed");
@@ -240,8 +242,25 @@ impl Membership {
                 self.leases.insert(partition, revision);
                 Some(sent)
             }
-            Err(_) => None,
+            // Maybe our own earlier claim, stored though its answer was lost.
+            Err(_) => {
+                let revision = self.own_revision(partition).await?;
+                self.leases.insert(partition, revision);
+                Some(sent)
+            }
         }
+    }
+
+    /// The revision of `partition`'s lease if it holds this very engine's value (a write
+    /// of ours the server stored though its answer was lost).
+    async fn own_revision(&self, partition: u32) -> Option<u64> {
+        let entry = self
+            .kv
+            .entry(format!("{PARTITIONS}{partition}"))
+            .await
+            .ok()??;
+        (entry.operation == kv::Operation::Put && entry.value == self.lease_value())
+            .then_some(entry.revision)
     }
 
     /// Renews the leases of `partitions`, all at once (one round trip however many are
@@ -275,8 +294,18 @@ impl Membership {
                     Ok(Some(sent))
                 }
                 Some(Err(error)) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                    self.leases.remove(&partition);
-                    Err(())
+                    // Our previous renewal may have been stored, its answer lost: the lease
+                    // is still ours if it holds our value (renewed at its revision next time).
+                    match self.own_revision(partition).await {
+                        Some(revision) => {
+                            self.leases.insert(partition, revision);
+                            Ok(None)
+                        }
+                        None => {
+                            self.leases.remove(&partition);
+                            Err(())
+                        }
+                    }
                 }
                 Some(Err(error)) => {
                     warn!(partition, %error, "lease not renewed");

@@ -21,7 +21,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use futures_util::StreamExt;
 use kpi_model::partition::split_partitioned_subject;
 use tokio::sync::{mpsc, watch};
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::apply::Incoming;
 use crate::cluster::{ClusterView, Responders};
@@ -46,6 +46,8 @@ enum Feed {
         epoch: u64,
         through: u64,
     },
+    /// A reader cannot read its partition: the engine stops with this message.
+    Failed(String),
 }
 
 /// The reader of a partition held: dropping it stops the tasks reading the partition.
@@ -216,6 +218,7 @@ impl Ingest {
                         advanced.insert(partition, (incoming.stream_sequence, pending));
                         items.push(incoming);
                     }
+                    Feed::Failed(message) => return Err(IngestError::Cluster(message)),
                     Feed::CaughtUp {
                         partition,
                         epoch,
@@ -425,7 +428,11 @@ async fn read_partition(
         };
         match reader.info().await {
             Ok(info) if info.config.filter_subject != filter => {
-                error!(partition, stored = %info.config.filter_subject, "the server did not keep the partition reader's filter subject; the partition is not applied");
+                let failed = format!(
+                    "the server did not keep the filter subject `{filter}` of partition {partition}'s reader (it stored `{}`): multi-engine mode needs nats-server 2.11 or later",
+                    info.config.filter_subject
+                );
+                let _ = feed.send(Feed::Failed(failed)).await;
                 return;
             }
             Ok(info) if info.num_pending == 0 => {
@@ -467,7 +474,8 @@ async fn read_partition(
                     break;
                 }
             };
-            let Ok(info) = message.info() else { continue };
+            // A message without its metadata is read again, never skipped.
+            let Ok(info) = message.info() else { break };
             let subject = match split_partitioned_subject(&message.subject) {
                 Some((_, subject)) => subject.to_string(),
                 None => message.subject.to_string(),
@@ -566,13 +574,20 @@ async fn catch_up_together(
             })
             .await;
         let mut messages = match created {
-            Ok(reader) => match reader.messages().await {
-                Ok(messages) => messages,
-                Err(error) => {
-                    warn!(%error, "cannot read the stream; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
+            Ok(mut reader) => match reader.info().await {
+                // Nothing left up to `last` (purged or expired): the pass is over.
+                Ok(info) if info.num_pending == 0 => {
+                    next = last + 1;
+                    break 'pass;
                 }
+                _ => match reader.messages().await {
+                    Ok(messages) => messages,
+                    Err(error) => {
+                        warn!(%error, "cannot read the stream; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                },
             },
             Err(error) => {
                 warn!(%error, "cannot read the stream; retrying");
@@ -581,6 +596,9 @@ async fn catch_up_together(
             }
         };
         loop {
+            if members.values().all(|member| stopped(&member.stop)) {
+                return;
+            }
             let message = match tokio::time::timeout(QUIET, messages.next()).await {
                 Ok(Some(message)) => message,
                 Ok(None) => break,
@@ -596,7 +614,9 @@ async fn catch_up_together(
                     continue 'pass;
                 }
             };
-            let Ok(info) = message.info() else { continue };
+            let Ok(info) = message.info() else {
+                continue 'pass;
+            };
             let sequence = info.stream_sequence;
             let pending = info.pending;
             if let Some((partition, subject)) = split_partitioned_subject(&message.subject) {

@@ -384,6 +384,12 @@ async fn cluster_migrate(config: &kpi_config::Config) -> anyhow::Result<()> {
             String::new()
         }
     );
+    if migration.left_out > 0 {
+        println!(
+            "{} messages on a subject without an event type (invalid, dead-lettered before) were removed, not copied",
+            migration.left_out
+        );
+    }
     println!("next: start every engine with the same [cluster] settings, each with an empty store.path (keep the old store as a backup)");
     Ok(())
 }
