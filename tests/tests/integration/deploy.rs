@@ -921,19 +921,7 @@ fn kubernetes_manifests_are_consistent_and_their_configuration_valid() {
     assert!(rules.contains(r#"up{job="kpi-engine"}"#));
     let monitor = &yaml("deploy/kubernetes/servicemonitor.yaml")[0];
     assert!(monitor["spec"]["jobLabel"].is_badvalue());
-    let wanted = monitor["spec"]["selector"]["matchLabels"]
-        .as_hash()
-        .unwrap();
-    let selected: Vec<&&yaml_rust2::Yaml> = services
-        .iter()
-        .filter(|service| {
-            wanted
-                .iter()
-                .all(|(key, value)| service["metadata"]["labels"][key.as_str().unwrap()] == *value)
-        })
-        .collect();
-    assert_eq!(selected.len(), 1, "the ServiceMonitor selects one Service");
-    assert_eq!(selected[0]["metadata"]["name"].as_str(), Some("kpi-engine"));
+    let selected = [selected_service(monitor, &services)];
     let port = monitor["spec"]["endpoints"][0]["port"].as_str().unwrap();
     assert!(selected[0]["spec"]["ports"]
         .as_vec()
@@ -956,6 +944,28 @@ fn kubernetes_manifests_are_consistent_and_their_configuration_valid() {
 }
 
 /// The first document of a manifest of kind `kind`.
+/// The one Service of `services` the ServiceMonitor `monitor` selects: `kpi-engine`.
+fn selected_service<'a>(
+    monitor: &yaml_rust2::Yaml,
+    services: &[&'a yaml_rust2::Yaml],
+) -> &'a yaml_rust2::Yaml {
+    let wanted = monitor["spec"]["selector"]["matchLabels"]
+        .as_hash()
+        .unwrap();
+    let selected: Vec<&yaml_rust2::Yaml> = services
+        .iter()
+        .copied()
+        .filter(|service| {
+            wanted
+                .iter()
+                .all(|(key, value)| service["metadata"]["labels"][key.as_str().unwrap()] == *value)
+        })
+        .collect();
+    assert_eq!(selected.len(), 1, "the ServiceMonitor selects one Service");
+    assert_eq!(selected[0]["metadata"]["name"].as_str(), Some("kpi-engine"));
+    selected[0]
+}
+
 fn document<'a>(documents: &'a [yaml_rust2::Yaml], kind: &str) -> &'a yaml_rust2::Yaml {
     documents
         .iter()
@@ -1161,19 +1171,7 @@ fn kubernetes_cluster_manifests_run_three_engines_on_a_three_node_nats_cluster()
         .expect("the StatefulSet's serviceName is a Service of the manifest");
     assert_eq!(governing["spec"]["clusterIP"].as_str(), Some("None"));
     let monitor = &yaml("deploy/kubernetes/servicemonitor.yaml")[0];
-    let wanted = monitor["spec"]["selector"]["matchLabels"]
-        .as_hash()
-        .unwrap();
-    let selected: Vec<&&yaml_rust2::Yaml> = services
-        .iter()
-        .filter(|service| {
-            wanted
-                .iter()
-                .all(|(key, value)| service["metadata"]["labels"][key.as_str().unwrap()] == *value)
-        })
-        .collect();
-    assert_eq!(selected.len(), 1, "the ServiceMonitor selects one Service");
-    assert_eq!(selected[0]["metadata"]["name"].as_str(), Some("kpi-engine"));
+    let selected = [selected_service(monitor, &services)];
     assert_eq!(selected[0]["spec"]["ports"][0]["port"].as_i64(), Some(port));
     assert_eq!(
         selected[0]["spec"]["ports"][0]["name"].as_str(),
