@@ -277,11 +277,14 @@ impl Ingest {
         }
     }
 
-    /// One round of membership: heartbeat, assignment, renewals, hand-overs and claims. NATS
+    /// One round of membership: renewals, heartbeat, assignment, hand-overs and claims. NATS
     /// errors are logged and the round ends; leases not renewed stop being exported three
     /// quarters of a lease after their last renewal was sent.
     async fn ownership_round(&self, partitions: &mut Partitions) {
         let view = partitions.view.clone();
+        // The leases first: what keeps the partitions exported does not wait behind reading
+        // the engines (a lease about to be given back is renewed too, harmlessly).
+        self.renew(partitions, &view.held()).await;
         if let Err(error) = partitions.membership.heartbeat().await {
             warn!(%error, "heartbeat not renewed");
         }
@@ -289,17 +292,16 @@ impl Ingest {
             Ok(engines) => engines,
             Err(error) => {
                 warn!(%error, "cannot read the engines; keeping the partitions held");
-                self.renew(partitions, &view.held()).await;
                 return;
             }
         };
         let owners = assign(&engines, view.partitions);
         let me = partitions.membership.engine.clone();
-        let (kept, given): (Vec<u32>, Vec<u32>) = view
+        let given: Vec<u32> = view
             .held()
             .into_iter()
-            .partition(|&partition| owners[partition as usize] == me);
-        self.renew(partitions, &kept).await;
+            .filter(|&partition| owners[partition as usize] != me)
+            .collect();
         for partition in given {
             let owner = &owners[partition as usize];
             {
