@@ -31,6 +31,22 @@ fn cluster_env(name: &str, partitions: u32, replicas: u32) -> Vec<(&'static str,
     ]
 }
 
+/// An engine in multi-engine mode named `name`, its store under `dir`.
+fn start_member(
+    args: &Args,
+    nats_url: &str,
+    dir: &Path,
+    name: &str,
+    replicas: u32,
+) -> anyhow::Result<Engine> {
+    Engine::start_with(
+        &args.engine,
+        nats_url,
+        dir,
+        &cluster_env(name, args.partitions, replicas),
+    )
+}
+
 fn tenant(index: u32) -> String {
     format!("t{index:03}")
 }
@@ -248,12 +264,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     for run in 0..args.runs {
         let bare = bare_consumer(&js, &format!("bare-{run}"), loaded).await?;
         let name = format!("single-{run}");
-        let engine = Engine::start_with(
-            &args.engine,
-            &nats.url,
-            &work.join(&name),
-            &cluster_env(&name, partitions, 1),
-        )?;
+        let engine = start_member(args, &nats.url, &work.join(&name), &name, 1)?;
         let seconds = engine.wait_ready().await.as_secs_f64();
         let rate = loaded as f64 / seconds;
         let cpu = engine.cpu_seconds();
@@ -265,18 +276,8 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     let ratio = median(&mut ratios.clone());
 
     let sizes = partition_sizes(&js, partitions).await?;
-    let x = Engine::start_with(
-        &args.engine,
-        &nats.url,
-        &work.join("x"),
-        &cluster_env("x", partitions, 1),
-    )?;
-    let y = Engine::start_with(
-        &args.engine,
-        &nats.url,
-        &work.join("y"),
-        &cluster_env("y", partitions, 1),
-    )?;
+    let x = start_member(args, &nats.url, &work.join("x"), "x", 1)?;
+    let y = start_member(args, &nats.url, &work.join("y"), "y", 1)?;
     x.wait_ready().await;
     y.wait_ready().await;
     settled(&[&x, &y], partitions).await;
@@ -291,12 +292,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     );
     // The killed engine comes back (its store has its old partitions), takes its share back,
     // and is killed again: the other has applied those partitions before.
-    let x = Engine::start_with(
-        &args.engine,
-        &nats.url,
-        &work.join("x"),
-        &cluster_env("x", partitions, 1),
-    )?;
+    let x = start_member(args, &nats.url, &work.join("x"), "x", 1)?;
     x.wait_ready().await;
     let rejoined = settled(&[&x, &y], partitions).await;
     let mut x = x;
@@ -324,12 +320,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         let engines: Vec<Engine> = (0..count)
             .map(|index| {
                 let name = format!("c{count}-{index}");
-                Engine::start_with(
-                    &args.engine,
-                    &cluster.url,
-                    &work.join(&name),
-                    &cluster_env(&name, partitions, 3),
-                )
+                start_member(args, &cluster.url, &work.join(&name), &name, 3)
             })
             .collect::<anyhow::Result<_>>()?;
         let started = Instant::now();
@@ -374,12 +365,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     let cluster_moved = owned(&killed).await.len();
     killed.kill9();
     let cluster_takeover = settled(&three.iter().collect::<Vec<_>>(), partitions).await;
-    let joining = Engine::start_with(
-        &args.engine,
-        &cluster.url,
-        &work.join("c4"),
-        &cluster_env("c4", partitions, 3),
-    )?;
+    let joining = start_member(args, &cluster.url, &work.join("c4"), "c4", 3)?;
     let joined = Instant::now();
     joining.wait_ready().await;
     three.push(joining);
