@@ -21,9 +21,15 @@ fn tenants_for(events: u64) -> u32 {
     (events / 2_050).clamp(4, 256) as u32
 }
 
-fn cluster_env(name: &str, partitions: u32, replicas: u32) -> Vec<(&'static str, String)> {
+fn cluster_env(
+    name: &str,
+    partitions: u32,
+    replicas: u32,
+    standby: bool,
+) -> Vec<(&'static str, String)> {
     vec![
         ("KPI__CLUSTER__ENABLED", "true".into()),
+        ("KPI__CLUSTER__STANDBY", standby.to_string()),
         ("KPI__CLUSTER__ENGINE", name.into()),
         ("KPI__CLUSTER__PARTITIONS", partitions.to_string()),
         ("KPI__NATS__REPLICAS", replicas.to_string()),
@@ -31,24 +37,67 @@ fn cluster_env(name: &str, partitions: u32, replicas: u32) -> Vec<(&'static str,
     ]
 }
 
-/// An engine in multi-engine mode named `name`, its store under `dir`.
+/// An engine in multi-engine mode named `name`, its store under `dir`, with or without
+/// standbys (`cluster.standby`).
 fn start_member(
     args: &Args,
     nats_url: &str,
     dir: &Path,
     name: &str,
     replicas: u32,
+    standby: bool,
 ) -> anyhow::Result<Engine> {
     Engine::start_with(
         &args.engine,
         nats_url,
         dir,
-        &cluster_env(name, args.partitions, replicas),
+        &cluster_env(name, args.partitions, replicas, standby),
     )
+}
+
+/// Waits until `engine` follows every one of `partitions` as a standby, caught up with
+/// nothing left to apply.
+async fn standby_caught_up(engine: &Engine, partitions: &[u32]) {
+    loop {
+        let text = match reqwest::get(engine.url("/metrics")).await {
+            Ok(response) => response.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        let value = |name: &str, partition: u32| {
+            text.lines().find_map(|line| {
+                let rest = line.strip_prefix(name)?.strip_prefix('{')?;
+                let (labels, value) = rest.rsplit_once("} ")?;
+                labels
+                    .contains(&format!("partition=\"{partition}\""))
+                    .then(|| value.trim().parse::<f64>().ok())?
+            })
+        };
+        if partitions.iter().all(|&partition| {
+            value("kpi_engine_partition_standby", partition) == Some(1.0)
+                && value("kpi_engine_partition_standby_lag_messages", partition) == Some(0.0)
+        }) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn tenant(index: u32) -> String {
     format!("t{index:03}")
+}
+
+/// About `events` more events, of other tenants than [`histories`]'.
+fn more_histories(events: u64) -> impl Iterator<Item = Outgoing> {
+    let tenants = tenants_for(events);
+    let per_tenant = leads_per_day_for(events / u64::from(tenants) * 6);
+    (0..tenants).flat_map(move |index| {
+        history_of_years(
+            &format!("u{index:03}"),
+            1000 + u64::from(index),
+            per_tenant,
+            1,
+        )
+    })
 }
 
 /// Every tenant's demo history, one after the other, about `events` in all.
@@ -264,7 +313,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     for run in 0..args.runs {
         let bare = bare_consumer(&js, &format!("bare-{run}"), loaded).await?;
         let name = format!("single-{run}");
-        let engine = start_member(args, &nats.url, &work.join(&name), &name, 1)?;
+        let engine = start_member(args, &nats.url, &work.join(&name), &name, 1, true)?;
         let seconds = engine.wait_ready().await.as_secs_f64();
         let rate = loaded as f64 / seconds;
         let cpu = engine.cpu_seconds();
@@ -276,8 +325,8 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     let ratio = median(&mut ratios.clone());
 
     let sizes = partition_sizes(&js, partitions).await?;
-    let x = start_member(args, &nats.url, &work.join("x"), "x", 1)?;
-    let y = start_member(args, &nats.url, &work.join("y"), "y", 1)?;
+    let x = start_member(args, &nats.url, &work.join("x"), "x", 1, false)?;
+    let y = start_member(args, &nats.url, &work.join("y"), "y", 1, false)?;
     x.wait_ready().await;
     y.wait_ready().await;
     settled(&[&x, &y], partitions).await;
@@ -292,7 +341,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     );
     // The killed engine comes back (its store has its old partitions), takes its share back,
     // and is killed again: the other has applied those partitions before.
-    let x = start_member(args, &nats.url, &work.join("x"), "x", 1)?;
+    let x = start_member(args, &nats.url, &work.join("x"), "x", 1, false)?;
     x.wait_ready().await;
     let rejoined = settled(&[&x, &y], partitions).await;
     let mut x = x;
@@ -300,6 +349,29 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     let warm = settled(&[&y], partitions).await;
     eprintln!("warm rejoin {rejoined:?}, warm takeover {warm:?}");
     y.stop();
+    // With standbys: two engines on the stores above, another `--events` published while
+    // they run; once the survivor-to-be follows the other's partitions with nothing left to
+    // apply, the other is killed.
+    let x = start_member(args, &nats.url, &work.join("x"), "x", 1, true)?;
+    let y = start_member(args, &nats.url, &work.join("y"), "y", 1, true)?;
+    x.wait_ready().await;
+    y.wait_ready().await;
+    settled(&[&x, &y], partitions).await;
+    let (more, _) = publish(&js, more_histories(args.events)).await?;
+    settled(&[&x, &y], partitions).await;
+    let followed = owned(&x).await;
+    standby_caught_up(&y, &followed).await;
+    let sizes = partition_sizes(&js, partitions).await?;
+    let standby_tail: u64 = followed.iter().map(|&p| sizes[p as usize]).sum();
+    let mut x = x;
+    x.kill9();
+    let standby = settled(&[&y], partitions).await;
+    eprintln!(
+        "standby takeover of {} partitions ({standby_tail} events, {more} published live): {standby:?}",
+        followed.len()
+    );
+    y.stop();
+    drop(x);
     drop(client);
     drop(nats);
 
@@ -320,7 +392,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         let engines: Vec<Engine> = (0..count)
             .map(|index| {
                 let name = format!("c{count}-{index}");
-                start_member(args, &cluster.url, &work.join(&name), &name, 3)
+                start_member(args, &cluster.url, &work.join(&name), &name, 3, true)
             })
             .collect::<anyhow::Result<_>>()?;
         let started = Instant::now();
@@ -365,7 +437,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     let cluster_moved = owned(&killed).await.len();
     killed.kill9();
     let cluster_takeover = settled(&three.iter().collect::<Vec<_>>(), partitions).await;
-    let joining = start_member(args, &cluster.url, &work.join("c4"), "c4", 3)?;
+    let joining = start_member(args, &cluster.url, &work.join("c4"), "c4", 3, true)?;
     let joined = Instant::now();
     joining.wait_ready().await;
     three.push(joining);
@@ -420,6 +492,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         moved.len(),
         rejoined.as_secs_f64()
     ));
+    line(format!("| standby (`cluster.standby`, the default): the survivor followed them, {more} more events published while both ran | {} | {standby_tail} in the partitions, 0 left | **{:.1} s** |", followed.len(), standby.as_secs_f64()));
     line(String::new());
     line(format!("### 3-node cluster (R3, `sync_interval: always`, {cluster_loaded} events published at {cluster_publish_rate:.0}/s)"));
     line(String::new());
@@ -445,7 +518,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     let catch_up = (cold - warm).as_secs_f64().max(0.001);
     let rate = tail as f64 / catch_up;
     let per_core = 1e6 / (ingests[0].cpu_seconds / cluster_loaded as f64 * 1e6);
-    line(format!("Reading these figures: a takeover is the lease running out on the server (`lease_ms`, 5 s by default) and the next round of the survivors (a fifth of a lease), a quarter of a lease of grace, then the catch-up. The warm takeover is that fixed part ({:.1} s here); the cold one adds applying {tail} events at about {rate:.0} events/s while reading the whole stream once. A partition with a 1M-event tail that the new owner never applied would take about {:.0} s: under 10 s needs an owner that applied it before (warm) or a standby that follows it, which this version does not have. On one 2-core machine, engines added share the same two cores with three NATS servers, so throughput cannot grow with engines here; an engine uses {:.1} µs of CPU per event applied (one engine, 3-node cluster), about {per_core:.0} events/s per core, so engines on separate hosts add about that each, up to what the NATS cluster delivers (it stored R3 writes with `sync_interval: always` at {cluster_publish_rate:.0} events/s here).", warm.as_secs_f64(), warm.as_secs_f64() + 1_000_000.0 / rate, ingests[0].cpu_seconds / cluster_loaded as f64 * 1e6));
+    line(format!("Reading these figures: a takeover is the lease running out on the server (`lease_ms`, 5 s by default) and the next round of the survivors (a fifth of a lease), a quarter of a lease of grace, then the catch-up. The warm takeover is that fixed part ({:.1} s here); the cold one adds applying {tail} events at about {rate:.0} events/s while reading the whole stream once. A partition with a 1M-event tail that the new owner never applied would take about {:.0} s without a standby; with one (the default) the tail is already applied and the takeover is the fixed part, whatever the tail ({:.1} s here), for applying every event twice over the engines. The cold and warm rows run with `cluster.standby = false`; the 3-node rows below with standbys, so two or three engines apply each event twice. On one 2-core machine, engines added share the same two cores with three NATS servers, so throughput cannot grow with engines here; an engine uses {:.1} µs of CPU per event applied (one engine, 3-node cluster), about {per_core:.0} events/s per core, so engines on separate hosts add about that each, up to what the NATS cluster delivers (it stored R3 writes with `sync_interval: always` at {cluster_publish_rate:.0} events/s here).", warm.as_secs_f64(), warm.as_secs_f64() + 1_000_000.0 / rate, standby.as_secs_f64(), ingests[0].cpu_seconds / cluster_loaded as f64 * 1e6));
     line(String::new());
     let text = section.join("\n") + "\n";
     match &args.out {

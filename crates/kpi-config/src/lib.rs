@@ -220,6 +220,11 @@ pub struct ClusterConfig {
     pub lease_ms: u64,
     /// JetStream key-value bucket of the membership and the partition leases.
     pub bucket: String,
+    /// Warm standbys: each engine also applies (without exporting) the partitions it would
+    /// take over if their owner stopped, and an engine joining running engines applies the
+    /// partitions it is to own before taking them. A takeover or a join then costs a lease
+    /// and a handover rather than a catch-up, for twice the applying over the engines.
+    pub standby: bool,
 }
 
 impl ClusterConfig {

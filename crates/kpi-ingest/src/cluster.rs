@@ -40,9 +40,20 @@ struct Held {
     lag: u64,
 }
 
+/// A partition this engine follows as a standby: applied, never exported.
+#[derive(Clone, Debug, Default)]
+struct Followed {
+    /// Applied every message the partition held when the engine started following it.
+    caught_up: bool,
+    lag: u64,
+}
+
 #[derive(Default)]
 struct Inner {
     held: BTreeMap<u32, Held>,
+    standby: BTreeMap<u32, Followed>,
+    /// Joined running engines and applying its share before taking it.
+    warming: bool,
     /// Engines seen alive at the last membership read (this one included).
     engines: usize,
     /// The first round of membership and claims is done.
@@ -185,15 +196,49 @@ impl ClusterView {
     }
 
     pub(crate) fn caught_up(&self, partition: u32) {
-        if let Some(held) = self.inner().held.get_mut(&partition) {
+        let mut inner = self.inner();
+        if let Some(held) = inner.held.get_mut(&partition) {
             held.caught_up = true;
+        } else if let Some(followed) = inner.standby.get_mut(&partition) {
+            followed.caught_up = true;
         }
     }
 
     pub(crate) fn set_lag(&self, partition: u32, lag: u64) {
-        if let Some(held) = self.inner().held.get_mut(&partition) {
+        let mut inner = self.inner();
+        if let Some(held) = inner.held.get_mut(&partition) {
             held.lag = lag;
+        } else if let Some(followed) = inner.standby.get_mut(&partition) {
+            followed.lag = lag;
         }
+    }
+
+    /// Starts following `partition` as a standby.
+    pub(crate) fn follow(&self, partition: u32) {
+        self.inner().standby.insert(partition, Followed::default());
+    }
+
+    /// Stops following `partition` as a standby; returns whether it had caught up on it.
+    pub(crate) fn unfollow(&self, partition: u32) -> bool {
+        self.inner()
+            .standby
+            .remove(&partition)
+            .is_some_and(|followed| followed.caught_up)
+    }
+
+    /// The partitions followed as a standby.
+    pub fn following(&self) -> Vec<u32> {
+        self.inner().standby.keys().copied().collect()
+    }
+
+    /// Whether this engine follows at least one partition and has caught up on every one.
+    pub(crate) fn standbys_caught_up(&self) -> bool {
+        let inner = self.inner();
+        !inner.standby.is_empty() && inner.standby.values().all(|followed| followed.caught_up)
+    }
+
+    pub(crate) fn set_warming(&self, warming: bool) {
+        self.inner().warming = warming;
     }
 
     /// Messages not yet applied, over the partitions held.
@@ -470,6 +515,9 @@ pub struct ClusterCollector {
     view: Arc<ClusterView>,
     owned: IntGaugeVec,
     lag: IntGaugeVec,
+    standby: IntGaugeVec,
+    standby_lag: IntGaugeVec,
+    warming: IntGaugeVec,
     engines: IntGaugeVec,
     takeovers: IntCounterVec,
 }
@@ -491,6 +539,27 @@ impl ClusterCollector {
                     "Messages of a partition this engine holds that it has not applied yet",
                 ),
                 &["engine", "partition"],
+            )?,
+            standby: IntGaugeVec::new(
+                Opts::new(
+                    "kpi_engine_partition_standby",
+                    "1 when this engine follows the partition as a standby (applies it without exporting it) and has caught up on it, else 0",
+                ),
+                &["engine", "partition"],
+            )?,
+            standby_lag: IntGaugeVec::new(
+                Opts::new(
+                    "kpi_engine_partition_standby_lag_messages",
+                    "Messages of a partition this engine follows as a standby that it has not applied yet",
+                ),
+                &["engine", "partition"],
+            )?,
+            warming: IntGaugeVec::new(
+                Opts::new(
+                    "kpi_engine_warming",
+                    "1 while this engine, joining running engines, applies the partitions it is to own before taking them",
+                ),
+                &["engine"],
             )?,
             engines: IntGaugeVec::new(
                 Opts::new(
@@ -514,6 +583,9 @@ impl Collector for ClusterCollector {
     fn desc(&self) -> Vec<&Desc> {
         let mut descs = self.owned.desc();
         descs.extend(self.lag.desc());
+        descs.extend(self.standby.desc());
+        descs.extend(self.standby_lag.desc());
+        descs.extend(self.warming.desc());
         descs.extend(self.engines.desc());
         descs.extend(self.takeovers.desc());
         descs
@@ -524,6 +596,9 @@ impl Collector for ClusterCollector {
         let engine = view.engine.as_str();
         self.owned.reset();
         self.lag.reset();
+        self.standby.reset();
+        self.standby_lag.reset();
+        self.warming.reset();
         self.engines.reset();
         self.takeovers.reset();
         let exported = view.exported();
@@ -539,6 +614,22 @@ impl Collector for ClusterCollector {
                     .with_label_values(&[engine, &partition.to_string()])
                     .set(held.lag as i64);
             }
+            for partition in 0..view.partitions {
+                let followed = inner.standby.get(&partition);
+                self.standby
+                    .with_label_values(&[engine, &partition.to_string()])
+                    .set(i64::from(
+                        followed.is_some_and(|followed| followed.caught_up),
+                    ));
+            }
+            for (partition, followed) in &inner.standby {
+                self.standby_lag
+                    .with_label_values(&[engine, &partition.to_string()])
+                    .set(followed.lag as i64);
+            }
+            self.warming
+                .with_label_values(&[engine])
+                .set(i64::from(inner.warming));
             self.engines
                 .with_label_values(&[engine])
                 .set(inner.engines as i64);
@@ -548,6 +639,9 @@ impl Collector for ClusterCollector {
         }
         let mut families = self.owned.collect();
         families.extend(self.lag.collect());
+        families.extend(self.standby.collect());
+        families.extend(self.standby_lag.collect());
+        families.extend(self.warming.collect());
         families.extend(self.engines.collect());
         families.extend(self.takeovers.collect());
         families

@@ -14,6 +14,11 @@
 //! ranks it highest among those with room, every engine having room for `⌊P/N⌋` partitions and
 //! `P mod N` of them for one more. Every engine thus owns `⌊P/N⌋` or `⌈P/N⌉` partitions, and
 //! at least one when there are at least as many partitions as engines.
+//!
+//! With `cluster.standby`, a partition's *standby* is the engine that would own it if its
+//! owner stopped ([`standbys`]); it applies the partition without exporting it. An engine
+//! that joins running engines is *warming* (its heartbeat says so) until it has applied the
+//! partitions it is to own: the others leave it out of the assignment until then.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -72,12 +77,45 @@ pub fn assign(engines: &[String], partitions: u32) -> Vec<String> {
     owners
 }
 
+/// The partitions `me` is the standby of: those that `assign` gives to another engine and
+/// would give to `me` if that engine stopped.
+pub fn standbys(engines: &[String], partitions: u32, me: &str) -> Vec<u32> {
+    let owners = assign(engines, partitions);
+    let mut others: Vec<&String> = engines.iter().filter(|engine| *engine != me).collect();
+    others.sort();
+    others.dedup();
+    let mut mine = Vec::new();
+    for gone in others {
+        let rest: Vec<String> = engines
+            .iter()
+            .filter(|engine| *engine != gone)
+            .cloned()
+            .collect();
+        let after = assign(&rest, partitions);
+        mine.extend((0..partitions).filter(|&partition| {
+            owners[partition as usize] == *gone && after[partition as usize] == me
+        }));
+    }
+    mine.sort_unstable();
+    mine
+}
+
 /// An engine's heartbeat in the bucket.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 struct Heartbeat {
     instance: String,
     partitions: u32,
     version: String,
+    /// Applying the partitions it is to own before it takes them.
+    #[serde(default)]
+    warming: bool,
+}
+
+/// A running engine, as its heartbeat shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Engine {
+    pub(crate) name: String,
+    pub(crate) warming: bool,
 }
 
 const ENGINES: &str = "engines.";
@@ -91,6 +129,8 @@ pub(crate) struct Membership {
     partitions: u32,
     /// Revision of each lease held.
     leases: BTreeMap<u32, u64>,
+    /// Joined running engines and not yet applied the partitions it is to own.
+    pub(crate) warming: bool,
 }
 
 impl Membership {
@@ -127,7 +167,7 @@ impl Membership {
             )));
         }
         let engine = cluster.engine_name();
-        let membership = Membership {
+        let mut membership = Membership {
             kv,
             instance: format!(
                 "{}-{}",
@@ -137,8 +177,10 @@ impl Membership {
             engine,
             partitions: cluster.partitions,
             leases: BTreeMap::new(),
+            warming: false,
         };
-        for (name, heartbeat) in membership.heartbeats().await? {
+        let running = membership.heartbeats().await?;
+        for (name, heartbeat) in &running {
             if heartbeat.partitions != membership.partitions {
                 return Err(IngestError::Cluster(format!(
                     "cluster.partitions: this engine has {} but the running engine `{name}` has {}; every engine needs the same number",
@@ -163,6 +205,13 @@ impl Membership {
                 }
             }
         }
+        // Engines already running keep their partitions until this one has applied its share.
+        membership.warming = cluster.standby
+            && running.iter().any(|(name, heartbeat)| {
+                *name != membership.engine
+                    && heartbeat.partitions == membership.partitions
+                    && !heartbeat.warming
+            });
         membership.heartbeat().await?;
         Ok(membership)
     }
@@ -199,6 +248,7 @@ impl Membership {
             instance: self.instance.clone(),
             partitions: self.partitions,
             version: env!("CARGO_PKG_VERSION").to_string(),
+            warming: self.warming,
         };
         let value = serde_json::to_vec(&heartbeat).unwrap_or_default();
         self.kv
@@ -208,21 +258,27 @@ impl Membership {
         Ok(())
     }
 
-    /// The engines alive (heartbeat not expired), this one included, with the number of
-    /// partitions each has.
-    pub(crate) async fn engines(&self) -> Result<Vec<String>, IngestError> {
-        let mut names: Vec<String> = self
+    /// The engines alive (heartbeat not expired) with this engine's number of partitions,
+    /// this one included, by name.
+    pub(crate) async fn engines(&self) -> Result<Vec<Engine>, IngestError> {
+        let mut engines: Vec<Engine> = self
             .heartbeats()
             .await?
             .into_iter()
-            .filter(|(_, heartbeat)| heartbeat.partitions == self.partitions)
-            .map(|(name, _)| name)
+            .filter(|(name, heartbeat)| {
+                heartbeat.partitions == self.partitions && *name != self.engine
+            })
+            .map(|(name, heartbeat)| Engine {
+                name,
+                warming: heartbeat.warming,
+            })
             .collect();
-        if !names.contains(&self.engine) {
-            names.push(self.engine.clone());
-        }
-        names.sort();
-        Ok(names)
+        engines.push(Engine {
+            name: self.engine.clone(),
+            warming: self.warming,
+        });
+        engines.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(engines)
     }
 
     fn lease_value(&self) -> Bytes {
@@ -395,5 +451,33 @@ mod tests {
         let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
         // The new engine needs 16; a rebalance that reshuffled everything would move ~48.
         assert!((16..=32).contains(&moved), "moved {moved}");
+    }
+
+    #[test]
+    fn each_partition_has_one_standby_the_engine_that_takes_it_over() {
+        for count in 2..=5usize {
+            let engines = names(count);
+            let owners = assign(&engines, 64);
+            let standbys: Vec<Vec<u32>> = engines
+                .iter()
+                .map(|engine| standbys(&engines, 64, engine))
+                .collect();
+            for partition in 0..64u32 {
+                let followers: Vec<usize> = (0..count)
+                    .filter(|&index| standbys[index].contains(&partition))
+                    .collect();
+                assert_eq!(followers.len(), 1, "{count} engines, partition {partition}");
+                let standby = &engines[followers[0]];
+                let owner = &owners[partition as usize];
+                assert_ne!(standby, owner);
+                // The owner stops: its standby takes the partition.
+                let rest: Vec<String> = engines.iter().filter(|e| *e != owner).cloned().collect();
+                assert_eq!(&assign(&rest, 64)[partition as usize], standby);
+            }
+        }
+        assert!(
+            standbys(&names(1), 64, "kpi-0").is_empty(),
+            "alone: no standby"
+        );
     }
 }

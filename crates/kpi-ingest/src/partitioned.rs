@@ -8,13 +8,19 @@
 //! or below a partition's applied sequence is skipped, whoever delivers it. A reader's
 //! messages carry the epoch of its claim, so what a released reader had in flight is dropped.
 //!
-//! Every fifth of a lease, [`Ingest::ownership_round`] renews the heartbeat, reads the engines
-//! alive, computes the assignment, renews or gives back the leases held, and claims the
-//! partitions assigned and free. A partition is exported (tenants on /metrics and in the API,
-//! queries answered for the others) once its reader has caught up.
+//! Every fifth of a lease, a task of its own ([`Partitions::round`]) renews the leases held
+//! and the heartbeat, reads the engines alive, computes the assignment, gives back or claims
+//! leases, and starts or stops the standbys' readers; it never waits for the apply loop, so a
+//! slow batch or checkpoint cannot let a lease lapse. A partition is exported (tenants on
+//! /metrics and in the API, queries answered for the others) once its reader has caught up.
+//!
+//! With `cluster.standby`, an engine also reads and applies, without exporting, the
+//! partitions it would take over if their owner stopped. Taking one of them over then only
+//! needs the messages since: the new owner's reader starts after the standby's applied
+//! sequence and catches up at once.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
@@ -23,12 +29,12 @@ use kpi_model::partition::split_partitioned_subject;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-use crate::apply::Incoming;
+use crate::apply::{Incoming, Staged};
 use crate::cluster::{ClusterView, Responders};
 use crate::consume::sleep_until;
-use crate::ownership::{assign, Membership};
+use crate::ownership::{assign, standbys, Membership};
 use crate::streams::ensure_partitioned_streams;
-use crate::{Ingest, IngestError};
+use crate::{EngineState, Ingest, IngestError};
 
 /// What a partition's reader hands to the ingest.
 enum Feed {
@@ -50,9 +56,12 @@ enum Feed {
     Failed(String),
 }
 
-/// The reader of a partition held: dropping it stops the tasks reading the partition.
+/// The reader of a partition held or followed as a standby: dropping it stops the tasks
+/// reading the partition.
 struct Reader {
     epoch: u64,
+    /// Follows the partition as a standby (applied, not exported).
+    standby: bool,
     _stop: watch::Sender<()>,
 }
 
@@ -78,15 +87,274 @@ struct Member {
     stop: Stop,
 }
 
-/// What the partitioned ingest keeps between rounds.
+/// What the ownership task and the apply loop share: the readers (whose epochs say which
+/// messages still count) and the responders (started as soon as a partition is caught up).
+struct Shared {
+    readers: Mutex<BTreeMap<u32, Reader>>,
+    responders: Mutex<Responders>,
+}
+
+impl Shared {
+    fn readers(&self) -> MutexGuard<'_, BTreeMap<u32, Reader>> {
+        self.readers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn responders(&self) -> MutexGuard<'_, Responders> {
+        self.responders.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn epoch_of(&self, partition: u32) -> Option<u64> {
+        self.readers().get(&partition).map(|reader| reader.epoch)
+    }
+}
+
+/// The membership side of the partitioned ingest, run as its own task every fifth of a
+/// lease: however long a batch, a checkpoint or a dead letter takes, the leases are renewed
+/// on time.
 struct Partitions {
     view: Arc<ClusterView>,
     membership: Membership,
     events: stream::Stream,
-    readers: BTreeMap<u32, Reader>,
-    responders: Responders,
+    shared: Arc<Shared>,
     feed: mpsc::Sender<Feed>,
     epoch: u64,
+    staged: Arc<Mutex<Staged>>,
+    state: Arc<EngineState>,
+    /// `cluster.standby`.
+    standby: bool,
+}
+
+impl Partitions {
+    fn applied_of(&self, partition: u32) -> u64 {
+        applied_in(&self.staged, partition)
+    }
+
+    /// Rounds until `stop` changes; then hands the membership back for leaving.
+    async fn run(mut self, mut stop: watch::Receiver<()>) -> Partitions {
+        let mut rounds =
+            tokio::time::interval((self.view.lease / 5).max(Duration::from_millis(100)));
+        rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = rounds.tick() => self.round().await,
+                _ = stop.changed() => return self,
+            }
+        }
+    }
+
+    /// Replaces `partition`'s reader (stopping the one it had) by one from stream sequence
+    /// `from`, to be spawned with [`Partitions::spawn_readers`].
+    fn start_reader(&mut self, partition: u32, standby: bool, from: u64) -> Member {
+        self.epoch += 1;
+        let (stop, stop_told) = watch::channel(());
+        self.shared.readers().insert(
+            partition,
+            Reader {
+                epoch: self.epoch,
+                standby,
+                _stop: stop,
+            },
+        );
+        Member {
+            from,
+            epoch: self.epoch,
+            stop: stop_told,
+        }
+    }
+
+    /// Reads `members`: in one pass over the stream when they are many, else each apart.
+    fn spawn_readers(&self, members: BTreeMap<u32, Member>) {
+        if members.len() >= CATCH_UP_TOGETHER {
+            tokio::spawn(catch_up_together(
+                self.events.clone(),
+                members,
+                self.feed.clone(),
+            ));
+        } else {
+            self.spawn_readers_apart(members);
+        }
+    }
+
+    /// Reads each of `members` with its own reader (those with little left to read).
+    fn spawn_readers_apart(&self, members: BTreeMap<u32, Member>) {
+        for (partition, member) in members {
+            tokio::spawn(read_partition(
+                self.events.clone(),
+                partition,
+                member,
+                false,
+                self.feed.clone(),
+            ));
+        }
+    }
+
+    /// One round of membership: renewals, heartbeat, assignment, hand-overs, claims and
+    /// standbys. NATS errors are logged and the round ends; leases not renewed stop being
+    /// exported three quarters of a lease after their last renewal was sent.
+    async fn round(&mut self) {
+        let view = self.view.clone();
+        // The leases first: what keeps the partitions exported does not wait behind reading
+        // the engines (a lease about to be given back is renewed too, harmlessly).
+        self.renew(&view.held()).await;
+        if let Err(error) = self.membership.heartbeat().await {
+            warn!(%error, "heartbeat not renewed");
+        }
+        let engines = match self.membership.engines().await {
+            Ok(engines) => engines,
+            Err(error) => {
+                warn!(%error, "cannot read the engines; keeping the partitions held");
+                return;
+            }
+        };
+        let me = self.membership.engine.clone();
+        let all: Vec<String> = engines.iter().map(|engine| engine.name.clone()).collect();
+        let running: Vec<String> = engines
+            .iter()
+            .filter(|engine| !engine.warming)
+            .map(|engine| engine.name.clone())
+            .collect();
+        if self.membership.warming && running.is_empty() {
+            // Nobody else applies the partitions: waiting would leave them without an owner.
+            self.warmed_up("no other engine is running").await;
+        }
+        // Warming engines are left out while any other runs (all warming: all count).
+        let members = if running.is_empty() { &all } else { &running };
+        let owners = assign(members, view.partitions);
+        let given: Vec<u32> = view
+            .held()
+            .into_iter()
+            .filter(|&partition| owners[partition as usize] != me)
+            .collect();
+        for partition in given {
+            let owner = &owners[partition as usize];
+            // Stop exporting first, then give the lease back: the next owner can only take
+            // it once this engine no longer shows the partition.
+            self.shared.responders().stop(partition);
+            view.drop_partition(partition);
+            self.shared.readers().remove(&partition);
+            self.membership.release(partition).await;
+            info!(partition, to = %owner, "gave the partition to another engine");
+        }
+        let held = view.held();
+        let mut taken = BTreeMap::new();
+        let mut warm = BTreeMap::new();
+        for (partition, owner) in owners.iter().enumerate() {
+            let partition = partition as u32;
+            if *owner != me || held.contains(&partition) {
+                continue;
+            }
+            if let Some(at) = self.membership.claim(partition).await {
+                // A standby that caught up only has the messages since to apply.
+                let followed = view.unfollow(partition);
+                view.take(partition, at);
+                let from = self.applied_of(partition) + 1;
+                info!(
+                    partition,
+                    from,
+                    standby = followed,
+                    "took the partition; catching up"
+                );
+                let member = self.start_reader(partition, false, from);
+                if followed {
+                    warm.insert(partition, member);
+                } else {
+                    taken.insert(partition, member);
+                }
+            }
+        }
+        self.spawn_readers(taken);
+        self.spawn_readers_apart(warm);
+        view.settle(all.len());
+
+        // Standbys: the partitions this engine would take over (or, warming, those it is to
+        // own), and those assigned to it that it could not take yet.
+        let wanted: std::collections::BTreeSet<u32> = if !self.standby {
+            Default::default()
+        } else {
+            let held = view.held();
+            let assigned = if self.membership.warming {
+                assign(&all, view.partitions)
+            } else {
+                owners.clone()
+            };
+            let next = (0..view.partitions)
+                .filter(|partition| assigned[*partition as usize] == me)
+                .filter(|partition| !held.contains(partition));
+            let standing = if self.membership.warming {
+                Vec::new()
+            } else {
+                standbys(members, view.partitions, &me)
+            };
+            next.chain(standing).collect()
+        };
+        for partition in view.following() {
+            if !wanted.contains(&partition) {
+                view.unfollow(partition);
+                if self
+                    .shared
+                    .readers()
+                    .get(&partition)
+                    .is_some_and(|reader| reader.standby)
+                {
+                    self.shared.readers().remove(&partition);
+                }
+                info!(partition, "no longer the partition's standby");
+            }
+        }
+        // The partitions owned are caught up on first: following more before would slow
+        // them down.
+        if self.membership.warming || view.is_caught_up() {
+            let mut followed = BTreeMap::new();
+            for &partition in &wanted {
+                if self.shared.readers().contains_key(&partition) {
+                    continue;
+                }
+                view.follow(partition);
+                let from = self.applied_of(partition) + 1;
+                info!(partition, from, "following the partition as its standby");
+                followed.insert(partition, self.start_reader(partition, true, from));
+            }
+            self.spawn_readers(followed);
+        }
+        if self.membership.warming {
+            let following = view.following();
+            if wanted.is_empty() {
+                self.warmed_up("no partition to own").await;
+            } else if view.standbys_caught_up() && wanted.iter().all(|p| following.contains(p)) {
+                self.warmed_up("caught up on the partitions to own").await;
+            }
+        }
+        self.shared.responders().sync();
+        self.state.set_ready(true);
+    }
+
+    /// Ends warming: the heartbeat says so at once, and the others hand the partitions over.
+    async fn warmed_up(&mut self, why: &str) {
+        self.membership.warming = false;
+        self.view.set_warming(false);
+        info!(why, "warmed up: taking a share of the partitions");
+        if let Err(error) = self.membership.heartbeat().await {
+            warn!(%error, "heartbeat not renewed");
+        }
+    }
+
+    async fn renew(&mut self, held: &[u32]) {
+        for (partition, outcome) in self.membership.renew(held).await {
+            match outcome {
+                Ok(Some(at)) => self.view.renewed(partition, at),
+                Ok(None) => {}
+                Err(()) => {
+                    self.shared.responders().stop(partition);
+                    self.view.drop_partition(partition);
+                    self.shared.readers().remove(&partition);
+                    warn!(
+                        partition,
+                        "lost the partition's lease (not renewed in time)"
+                    );
+                }
+            }
+        }
+    }
 }
 
 impl Ingest {
@@ -104,29 +372,47 @@ impl Ingest {
         self.load_applied().await?;
         let membership = Membership::join(js, &self.config).await?;
         let (feed, mut fed) = mpsc::channel(self.config.ingest.batch_max_events.max(64) * 4);
-        let mut partitions = Partitions {
+        let shared = Arc::new(Shared {
+            readers: Mutex::new(BTreeMap::new()),
+            responders: Mutex::new(Responders::new(
+                js.client(),
+                self.state.clone(),
+                view.clone(),
+            )),
+        });
+        let warming = membership.warming;
+        let partitions = Partitions {
             view: view.clone(),
             membership,
             events,
-            readers: BTreeMap::new(),
-            responders: Responders::new(js.client(), self.state.clone(), view.clone()),
+            shared: shared.clone(),
             feed,
             epoch: 0,
+            staged: self.staged.clone(),
+            state: self.state.clone(),
+            standby: self.config.cluster.standby,
         };
-        info!(engine = %view.engine, partitions = view.partitions, stream = %self.config.nats.stream, "joined the engines");
+        view.set_warming(warming);
+        info!(engine = %view.engine, partitions = view.partitions, stream = %self.config.nats.stream, warming, "joined the engines");
         self.state.set_ready(true);
-        let result = self
-            .run_partitions(js, &mut partitions, &mut fed, shutdown)
-            .await;
-        // Leaving, on a stop or an error: what was applied is checkpointed, then every lease
-        // given back (the others take over at once rather than after a lease).
+        let (stop_rounds, rounds_stopped) = watch::channel(());
+        let rounds = tokio::spawn(partitions.run(rounds_stopped));
+        let result = self.run_partitions(js, &shared, &mut fed, shutdown).await;
+        // Leaving, on a stop or an error: no more rounds, what was applied is checkpointed,
+        // then every lease given back (the others take over at once rather than after a
+        // lease).
+        drop(stop_rounds);
+        let rounds = rounds.await;
         let checkpointed = self.checkpoint(None).await;
+        let mut partitions =
+            rounds.map_err(|error| IngestError::Join(format!("ownership rounds: {error}")))?;
         for partition in view.held() {
-            partitions.responders.stop(partition);
+            shared.responders().stop(partition);
             view.drop_partition(partition);
-            partitions.readers.remove(&partition);
+            shared.readers().remove(&partition);
             partitions.membership.release(partition).await;
         }
+        shared.readers().clear();
         partitions.membership.leave().await;
         result.and(checkpointed)
     }
@@ -145,23 +431,21 @@ impl Ingest {
     }
 
     fn applied_of(&self, partition: u32) -> u64 {
-        self.staged()
-            .applied
-            .as_ref()
-            .and_then(|applied| applied.get(&partition).copied())
-            .unwrap_or(0)
+        applied_in(&self.staged, partition)
     }
 
     async fn run_partitions(
         &self,
         js: &jetstream::Context,
-        partitions: &mut Partitions,
+        shared: &Shared,
         fed: &mut mpsc::Receiver<Feed>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), IngestError> {
-        let mut rounds =
-            tokio::time::interval((partitions.view.lease / 5).max(Duration::from_millis(100)));
-        rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let view = self
+            .state
+            .cluster()
+            .cloned()
+            .ok_or_else(|| IngestError::Cluster("cluster view not set".into()))?;
         let batch_wait = Duration::from_millis(self.config.ingest.batch_max_wait_ms);
         let checkpoint_wait = Duration::from_millis(self.config.ingest.checkpoint_max_wait_ms);
         let batch_max = self.config.ingest.batch_max_events;
@@ -171,10 +455,6 @@ impl Ingest {
                 .since
                 .map(|since| tokio::time::Instant::from_std(since + checkpoint_wait));
             let first = tokio::select! {
-                _ = rounds.tick() => {
-                    self.ownership_round(partitions).await;
-                    continue;
-                }
                 feed = fed.recv() => match feed {
                     Some(feed) => feed,
                     None => return Err(IngestError::JetStream("the readers' channel closed".into())),
@@ -207,7 +487,7 @@ impl Ingest {
                         incoming,
                         pending,
                     } => {
-                        let current = partitions.readers.get(&partition).map(|r| r.epoch);
+                        let current = shared.epoch_of(partition);
                         let floor = advanced
                             .get(&partition)
                             .map(|(sequence, _)| *sequence)
@@ -224,7 +504,7 @@ impl Ingest {
                         epoch,
                         through,
                     } => {
-                        if partitions.readers.get(&partition).map(|r| r.epoch) == Some(epoch) {
+                        if shared.epoch_of(partition) == Some(epoch) {
                             caught_up.push((partition, through));
                         }
                     }
@@ -246,23 +526,27 @@ impl Ingest {
                 }
             }
             for (partition, (_, pending)) in &advanced {
-                partitions.view.set_lag(*partition, *pending);
+                view.set_lag(*partition, *pending);
             }
             self.state
                 .metrics
                 .consumer_pending
-                .set(partitions.view.total_lag() as i64);
+                .set(view.total_lag() as i64);
             for (partition, _) in &caught_up {
-                partitions.view.caught_up(*partition);
-                partitions.view.set_lag(*partition, 0);
-                info!(
-                    partition,
-                    applied = self.applied_of(*partition),
-                    "caught up: exporting the partition"
-                );
+                view.caught_up(*partition);
+                view.set_lag(*partition, 0);
+                let applied = self.applied_of(*partition);
+                if shared.readers().get(partition).is_some_and(|r| r.standby) {
+                    info!(
+                        partition,
+                        applied, "caught up on the partition as its standby"
+                    );
+                } else {
+                    info!(partition, applied, "caught up: exporting the partition");
+                }
             }
             if !caught_up.is_empty() {
-                partitions.responders.sync();
+                shared.responders().sync();
             }
             let due = {
                 let staged = self.staged();
@@ -276,112 +560,17 @@ impl Ingest {
             }
         }
     }
+}
 
-    /// One round of membership: renewals, heartbeat, assignment, hand-overs and claims. NATS
-    /// errors are logged and the round ends; leases not renewed stop being exported three
-    /// quarters of a lease after their last renewal was sent.
-    async fn ownership_round(&self, partitions: &mut Partitions) {
-        let view = partitions.view.clone();
-        // The leases first: what keeps the partitions exported does not wait behind reading
-        // the engines (a lease about to be given back is renewed too, harmlessly).
-        self.renew(partitions, &view.held()).await;
-        if let Err(error) = partitions.membership.heartbeat().await {
-            warn!(%error, "heartbeat not renewed");
-        }
-        let engines = match partitions.membership.engines().await {
-            Ok(engines) => engines,
-            Err(error) => {
-                warn!(%error, "cannot read the engines; keeping the partitions held");
-                return;
-            }
-        };
-        let owners = assign(&engines, view.partitions);
-        let me = partitions.membership.engine.clone();
-        let given: Vec<u32> = view
-            .held()
-            .into_iter()
-            .filter(|&partition| owners[partition as usize] != me)
-            .collect();
-        for partition in given {
-            let owner = &owners[partition as usize];
-            {
-                // Stop exporting first, then give the lease back: the next owner can only
-                // take it once this engine no longer shows the partition.
-                partitions.responders.stop(partition);
-                view.drop_partition(partition);
-                partitions.readers.remove(&partition);
-                partitions.membership.release(partition).await;
-                info!(partition, to = %owner, "gave the partition to another engine");
-            }
-        }
-        let mut taken = BTreeMap::new();
-        for (partition, owner) in owners.iter().enumerate() {
-            let partition = partition as u32;
-            if *owner != me || partitions.readers.contains_key(&partition) {
-                continue;
-            }
-            if let Some(at) = partitions.membership.claim(partition).await {
-                view.take(partition, at);
-                partitions.epoch += 1;
-                let from = self.applied_of(partition) + 1;
-                info!(partition, from, "took the partition; catching up");
-                let (stop, stop_told) = watch::channel(());
-                partitions.readers.insert(
-                    partition,
-                    Reader {
-                        epoch: partitions.epoch,
-                        _stop: stop,
-                    },
-                );
-                taken.insert(
-                    partition,
-                    Member {
-                        from,
-                        epoch: partitions.epoch,
-                        stop: stop_told,
-                    },
-                );
-            }
-        }
-        if taken.len() >= CATCH_UP_TOGETHER {
-            tokio::spawn(catch_up_together(
-                partitions.events.clone(),
-                taken,
-                partitions.feed.clone(),
-            ));
-        } else {
-            for (partition, member) in taken {
-                tokio::spawn(read_partition(
-                    partitions.events.clone(),
-                    partition,
-                    member,
-                    false,
-                    partitions.feed.clone(),
-                ));
-            }
-        }
-        view.settle(engines.len());
-        partitions.responders.sync();
-        self.state.set_ready(true);
-    }
-
-    async fn renew(&self, partitions: &mut Partitions, held: &[u32]) {
-        for (partition, outcome) in partitions.membership.renew(held).await {
-            match outcome {
-                Ok(Some(at)) => partitions.view.renewed(partition, at),
-                Ok(None) => {}
-                Err(()) => {
-                    partitions.responders.stop(partition);
-                    partitions.view.drop_partition(partition);
-                    partitions.readers.remove(&partition);
-                    warn!(
-                        partition,
-                        "lost the partition's lease (not renewed in time)"
-                    );
-                }
-            }
-        }
-    }
+/// The applied sequence of `partition` in `staged` (0: none).
+fn applied_in(staged: &Mutex<Staged>, partition: u32) -> u64 {
+    staged
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .applied
+        .as_ref()
+        .and_then(|applied| applied.get(&partition).copied())
+        .unwrap_or(0)
 }
 
 /// Reads partition `partition` from stream sequence `member.from` on, handing every message

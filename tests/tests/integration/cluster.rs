@@ -345,10 +345,21 @@ async fn settled(engines: &[(&Engine, &str)], timeout: Duration) -> Duration {
         if even && all == (0..PARTITIONS).collect::<Vec<_>>() {
             return started.elapsed();
         }
-        assert!(
-            started.elapsed() < timeout,
-            "the engines did not share the partitions within {timeout:?}: {all:?}"
-        );
+        if started.elapsed() >= timeout {
+            let logs: Vec<String> = engines
+                .iter()
+                .map(|(engine, name)| {
+                    let log = engine.log();
+                    let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                    format!("--- {name}, last lines of its log:\n{}", tail.join("\n"))
+                })
+                .collect();
+            panic!(
+                "the engines did not share the partitions within {timeout:?}: {all:?}\n{}",
+                logs.join("\n")
+            );
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
