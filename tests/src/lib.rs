@@ -523,6 +523,13 @@ impl Engine {
         }
     }
 
+    /// The exit status if the process has exited (without waiting).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().unwrap()?;
+        self.child = None;
+        Some(status)
+    }
+
     /// SIGKILL: no chance to flush or acknowledge anything.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {

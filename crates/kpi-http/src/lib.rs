@@ -80,7 +80,15 @@ pub trait Cluster: Send + Sync + 'static {
     ) -> ClusterFuture<'a, Forwarded>;
 
     /// The tenants shown by the other engines.
-    fn remote_tenants(&self) -> ClusterFuture<'_, Vec<String>>;
+    fn remote_tenants(&self) -> ClusterFuture<'_, RemoteTenants>;
+}
+
+/// The tenants of the partitions other engines show, and the partitions this engine showed
+/// when it asked (its own tenants are listed from those, so a partition changing hands
+/// meanwhile is listed once, by one side or the other).
+pub struct RemoteTenants {
+    pub local: Vec<u32>,
+    pub tenants: Vec<String>,
 }
 
 /// Answers 503 with a JSON error and `Retry-After`: the tenant's partition is changing hands.
@@ -483,24 +491,33 @@ async fn tenants(State(api): State<Api>, Query(params): Params) -> Result<Respon
         .configured()
         .map(|(name, _)| name.clone())
         .collect();
-    names.extend(
-        api.state
-            .aggregates()
-            .tenants
-            .keys()
-            .filter(|name| api.state.exports(name))
-            .cloned(),
-    );
-    if let Some(cluster) = &api.cluster {
-        match cluster.remote_tenants().await {
-            Ok(remote) => names.extend(remote),
+    // With several engines, the other engines' partitions are asked first; this engine's
+    // tenants are those of the partitions it showed then.
+    let local = match &api.cluster {
+        None => None,
+        Some(cluster) => match cluster.remote_tenants().await {
+            Ok(remote) => {
+                names.extend(remote.tenants);
+                Some(remote.local)
+            }
             Err(error) => {
                 return Ok(unavailable(format!(
                     "the tenant list needs every partition: {error}; retry in a moment"
                 )))
             }
-        }
-    }
+        },
+    };
+    names.extend(
+        api.state
+            .aggregates()
+            .tenants
+            .keys()
+            .filter(|name| match (&local, api.state.partition_of(name)) {
+                (Some(local), Some(partition)) => local.contains(&partition),
+                _ => api.state.exports(name),
+            })
+            .cloned(),
+    );
     let page = Page::of(rows, &[("tenants", names.len())]);
     let names: Vec<String> = names
         .into_iter()

@@ -23,6 +23,28 @@ pub(crate) struct Incoming {
     pub(crate) published_unix_seconds: f64,
     /// Multi-engine mode: the partition the message came from.
     pub(crate) partition: Option<u32>,
+    /// A copy made by `kpi cluster migrate`: the original's stream sequence
+    /// (`Kpi-Migrated-From`). An interrupted migration run again may store a copy twice; an
+    /// invalid one is dead-lettered and counted once, as its original was.
+    pub(crate) migrated_from: Option<u64>,
+}
+
+impl Incoming {
+    /// The sequence a dead letter of this message is remembered by: the original's for a
+    /// migration's copy (the originals' sequences all come before any copy's, so they are
+    /// never a stored message's of the partitioned stream), else its own.
+    fn rejected_as(&self) -> u64 {
+        self.migrated_from.unwrap_or(self.stream_sequence)
+    }
+}
+
+/// The original's sequence a migration's copy carries.
+pub(crate) fn migrated_from(headers: Option<&async_nats::HeaderMap>) -> Option<u64> {
+    headers?
+        .get(crate::migrate::MIGRATED_FROM_HEADER)?
+        .as_str()
+        .parse()
+        .ok()
 }
 
 /// What a consumer handed over.
@@ -47,6 +69,7 @@ impl Delivery {
                     stream_sequence: info.stream_sequence,
                     published_unix_seconds: info.published.unix_timestamp_nanos() as f64 / 1e9,
                     partition: None,
+                    migrated_from: None,
                 },
                 info.consumer_sequence,
             ),
@@ -278,9 +301,10 @@ pub(crate) fn prepare(
         };
         // A message dead-lettered by an earlier (crashed or unacknowledged) run is not
         // republished or counted again.
-        if !seen_rejected.insert(incoming.stream_sequence)
-            || rejected.contains(&incoming.stream_sequence)
-            || store.store.is_rejected(incoming.stream_sequence)?
+        let rejected_as = incoming.rejected_as();
+        if !seen_rejected.insert(rejected_as)
+            || rejected.contains(&rejected_as)
+            || store.store.is_rejected(rejected_as)?
         {
             continue;
         }
@@ -299,7 +323,7 @@ pub(crate) fn prepare(
                 reason: rejection.reason.label().to_string(),
             })
             .or_default() += 1;
-        rejected_sequences.push(incoming.stream_sequence);
+        rejected_sequences.push(rejected_as);
         dead_letters.push((incoming.clone(), tenant, rejection));
     }
     let delta = set.take_delta(tenants);

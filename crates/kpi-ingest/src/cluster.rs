@@ -93,6 +93,8 @@ pub struct ClusterView {
     /// account stay apart.
     pub stream: String,
     pub lease: Duration,
+    /// `cluster.standby`: the standby gauges are exported only with it.
+    pub standbys: bool,
     inner: Mutex<Inner>,
     handler: OnceLock<QueryHandler>,
 }
@@ -104,9 +106,17 @@ impl ClusterView {
             partitions,
             stream,
             lease,
+            standbys: true,
             inner: Mutex::new(Inner::default()),
             handler: OnceLock::new(),
         }
+    }
+
+    /// With `cluster.standby` off, no standby gauge is exported (so no alert counts
+    /// partitions without one).
+    pub fn with_standbys(mut self, standbys: bool) -> ClusterView {
+        self.standbys = standbys;
+        self
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -323,9 +333,10 @@ impl Forwarder {
         })
     }
 
-    /// The tenants of every partition this engine does not export, from their owners; fails
-    /// naming the first partition without one.
-    pub async fn remote_tenants(&self) -> Result<Vec<String>, Unavailable> {
+    /// The tenants of every partition this engine does not export, from their owners, with
+    /// the partitions it exported when it asked; fails naming the first partition without
+    /// an owner.
+    pub async fn remote_tenants(&self) -> Result<(Vec<u32>, Vec<String>), Unavailable> {
         let exported = self.view.exported();
         let requests = (0..self.view.partitions)
             .filter(|partition| !exported.contains(partition))
@@ -358,7 +369,7 @@ impl Forwarder {
         for answer in answers {
             tenants.extend(answer?);
         }
-        Ok(tenants)
+        Ok((exported, tenants))
     }
 }
 
@@ -543,7 +554,7 @@ impl ClusterCollector {
             standby: IntGaugeVec::new(
                 Opts::new(
                     "kpi_engine_partition_standby",
-                    "1 when this engine follows the partition as a standby (applies it without exporting it) and has caught up on it, else 0",
+                    "1 when this engine follows the partition as a standby (applies it without exporting it) and has caught up on it, else 0 (exported with cluster.standby only)",
                 ),
                 &["engine", "partition"],
             )?,
@@ -614,7 +625,7 @@ impl Collector for ClusterCollector {
                     .with_label_values(&[engine, &partition.to_string()])
                     .set(held.lag as i64);
             }
-            for partition in 0..view.partitions {
+            for partition in (0..view.partitions).filter(|_| view.standbys) {
                 let followed = inner.standby.get(&partition);
                 self.standby
                     .with_label_values(&[engine, &partition.to_string()])

@@ -8,7 +8,8 @@
 //!    original's sequence); after each batch is stored, the originals copied are purged. A
 //!    migration interrupted and run again copies what is left; at most the batch in flight
 //!    when it stopped is stored twice, which the engines apply once (every record knows the
-//!    event ids applied to it).
+//!    event ids applied to it); an invalid event of it is dead-lettered and counted once, as
+//!    the engines remember a copy's dead letter by the original's sequence.
 //! 3. The single engine's durable consumer is deleted.
 //!
 //! Events are applied whatever their order, so copies stored after newer events change

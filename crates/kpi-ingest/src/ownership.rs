@@ -188,23 +188,6 @@ impl Membership {
                 )));
             }
         }
-        let key = format!("{ENGINES}{}", membership.engine);
-        let existing = membership.kv.entry(&key).await.map_err(js_error)?;
-        // A heartbeat under our name (a purge marker is a graceful leave, not one).
-        if let Some(entry) = existing.filter(|entry| entry.operation == kv::Operation::Put) {
-            // A heartbeat under our name: a running engine renews it; a killed one (this
-            // engine's last run, say) lets it expire.
-            info!(engine = %membership.engine, "a heartbeat under this engine's name exists; waiting one lease to see if it is renewed");
-            tokio::time::sleep(lease + lease / 5).await;
-            if let Some(later) = membership.kv.entry(&key).await.map_err(js_error)? {
-                if later.revision != entry.revision && later.operation == kv::Operation::Put {
-                    return Err(IngestError::Cluster(format!(
-                        "cluster.engine: `{}` is the name of a running engine; give each engine its own name",
-                        membership.engine
-                    )));
-                }
-            }
-        }
         // Engines already running keep their partitions until this one has applied its share.
         membership.warming = cluster.standby
             && running.iter().any(|(name, heartbeat)| {
@@ -212,8 +195,84 @@ impl Membership {
                     && heartbeat.partitions == membership.partitions
                     && !heartbeat.warming
             });
-        membership.heartbeat().await?;
+        membership.take_name(lease).await?;
         Ok(membership)
+    }
+
+    /// Writes the first heartbeat, only where no running engine has one under this name: the
+    /// key is created if absent (or a graceful leave's purge marker), or replaced at the
+    /// revision of a heartbeat that was not renewed for a lease (a killed engine's, this
+    /// engine's last run say). Of two engines started at once under one name, one fails here.
+    async fn take_name(&self, lease: Duration) -> Result<(), IngestError> {
+        let key = format!("{ENGINES}{}", self.engine);
+        let value = self.heartbeat_value();
+        let in_use = || {
+            IngestError::Cluster(format!(
+                "cluster.engine: `{}` is the name of a running engine; give each engine its own name",
+                self.engine
+            ))
+        };
+        // Whether the name was taken; a NATS error is an error (the ingest retries).
+        let created = |result: Result<u64, kv::CreateError>| match result {
+            Ok(_) => Ok(true),
+            Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+            Err(error) => Err(js_error(error)),
+        };
+        if created(self.kv.create(&key, value.clone()).await)? {
+            return Ok(());
+        }
+        let Some(entry) = self.kv.entry(&key).await.map_err(js_error)? else {
+            // Expired in between: ours now, unless another engine was faster.
+            return if created(self.kv.create(&key, value).await)? {
+                Ok(())
+            } else {
+                Err(in_use())
+            };
+        };
+        if self.is_own(&entry.value) {
+            // Our own create, stored though its answer was lost.
+            return Ok(());
+        }
+        // A heartbeat under this name: a running engine renews it; a killed one lets it
+        // expire.
+        info!(engine = %self.engine, "a heartbeat under this engine's name exists; waiting one lease to see if it is renewed");
+        tokio::time::sleep(lease + lease / 5).await;
+        let taken = match self.kv.entry(&key).await.map_err(js_error)? {
+            Some(later) if later.revision != entry.revision => {
+                if later.operation == kv::Operation::Put && !self.is_own(&later.value) {
+                    return Err(in_use());
+                }
+                created(self.kv.create(&key, value).await)?
+            }
+            // Not renewed, not expired yet: replaced at its revision, if nobody else did.
+            Some(_) => match self.kv.update(&key, value, entry.revision).await {
+                Ok(_) => true,
+                Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => false,
+                Err(error) => return Err(js_error(error)),
+            },
+            None => created(self.kv.create(&key, value).await)?,
+        };
+        if taken {
+            Ok(())
+        } else {
+            Err(in_use())
+        }
+    }
+
+    /// Whether a heartbeat value is this very process's.
+    fn is_own(&self, value: &[u8]) -> bool {
+        serde_json::from_slice::<Heartbeat>(value)
+            .is_ok_and(|heartbeat| heartbeat.instance == self.instance)
+    }
+
+    fn heartbeat_value(&self) -> Bytes {
+        let heartbeat = Heartbeat {
+            instance: self.instance.clone(),
+            partitions: self.partitions,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            warming: self.warming,
+        };
+        serde_json::to_vec(&heartbeat).unwrap_or_default().into()
     }
 
     async fn heartbeats(&self) -> Result<Vec<(String, Heartbeat)>, IngestError> {
@@ -244,15 +303,8 @@ impl Membership {
 
     /// Renews this engine's heartbeat.
     pub(crate) async fn heartbeat(&self) -> Result<(), IngestError> {
-        let heartbeat = Heartbeat {
-            instance: self.instance.clone(),
-            partitions: self.partitions,
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            warming: self.warming,
-        };
-        let value = serde_json::to_vec(&heartbeat).unwrap_or_default();
         self.kv
-            .put(format!("{ENGINES}{}", self.engine), value.into())
+            .put(format!("{ENGINES}{}", self.engine), self.heartbeat_value())
             .await
             .map_err(js_error)?;
         Ok(())

@@ -29,7 +29,7 @@ use kpi_model::partition::split_partitioned_subject;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-use crate::apply::{Incoming, Staged};
+use crate::apply::{migrated_from, Incoming, Staged};
 use crate::cluster::{ClusterView, Responders};
 use crate::consume::sleep_until;
 use crate::ownership::{assign, standbys, Membership};
@@ -369,6 +369,7 @@ impl Ingest {
             .cloned()
             .ok_or_else(|| IngestError::Cluster("cluster view not set".into()))?;
         let events = ensure_partitioned_streams(js, &self.config).await?;
+        self.check_stream_identity(&events).await?;
         self.load_applied().await?;
         let membership = Membership::join(js, &self.config).await?;
         let (feed, mut fed) = mpsc::channel(self.config.ingest.batch_max_events.max(64) * 4);
@@ -415,6 +416,37 @@ impl Ingest {
         shared.readers().clear();
         partitions.membership.leave().await;
         result.and(checkpointed)
+    }
+
+    /// Refuses a store whose applied sequences are those of another stream of the same name
+    /// (deleted and created again: its sequences start over, and the store would skip them).
+    /// The stream's creation time identifies it; a store that has none recorded yet records
+    /// it.
+    async fn check_stream_identity(&self, events: &stream::Stream) -> Result<(), IngestError> {
+        let info = events.cached_info();
+        let identity = info.created.unix_timestamp_nanos().to_string();
+        let store = self.store.clone();
+        let recorded = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || store.stream_identity())
+                .await
+                .map_err(|error| IngestError::Join(error.to_string()))??
+        };
+        match recorded {
+            Some(recorded) if recorded == identity => Ok(()),
+            Some(recorded) => Err(IngestError::Cluster(format!(
+                "store.path: {} holds partitions applied from another stream {} (created at {} ns, this one at {identity} ns after the epoch: it was deleted and created again, and its sequences started over); give the engine an empty store.path to rebuild its partitions from this stream",
+                self.config.store.path.display(),
+                info.config.name,
+                recorded
+            ))),
+            None => {
+                tokio::task::spawn_blocking(move || store.set_stream_identity(&identity))
+                    .await
+                    .map_err(|error| IngestError::Join(error.to_string()))??;
+                Ok(())
+            }
+        }
     }
 
     /// Loads the partitions' applied sequences from the store, once per process.
@@ -677,6 +709,7 @@ async fn read_partition(
                 stream_sequence: info.stream_sequence,
                 published_unix_seconds: info.published.unix_timestamp_nanos() as f64 / 1e9,
                 partition: Some(partition),
+                migrated_from: migrated_from(message.headers.as_ref()),
             };
             next = info.stream_sequence + 1;
             let pending = info.pending;
@@ -820,6 +853,7 @@ async fn catch_up_together(
                             published_unix_seconds: info.published.unix_timestamp_nanos() as f64
                                 / 1e9,
                             partition: Some(partition),
+                            migrated_from: migrated_from(message.headers.as_ref()),
                         };
                         let message = Feed::Message {
                             partition,

@@ -80,6 +80,7 @@ impl Ingest {
                     stream_sequence: message.sequence,
                     published_unix_seconds: message.time.unix_timestamp_nanos() as f64 / 1e9,
                     partition: None,
+                    migrated_from: None,
                 }),
                 Err(error)
                     if error.kind()

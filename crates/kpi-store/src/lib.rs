@@ -61,6 +61,8 @@ const REDO_PREFIX: u8 = b'w';
 const APPLIED_PREFIX: u8 = b'a';
 /// Multi-engine mode: the number of partitions the store's applied sequences refer to.
 const PARTITIONS_KEY: &[u8] = b"mpartitions";
+/// Multi-engine mode: which stream the applied sequences are sequences of.
+const STREAM_KEY: &[u8] = b"mstream";
 
 /// A commit of more records than this goes through a redo entry; migrating a version 1 store
 /// moves this many records between flushes.
@@ -480,6 +482,22 @@ impl Store {
     /// Marks the store as a multi-engine one of `partitions` partitions (durably).
     pub fn set_partitions(&self, partitions: u32) -> Result<(), StoreError> {
         self.db.insert(PARTITIONS_KEY, &partitions.to_be_bytes())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Multi-engine mode: the identity of the stream the applied sequences refer to (its
+    /// creation time), if recorded.
+    pub fn stream_identity(&self) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .db
+            .get(STREAM_KEY)?
+            .map(|value| String::from_utf8_lossy(&value).into_owned()))
+    }
+
+    /// Records the identity of the stream the applied sequences refer to (durably).
+    pub fn set_stream_identity(&self, identity: &str) -> Result<(), StoreError> {
+        self.db.insert(STREAM_KEY, identity.as_bytes())?;
         self.db.flush()?;
         Ok(())
     }

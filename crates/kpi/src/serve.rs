@@ -34,12 +34,15 @@ pub async fn run(config_path: Option<&Path>, clock: Clock) -> anyhow::Result<()>
     // Multi-engine mode: the view exists before anything is shown, so that nothing of a
     // partition this engine does not own is (its store may hold an old copy).
     let cluster = if config.cluster.enabled {
-        let view = Arc::new(kpi_ingest::cluster::ClusterView::new(
-            config.cluster.engine_name(),
-            config.cluster.partitions,
-            config.nats.stream.clone(),
-            Duration::from_millis(config.cluster.lease_ms),
-        ));
+        let view = Arc::new(
+            kpi_ingest::cluster::ClusterView::new(
+                config.cluster.engine_name(),
+                config.cluster.partitions,
+                config.nats.stream.clone(),
+                Duration::from_millis(config.cluster.lease_ms),
+            )
+            .with_standbys(config.cluster.standby),
+        );
         registry
             .register(Box::new(kpi_ingest::cluster::ClusterCollector::new(
                 view.clone(),
@@ -249,13 +252,14 @@ impl kpi_http::Cluster for ClusterLink {
         })
     }
 
-    fn remote_tenants(&self) -> kpi_http::ClusterFuture<'_, Vec<String>> {
+    fn remote_tenants(&self) -> kpi_http::ClusterFuture<'_, kpi_http::RemoteTenants> {
         Box::pin(async move {
             let forwarder = self.0.get().ok_or("not connected to NATS yet")?;
-            forwarder
+            let (local, tenants) = forwarder
                 .remote_tenants()
                 .await
-                .map_err(|error| error.to_string())
+                .map_err(|error| error.to_string())?;
+            Ok(kpi_http::RemoteTenants { local, tenants })
         })
     }
 }

@@ -546,6 +546,40 @@ async fn engines_share_partitions_and_survive_kills_joins_and_a_lost_nats_node()
         takeover < Duration::from_secs(30),
         "takeover took {takeover:?}"
     );
+
+    // Standbys (on by default): each partition is followed, caught up, by the engine that is
+    // not its owner.
+    let every: BTreeSet<u32> = (0..PARTITIONS).collect();
+    kpi_tests::wait_until(
+        "each partition has its standby",
+        Duration::from_secs(60),
+        || async {
+            let (owned_c, standing_c) = (owned(&c, "kpi-c").await, standing(&c, "kpi-c").await);
+            let (owned_d, standing_d) = (owned(&d, "kpi-d").await, standing(&d, "kpi-d").await);
+            owned_c == standing_d
+                && owned_d == standing_c
+                && owned_c.union(&owned_d).copied().collect::<BTreeSet<u32>>() == every
+                && owned_c.is_disjoint(&owned_d)
+        },
+    )
+    .await;
+}
+
+/// The partitions `engine` follows as a caught-up standby, as its /metrics says.
+async fn standing(engine: &Engine, name: &str) -> BTreeSet<u32> {
+    let Ok(response) = reqwest::get(format!("{}/metrics", engine.base())).await else {
+        return BTreeSet::new();
+    };
+    let text = response.text().await.unwrap_or_default();
+    (0..PARTITIONS)
+        .filter(|p| {
+            metric_value(
+                &text,
+                "kpi_engine_partition_standby",
+                &[("engine", name), ("partition", &p.to_string())],
+            ) == Some(1.0)
+        })
+        .collect()
 }
 
 /// Waits for an engine that should refuse to start; returns its log.
@@ -611,6 +645,51 @@ async fn engines_refuse_mismatched_cluster_settings_and_a_single_engine_refuses_
     assert_eq!(
         owned(&a, "kpi-a").await,
         (0..PARTITIONS).collect::<BTreeSet<u32>>()
+    );
+
+    // Two engines started at once under one new name: one takes the name, the other refuses.
+    let mut twins = [
+        Engine::start(&nats.url(), &cluster_config("kpi-c")),
+        Engine::start(&nats.url(), &cluster_config("kpi-c")),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (refused_twin, status) = loop {
+        if let Some(exit) =
+            (0..2).find_map(|index| twins[index].exited().map(|status| (index, status)))
+        {
+            break exit;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "neither engine named kpi-c refused:\n{}\n{}",
+            twins[0].log(),
+            twins[1].log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let log = twins[refused_twin].log();
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("cluster.engine") && log.contains("`kpi-c`"),
+        "the second engine named kpi-c names the setting:\n{log}"
+    );
+    let kept = &mut twins[1 - refused_twin];
+    kept.wait_ready().await;
+    // The one that took the name runs on, a lease and more later.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(kept.exited().is_none(), "{}", kept.log());
+    kept.stop();
+
+    // The stream deleted and created again: its sequences start over, and a store that
+    // applied the old one's would skip the new events. kpi-a refuses its store, naming it.
+    assert!(a.stop().success(), "{}", a.log());
+    let js = async_nats::jetstream::new(nats.client().await);
+    js.delete_stream("KPI_EVENTS").await.unwrap();
+    a.start_again();
+    let log = refused(&mut a);
+    assert!(
+        log.contains("store.path") && log.contains("created again"),
+        "a store of another stream of the same name is refused, naming store.path:\n{log}"
     );
 }
 
@@ -742,9 +821,73 @@ async fn a_single_engine_install_moves_to_several_engines_with_its_history() {
         "the dead letter is counted once, by its partition's owner (the typeless message was left out)"
     );
 
-    // No event is left under its old subject, and a second run has nothing to do.
+    // A migration interrupted and run again may store the batch in flight twice: the copy of
+    // the invalid event stored again is not dead-lettered or counted again, while a new
+    // invalid event after it (same partition, so applied after it) is.
     let js = async_nats::jetstream::new(client.clone());
     let stream = js.get_stream("KPI_EVENTS").await.unwrap();
+    let mut copies = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: "*.kpi.events.t0000.lead.created".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .messages()
+        .await
+        .unwrap();
+    let copy = loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), copies.next())
+            .await
+            .expect("the copy of the invalid event is in the stream")
+            .unwrap()
+            .unwrap();
+        if message.payload.as_ref() == b"{not json" {
+            break message;
+        }
+    };
+    let migrated_from = copy
+        .headers
+        .as_ref()
+        .and_then(|headers| headers.get("Kpi-Migrated-From"))
+        .expect("a copy says which original it is")
+        .as_str()
+        .to_string();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Kpi-Migrated-From", migrated_from.as_str());
+    js.publish_with_headers(
+        "kpi.events.t0000.lead.created",
+        headers,
+        copy.payload.clone(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    publish(
+        &client,
+        &[(
+            "kpi.events.t0000.lead.created".to_string(),
+            "{still not json".to_string(),
+            Some("broken-again".to_string()),
+        )],
+    )
+    .await;
+    let rejected_now =
+        || async { rejected_total(&a.metrics().await) + rejected_total(&b.metrics().await) };
+    kpi_tests::wait_until(
+        "the new invalid event is counted",
+        Duration::from_secs(30),
+        || async { rejected_now().await >= 2.0 },
+    )
+    .await;
+    assert_eq!(
+        rejected_now().await,
+        2.0,
+        "the copy stored twice is counted once, the new invalid event once"
+    );
+
+    // No event is left under its old subject, and a second run has nothing to do.
     let left = stream
         .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
             filter_subject: "kpi.events.>".into(),
