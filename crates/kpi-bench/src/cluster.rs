@@ -86,18 +86,24 @@ fn tenant(index: u32) -> String {
     format!("t{index:03}")
 }
 
-/// About `events` more events, of other tenants than [`histories`]'.
-fn more_histories(events: u64) -> impl Iterator<Item = Outgoing> {
+/// About `events` more events, all in partition `partition`: tenants other than
+/// [`histories`]', of that partition only.
+fn more_histories_in(
+    events: u64,
+    partition: u32,
+    partitions: u32,
+) -> impl Iterator<Item = Outgoing> {
     let tenants = tenants_for(events);
     let per_tenant = leads_per_day_for(events / u64::from(tenants) * 6);
-    (0..tenants).flat_map(move |index| {
-        history_of_years(
-            &format!("u{index:03}"),
-            1000 + u64::from(index),
-            per_tenant,
-            1,
-        )
-    })
+    let names: Vec<String> = (0u32..)
+        .map(|index| format!("u{index:05}"))
+        .filter(|name| kpi_model::partition_of(name, partitions) == partition)
+        .take(tenants as usize)
+        .collect();
+    names
+        .into_iter()
+        .enumerate()
+        .flat_map(move |(index, name)| history_of_years(&name, 1000 + index as u64, per_tenant, 1))
 }
 
 /// Every tenant's demo history, one after the other, about `events` in all.
@@ -350,24 +356,35 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     eprintln!("warm rejoin {rejoined:?}, warm takeover {warm:?}");
     y.stop();
     // With standbys: two engines on the stores above, another `--events` published while
-    // they run; once the survivor-to-be follows the other's partitions with nothing left to
-    // apply, the other is killed.
+    // they run, all in one of the partitions of the engine to be killed (a tail of that size
+    // in one partition); once the survivor-to-be follows the other's partitions with nothing
+    // left to apply, the other is killed.
     let x = start_member(args, &nats.url, &work.join("x"), "x", 1, true)?;
     let y = start_member(args, &nats.url, &work.join("y"), "y", 1, true)?;
     x.wait_ready().await;
     y.wait_ready().await;
     settled(&[&x, &y], partitions).await;
-    let (more, _) = publish(&js, more_histories(args.events)).await?;
+    let followed = owned(&x).await;
+    let hot = *followed
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("x owns no partition"))?;
+    let before = partition_sizes(&js, partitions).await?[hot as usize];
+    publish(&js, more_histories_in(args.events, hot, partitions)).await?;
     settled(&[&x, &y], partitions).await;
     let followed = owned(&x).await;
+    anyhow::ensure!(
+        followed.contains(&hot),
+        "partition {hot} moved while both ran"
+    );
     standby_caught_up(&y, &followed).await;
     let sizes = partition_sizes(&js, partitions).await?;
     let standby_tail: u64 = followed.iter().map(|&p| sizes[p as usize]).sum();
+    let loaded_tail = sizes[hot as usize] - before;
     let mut x = x;
     x.kill9();
     let standby = settled(&[&y], partitions).await;
     eprintln!(
-        "standby takeover of {} partitions ({standby_tail} events, {more} published live): {standby:?}",
+        "standby takeover of {} partitions ({standby_tail} events; {loaded_tail} published live to partition {hot}): {standby:?}",
         followed.len()
     );
     y.stop();
@@ -492,7 +509,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         moved.len(),
         rejoined.as_secs_f64()
     ));
-    line(format!("| standby (`cluster.standby`, the default): the survivor followed them, {more} more events published while both ran | {} | {standby_tail} in the partitions, 0 left | **{:.1} s** |", followed.len(), standby.as_secs_f64()));
+    line(format!("| standby (`cluster.standby`, the default): the survivor followed them; {loaded_tail} more events published to one of them (partition {hot}) while both ran | {} | {standby_tail} in the partitions, 0 left | **{:.1} s** |", followed.len(), standby.as_secs_f64()));
     line(String::new());
     line(format!("### 3-node cluster (R3, `sync_interval: always`, {cluster_loaded} events published at {cluster_publish_rate:.0}/s)"));
     line(String::new());
@@ -518,7 +535,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     let catch_up = (cold - warm).as_secs_f64().max(0.001);
     let rate = tail as f64 / catch_up;
     let per_core = 1e6 / (ingests[0].cpu_seconds / cluster_loaded as f64 * 1e6);
-    line(format!("Reading these figures: a takeover is the lease running out on the server (`lease_ms`, 5 s by default) and the next round of the survivors (a fifth of a lease), a quarter of a lease of grace, then the catch-up. The warm takeover is that fixed part ({:.1} s here); the cold one adds applying {tail} events at about {rate:.0} events/s while reading the whole stream once. A partition with a 1M-event tail that the new owner never applied would take about {:.0} s without a standby; with one (the default) the tail is already applied and the takeover is the fixed part, whatever the tail ({:.1} s here), for applying every event twice over the engines. The cold and warm rows run with `cluster.standby = false`; the 3-node rows above with standbys, so with two or three engines each event is applied twice (by its owner and by its standby): the CPU per event of the engines doubles from one engine to two. On one 2-core machine, engines added share the same two cores with three NATS servers, so throughput cannot grow with engines here; an engine uses {:.1} µs of CPU per event applied (one engine, 3-node cluster), about {per_core:.0} events/s per core, so engines on separate hosts add about that each, up to what the NATS cluster delivers (it stored R3 writes with `sync_interval: always` at {cluster_publish_rate:.0} events/s here).", warm.as_secs_f64(), warm.as_secs_f64() + 1_000_000.0 / rate, standby.as_secs_f64(), ingests[0].cpu_seconds / cluster_loaded as f64 * 1e6));
+    line(format!("Reading these figures: a takeover is the lease running out on the server (`lease_ms`, 5 s by default) and the next round of the survivors (a fifth of a lease), a quarter of a lease of grace, then the catch-up. The warm takeover is that fixed part ({:.1} s here); the cold one adds applying {tail} events at about {rate:.0} events/s while reading the whole stream once. A partition with a 1M-event tail that the new owner never applied would take about {:.0} s without a standby; with one (the default) the tail is already applied and the takeover is the fixed part, whatever the tail ({:.1} s here), for applying every event twice over the engines. The cold and warm rows run with `cluster.standby = false`; the 3-node rows above with standbys, so with two or three engines each event is applied twice (by its owner and by its standby, which starts once the engine has caught up on what it owns: the rows measure the owners catching up, and the CPU of the engines per event grows with the standbys' share of that time). On one 2-core machine, engines added share the same two cores with three NATS servers, so throughput cannot grow with engines here; an engine uses {:.1} µs of CPU per event applied (one engine, 3-node cluster), about {per_core:.0} events/s per core, so engines on separate hosts add about that each, up to what the NATS cluster delivers (it stored R3 writes with `sync_interval: always` at {cluster_publish_rate:.0} events/s here).", warm.as_secs_f64(), warm.as_secs_f64() + 1_000_000.0 / rate, standby.as_secs_f64(), ingests[0].cpu_seconds / cluster_loaded as f64 * 1e6));
     line(String::new());
     let text = section.join("\n") + "\n";
     match &args.out {

@@ -651,11 +651,23 @@ async fn readyz(State(state): State<Arc<dyn KpiSource>>) -> Response {
 }
 
 async fn metrics_text(State(api): State<Api>) -> Response {
-    let families = api.registry.gather();
-    let mut body = Vec::new();
-    match TextEncoder::new().encode(&families, &mut body) {
-        Ok(()) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response(),
-        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response(),
+    // Gathering reads every exported tenant's figures under the aggregates' lock: on a
+    // blocking thread, so that a large scrape never holds up the engine's async tasks (its
+    // lease renewals among them).
+    let registry = api.registry.clone();
+    let encoded = tokio::task::spawn_blocking(move || {
+        let families = registry.gather();
+        let mut body = Vec::new();
+        TextEncoder::new()
+            .encode(&families, &mut body)
+            .map(|()| body)
+            .map_err(|error| error.to_string())
+    })
+    .await
+    .unwrap_or_else(|error| Err(error.to_string()));
+    match encoded {
+        Ok(body) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response(),
+        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error).into_response(),
     }
 }
 

@@ -341,26 +341,33 @@ impl Membership {
         Bytes::from(format!("{} {}", self.engine, self.instance))
     }
 
-    /// Takes the lease of `partition` if nobody holds it; returns whether it did, and when the
-    /// claim was sent (the lease runs from then, at the latest).
-    pub(crate) async fn claim(&mut self, partition: u32) -> Option<Instant> {
+    /// Takes the lease of each of `partitions` that nobody holds, all at once; returns those
+    /// it took, with when the claim was sent (the lease runs from then, at the latest).
+    pub(crate) async fn claim(&mut self, partitions: &[u32]) -> Vec<(u32, Instant)> {
         let sent = Instant::now();
-        match self
-            .kv
-            .create(format!("{PARTITIONS}{partition}"), self.lease_value())
-            .await
-        {
-            Ok(revision) => {
-                self.leases.insert(partition, revision);
-                Some(sent)
+        let value = self.lease_value();
+        let claims = partitions.iter().map(|&partition| {
+            let value = value.clone();
+            let this = &*self;
+            async move {
+                let key = format!("{PARTITIONS}{partition}");
+                let revision = match this.kv.create(key, value).await {
+                    Ok(revision) => Some(revision),
+                    // Maybe our own earlier claim, stored though its answer was lost.
+                    Err(_) => this.own_revision(partition).await,
+                };
+                (partition, revision)
             }
-            // Maybe our own earlier claim, stored though its answer was lost.
-            Err(_) => {
-                let revision = self.own_revision(partition).await?;
+        });
+        let outcomes = futures_util::future::join_all(claims).await;
+        let mut taken = Vec::new();
+        for (partition, revision) in outcomes {
+            if let Some(revision) = revision {
                 self.leases.insert(partition, revision);
-                Some(sent)
+                taken.push((partition, sent));
             }
         }
+        taken
     }
 
     /// The revision of `partition`'s lease if it holds this very engine's value (a write

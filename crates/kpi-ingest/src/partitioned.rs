@@ -92,6 +92,9 @@ struct Member {
 struct Shared {
     readers: Mutex<BTreeMap<u32, Reader>>,
     responders: Mutex<Responders>,
+    /// A copy of each partition's applied sequence, updated with the staged one: the rounds
+    /// read it without waiting for the staged batch, which a batch holds while it applies.
+    applied: Mutex<BTreeMap<u32, u64>>,
 }
 
 impl Shared {
@@ -101,6 +104,15 @@ impl Shared {
 
     fn responders(&self) -> MutexGuard<'_, Responders> {
         self.responders.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn applied_of(&self, partition: u32) -> u64 {
+        self.applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&partition)
+            .copied()
+            .unwrap_or(0)
     }
 
     fn epoch_of(&self, partition: u32) -> Option<u64> {
@@ -118,15 +130,17 @@ struct Partitions {
     shared: Arc<Shared>,
     feed: mpsc::Sender<Feed>,
     epoch: u64,
-    staged: Arc<Mutex<Staged>>,
     state: Arc<EngineState>,
     /// `cluster.standby`.
     standby: bool,
+    /// Partitions taken from their standby, with the last message they held when taken and
+    /// when.
+    confirming: BTreeMap<u32, (u64, std::time::Instant)>,
 }
 
 impl Partitions {
     fn applied_of(&self, partition: u32) -> u64 {
-        applied_in(&self.staged, partition)
+        self.shared.applied_of(partition)
     }
 
     /// Rounds until `stop` changes; then hands the membership back for leaving.
@@ -193,16 +207,32 @@ impl Partitions {
     /// exported three quarters of a lease after their last renewal was sent.
     async fn round(&mut self) {
         let view = self.view.clone();
+        let started = std::time::Instant::now();
+        // A step that takes longer than this (a NATS server slow to answer) ends the round:
+        // the next one, a fifth of a lease later, renews the leases again.
+        let patience = view.lease / 4;
         // The leases first: what keeps the partitions exported does not wait behind reading
         // the engines (a lease about to be given back is renewed too, harmlessly).
         self.renew(&view.held()).await;
-        if let Err(error) = self.membership.heartbeat().await {
-            warn!(%error, "heartbeat not renewed");
+        match tokio::time::timeout(patience, self.membership.heartbeat()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => warn!(%error, "heartbeat not renewed"),
+            Err(_) => warn!(
+                waited_ms = patience.as_millis() as u64,
+                "heartbeat not renewed in time"
+            ),
         }
-        let engines = match self.membership.engines().await {
-            Ok(engines) => engines,
-            Err(error) => {
+        let engines = match tokio::time::timeout(patience, self.membership.engines()).await {
+            Ok(Ok(engines)) => engines,
+            Ok(Err(error)) => {
                 warn!(%error, "cannot read the engines; keeping the partitions held");
+                return;
+            }
+            Err(_) => {
+                warn!(
+                    waited_ms = patience.as_millis() as u64,
+                    "the engines not read in time; keeping the partitions held"
+                );
                 return;
             }
         };
@@ -236,34 +266,70 @@ impl Partitions {
             info!(partition, to = %owner, "gave the partition to another engine");
         }
         let held = view.held();
+        let unclaimed: Vec<u32> = (0..view.partitions)
+            .filter(|&partition| owners[partition as usize] == me && !held.contains(&partition))
+            .collect();
         let mut taken = BTreeMap::new();
         let mut warm = BTreeMap::new();
-        for (partition, owner) in owners.iter().enumerate() {
-            let partition = partition as u32;
-            if *owner != me || held.contains(&partition) {
-                continue;
-            }
-            if let Some(at) = self.membership.claim(partition).await {
-                // A standby that caught up only has the messages since to apply.
-                let followed = view.unfollow(partition);
-                view.take(partition, at);
-                let from = self.applied_of(partition) + 1;
+        let claimed: Vec<(u32, std::time::Instant, bool)> = self
+            .membership
+            .claim(&unclaimed)
+            .await
+            .into_iter()
+            .map(|(partition, at)| {
+                let followed =
+                    view.unfollow(partition) && self.shared.readers().contains_key(&partition);
+                (partition, at, followed)
+            })
+            .collect();
+        // A standby that caught up goes on reading as the owner: no new consumer to make
+        // (which the server takes longer to set up the more messages the partition has). It
+        // is caught up once it has applied the partition's last message stored when it took
+        // the partition (what the engine before may have shown).
+        let events = &self.events;
+        let lasts: BTreeMap<u32, u64> = futures_util::future::join_all(
+            claimed.iter().filter(|(_, _, followed)| *followed).map(
+                |&(partition, _, _)| async move {
+                    (partition, last_of(events, partition, patience).await)
+                },
+            ),
+        )
+        .await
+        .into_iter()
+        .filter_map(|(partition, last)| last.map(|last| (partition, last)))
+        .collect();
+        for (partition, at, followed) in claimed {
+            view.take(partition, at);
+            if let Some(&last) = lasts.get(&partition) {
+                if let Some(reader) = self.shared.readers().get_mut(&partition) {
+                    reader.standby = false;
+                }
+                self.confirming
+                    .insert(partition, (last, std::time::Instant::now()));
                 info!(
                     partition,
-                    from,
-                    standby = followed,
-                    "took the partition; catching up"
+                    through = last,
+                    "took the partition its standby follows"
                 );
-                let member = self.start_reader(partition, false, from);
-                if followed {
-                    warm.insert(partition, member);
-                } else {
-                    taken.insert(partition, member);
-                }
+                continue;
+            }
+            let from = self.applied_of(partition) + 1;
+            info!(
+                partition,
+                from,
+                standby = followed,
+                "took the partition; catching up"
+            );
+            let member = self.start_reader(partition, false, from);
+            if followed {
+                warm.insert(partition, member);
+            } else {
+                taken.insert(partition, member);
             }
         }
         self.spawn_readers(taken);
         self.spawn_readers_apart(warm);
+        self.confirm_caught_up();
         view.settle(all.len());
 
         // Standbys: the partitions this engine would take over if an engine stopped; those
@@ -327,6 +393,49 @@ impl Partitions {
         }
         self.shared.responders().sync();
         self.state.set_ready(true);
+        if started.elapsed() > patience {
+            warn!(
+                took_ms = started.elapsed().as_millis() as u64,
+                "an ownership round took over a quarter of a lease"
+            );
+        }
+    }
+
+    /// The partitions taken from their standby that have applied the last message they held
+    /// when taken are caught up (and exported after the grace). One still behind a quarter of
+    /// a lease later (its standby's reader stalled, say, after a NATS server was lost) is read
+    /// anew from its applied sequence, as a partition taken without a standby.
+    fn confirm_caught_up(&mut self) {
+        let held = self.view.held();
+        let patience = self.view.lease / 4;
+        let confirming: Vec<(u32, u64, std::time::Instant, u64)> = self
+            .confirming
+            .iter()
+            .map(|(&partition, &(last, since))| {
+                (partition, last, since, self.applied_of(partition))
+            })
+            .collect();
+        let mut anew = BTreeMap::new();
+        for (partition, last, since, applied) in confirming {
+            if !held.contains(&partition) {
+                self.confirming.remove(&partition);
+            } else if applied >= last {
+                self.confirming.remove(&partition);
+                self.view.caught_up(partition);
+                self.view.set_lag(partition, 0);
+                info!(partition, applied, "caught up: exporting the partition");
+            } else if since.elapsed() > patience {
+                self.confirming.remove(&partition);
+                warn!(
+                    partition,
+                    applied,
+                    through = last,
+                    "the standby's reader is behind; reading the partition anew"
+                );
+                anew.insert(partition, self.start_reader(partition, false, applied + 1));
+            }
+        }
+        self.spawn_readers_apart(anew);
     }
 
     /// Ends warming: the heartbeat says so at once, and the others hand the partitions over.
@@ -381,6 +490,7 @@ impl Ingest {
                 self.state.clone(),
                 view.clone(),
             )),
+            applied: Mutex::new(self.staged().applied.clone().unwrap_or_default()),
         });
         let warming = membership.warming;
         let partitions = Partitions {
@@ -390,9 +500,9 @@ impl Ingest {
             shared: shared.clone(),
             feed,
             epoch: 0,
-            staged: self.staged.clone(),
             state: self.state.clone(),
             standby: self.config.cluster.standby,
+            confirming: BTreeMap::new(),
         };
         view.set_warming(warming);
         info!(engine = %view.engine, partitions = view.partitions, stream = %self.config.nats.stream, warming, "joined the engines");
@@ -553,9 +663,11 @@ impl Ingest {
                     .iter()
                     .map(|(partition, (sequence, _))| (*partition, *sequence))
                     .chain(caught_up.iter().copied());
+                let mut copy = shared.applied.lock().unwrap_or_else(|e| e.into_inner());
                 for (partition, sequence) in read {
                     let entry = applied.entry(partition).or_insert(0);
                     *entry = (*entry).max(sequence);
+                    copy.insert(partition, *entry);
                 }
             }
             for (partition, (_, pending)) in &advanced {
@@ -596,6 +708,23 @@ impl Ingest {
 }
 
 /// The applied sequence of `partition` in `staged` (0: none).
+/// The stream sequence of the last message stored under `partition` (0 when none), or `None`
+/// when the server does not say within `patience`.
+async fn last_of(events: &stream::Stream, partition: u32, patience: Duration) -> Option<u64> {
+    let subject = format!("{partition}.>");
+    match tokio::time::timeout(patience, events.get_last_raw_message_by_subject(&subject)).await {
+        Ok(Ok(message)) => Some(message.sequence),
+        Ok(Err(error)) if error.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+            Some(0)
+        }
+        Ok(Err(error)) => {
+            warn!(partition, %error, "the partition's last message unknown; reading it anew");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
 fn applied_in(staged: &Mutex<Staged>, partition: u32) -> u64 {
     staged
         .lock()

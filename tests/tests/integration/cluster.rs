@@ -313,6 +313,16 @@ async fn agrees(engine: &Engine, name: &str, tenant: String, want: Expected) {
 }
 
 async fn owned(engine: &Engine, name: &str) -> BTreeSet<u32> {
+    partitions_at_one(engine, name, "kpi_engine_partition_owned").await
+}
+
+/// The partitions `engine` follows as a caught-up standby, as its /metrics says.
+async fn standing(engine: &Engine, name: &str) -> BTreeSet<u32> {
+    partitions_at_one(engine, name, "kpi_engine_partition_standby").await
+}
+
+/// The partitions whose `gauge{engine,partition}` is 1 on `engine`'s /metrics.
+async fn partitions_at_one(engine: &Engine, name: &str, gauge: &str) -> BTreeSet<u32> {
     let Ok(response) = reqwest::get(format!("{}/metrics", engine.base())).await else {
         return BTreeSet::new();
     };
@@ -321,7 +331,7 @@ async fn owned(engine: &Engine, name: &str) -> BTreeSet<u32> {
         .filter(|p| {
             metric_value(
                 &text,
-                "kpi_engine_partition_owned",
+                gauge,
                 &[("engine", name), ("partition", &p.to_string())],
             ) == Some(1.0)
         })
@@ -563,23 +573,6 @@ async fn engines_share_partitions_and_survive_kills_joins_and_a_lost_nats_node()
         },
     )
     .await;
-}
-
-/// The partitions `engine` follows as a caught-up standby, as its /metrics says.
-async fn standing(engine: &Engine, name: &str) -> BTreeSet<u32> {
-    let Ok(response) = reqwest::get(format!("{}/metrics", engine.base())).await else {
-        return BTreeSet::new();
-    };
-    let text = response.text().await.unwrap_or_default();
-    (0..PARTITIONS)
-        .filter(|p| {
-            metric_value(
-                &text,
-                "kpi_engine_partition_standby",
-                &[("engine", name), ("partition", &p.to_string())],
-            ) == Some(1.0)
-        })
-        .collect()
 }
 
 /// Waits for an engine that should refuse to start; returns its log.
