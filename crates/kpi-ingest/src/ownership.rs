@@ -6,9 +6,11 @@
 //! - `engines.<name>`: an engine's heartbeat (its instance, partitions and version), renewed
 //!   five times per lease; an engine whose heartbeat expired is gone.
 //! - `partitions.<n>`: the lease of partition `n`, `<name> <instance>`. An engine takes a
-//!   lease by creating the key (only one create succeeds), keeps it by updating it at its
-//!   revision, and gives it back by deleting it at its revision. A lease not renewed for a
-//!   whole lease expires on the server.
+//!   lease by writing the key where it holds nothing or its last holder's delete marker, at
+//!   that revision (only one such write succeeds), keeps it by updating it at its revision,
+//!   and gives it back by deleting it at its revision. A lease not renewed for a whole lease
+//!   expires on the server (the key then holds nothing: which of the two it was tells the
+//!   new owner whether its last holder may have exported the partition until just before).
 //!
 //! The assignment is a bounded-load rendezvous hash: each partition goes to the engine that
 //! ranks it highest among those with room, every engine having room for `⌊P/N⌋` partitions and
@@ -122,6 +124,16 @@ pub(crate) struct Engine {
     pub(crate) warming: bool,
 }
 
+/// How a lease was free when this engine took it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Freed {
+    /// The key held nothing: never taken, or not renewed for a whole lease, so its last
+    /// holder stopped exporting the partition a quarter of a lease before it expired.
+    Expired,
+    /// Given back (deleted) by its last holder, which stopped exporting it just before.
+    GivenBack,
+}
+
 const ENGINES: &str = "engines.";
 const PARTITIONS: &str = "partitions.";
 
@@ -135,6 +147,45 @@ pub(crate) struct Membership {
     leases: BTreeMap<u32, u64>,
     /// Joined running engines and not yet applied the partitions it is to own.
     pub(crate) warming: bool,
+    /// The other engines' heartbeats as this engine read them.
+    seen: Heartbeats,
+}
+
+/// The other engines' heartbeat revisions, each with when this engine first read it.
+#[derive(Debug, Default)]
+struct Heartbeats(BTreeMap<String, (u64, Instant)>);
+
+impl Heartbeats {
+    /// Records the heartbeats read at `now` (name and revision); returns the engines whose
+    /// heartbeat was there at the last read and is not any more.
+    fn read(&mut self, heartbeats: &[(String, u64)], now: Instant) -> Vec<String> {
+        let mut seen = BTreeMap::new();
+        for (name, revision) in heartbeats {
+            let since = match self.0.get(name) {
+                Some(&(known, since)) if known == *revision => since,
+                _ => now,
+            };
+            seen.insert(name.clone(), (*revision, since));
+        }
+        let gone = self
+            .0
+            .keys()
+            .filter(|name| !seen.contains_key(*name))
+            .cloned()
+            .collect();
+        self.0 = seen;
+        gone
+    }
+
+    /// The engine whose heartbeat has been read unchanged for the longest at `now`, if longer
+    /// than `after`, and for how long.
+    fn silent(&self, after: Duration, now: Instant) -> Option<(&str, Duration)> {
+        self.0
+            .iter()
+            .map(|(name, (_, since))| (name.as_str(), now.saturating_duration_since(*since)))
+            .filter(|(_, silent)| *silent > after)
+            .max_by_key(|(_, silent)| *silent)
+    }
 }
 
 impl Membership {
@@ -182,9 +233,10 @@ impl Membership {
             partitions: cluster.partitions,
             leases: BTreeMap::new(),
             warming: false,
+            seen: Heartbeats::default(),
         };
         let running = membership.heartbeats().await?;
-        for (name, heartbeat) in &running {
+        for (name, heartbeat, _) in &running {
             if heartbeat.partitions != membership.partitions {
                 return Err(IngestError::Cluster(format!(
                     "cluster.partitions: this engine has {} but the running engine `{name}` has {}; every engine needs the same number",
@@ -194,7 +246,7 @@ impl Membership {
         }
         // Engines already running keep their partitions until this one has applied its share.
         membership.warming = cluster.standby
-            && running.iter().any(|(name, heartbeat)| {
+            && running.iter().any(|(name, heartbeat, _)| {
                 *name != membership.engine
                     && heartbeat.partitions == membership.partitions
                     && !heartbeat.warming
@@ -279,7 +331,8 @@ impl Membership {
         serde_json::to_vec(&heartbeat).unwrap_or_default().into()
     }
 
-    async fn heartbeats(&self) -> Result<Vec<(String, Heartbeat)>, IngestError> {
+    /// The heartbeats in the bucket: name, heartbeat, revision.
+    async fn heartbeats(&self) -> Result<Vec<(String, Heartbeat, u64)>, IngestError> {
         let mut keys = self.kv.keys().await.map_err(js_error)?;
         let mut names = Vec::new();
         while let Some(key) = keys.next().await {
@@ -290,19 +343,26 @@ impl Membership {
         }
         let mut heartbeats = Vec::new();
         for name in names {
-            if let Some(value) = self
+            let entry = self
                 .kv
-                .get(format!("{ENGINES}{name}"))
+                .entry(format!("{ENGINES}{name}"))
                 .await
-                .map_err(js_error)?
-            {
-                match serde_json::from_slice::<Heartbeat>(&value) {
-                    Ok(heartbeat) => heartbeats.push((name, heartbeat)),
+                .map_err(js_error)?;
+            if let Some(entry) = entry.filter(|entry| entry.operation == kv::Operation::Put) {
+                match serde_json::from_slice::<Heartbeat>(&entry.value) {
+                    Ok(heartbeat) => heartbeats.push((name, heartbeat, entry.revision)),
                     Err(error) => warn!(engine = %name, %error, "unreadable heartbeat"),
                 }
             }
         }
         Ok(heartbeats)
+    }
+
+    /// The other engine whose heartbeat this engine has read unchanged for the longest, if
+    /// longer than `after`: renewed five times per lease, it is probably gone, and its
+    /// partitions free once its heartbeat and leases expire.
+    pub(crate) fn silent(&self, after: Duration) -> Option<(&str, Duration)> {
+        self.seen.silent(after, Instant::now())
     }
 
     /// Renews this engine's heartbeat.
@@ -316,15 +376,22 @@ impl Membership {
 
     /// The engines alive (heartbeat not expired) with this engine's number of partitions,
     /// this one included, by name.
-    pub(crate) async fn engines(&self) -> Result<Vec<Engine>, IngestError> {
-        let mut engines: Vec<Engine> = self
-            .heartbeats()
-            .await?
+    pub(crate) async fn engines(&mut self) -> Result<Vec<Engine>, IngestError> {
+        let heartbeats = self.heartbeats().await?;
+        let others: Vec<(String, u64)> = heartbeats
+            .iter()
+            .filter(|(name, _, _)| *name != self.engine)
+            .map(|(name, _, revision)| (name.clone(), *revision))
+            .collect();
+        for name in self.seen.read(&others, Instant::now()) {
+            info!(engine = %name, "an engine left (its heartbeat expired or was removed)");
+        }
+        let mut engines: Vec<Engine> = heartbeats
             .into_iter()
-            .filter(|(name, heartbeat)| {
+            .filter(|(name, heartbeat, _)| {
                 heartbeat.partitions == self.partitions && *name != self.engine
             })
-            .map(|(name, heartbeat)| Engine {
+            .map(|(name, heartbeat, _)| Engine {
                 name,
                 warming: heartbeat.warming,
             })
@@ -342,8 +409,9 @@ impl Membership {
     }
 
     /// Takes the lease of each of `partitions` that nobody holds, all at once; returns those
-    /// it took, with when the claim was sent (the lease runs from then, at the latest).
-    pub(crate) async fn claim(&mut self, partitions: &[u32]) -> Vec<(u32, Instant)> {
+    /// it took, with when the claim was sent (the lease runs from then, at the latest) and
+    /// how it was free.
+    pub(crate) async fn claim(&mut self, partitions: &[u32]) -> Vec<(u32, Instant, Freed)> {
         let sent = Instant::now();
         let value = self.lease_value();
         let claims = partitions.iter().map(|&partition| {
@@ -351,20 +419,45 @@ impl Membership {
             let this = &*self;
             async move {
                 let key = format!("{PARTITIONS}{partition}");
-                let revision = match this.kv.create(key, value).await {
-                    Ok(revision) => Some(revision),
-                    // Maybe our own earlier claim, stored though its answer was lost.
-                    Err(_) => this.own_revision(partition).await,
+                // Revision 0: only if the key holds nothing (never taken, or expired).
+                let taken = match this.kv.update(&key, value.clone(), 0).await {
+                    Ok(revision) => Some((revision, Freed::Expired)),
+                    Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                        match this.kv.entry(&key).await {
+                            Ok(Some(entry))
+                                if matches!(
+                                    entry.operation,
+                                    kv::Operation::Delete | kv::Operation::Purge
+                                ) =>
+                            {
+                                this.kv
+                                    .update(&key, value, entry.revision)
+                                    .await
+                                    .ok()
+                                    .map(|revision| (revision, Freed::GivenBack))
+                            }
+                            // Held; maybe by our own earlier claim, stored though its answer
+                            // was lost (how it was free is then unknown).
+                            Ok(Some(entry)) => (entry.operation == kv::Operation::Put
+                                && entry.value == this.lease_value())
+                            .then_some((entry.revision, Freed::GivenBack)),
+                            _ => None,
+                        }
+                    }
+                    Err(_) => this
+                        .own_revision(partition)
+                        .await
+                        .map(|revision| (revision, Freed::GivenBack)),
                 };
-                (partition, revision)
+                (partition, taken)
             }
         });
         let outcomes = futures_util::future::join_all(claims).await;
         let mut taken = Vec::new();
-        for (partition, revision) in outcomes {
-            if let Some(revision) = revision {
+        for (partition, outcome) in outcomes {
+            if let Some((revision, freed)) = outcome {
                 self.leases.insert(partition, revision);
-                taken.push((partition, sent));
+                taken.push((partition, sent, freed));
             }
         }
         taken
@@ -471,6 +564,40 @@ mod tests {
             *loads.entry(owner.as_str()).or_default() += 1;
         }
         loads
+    }
+
+    #[test]
+    fn a_heartbeat_read_unchanged_is_silent_from_its_first_read_and_gone_once_absent() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let after = Duration::from_millis(2000);
+        let mut seen = Heartbeats::default();
+        let read = |a: u64, b: u64| vec![("a".to_string(), a), ("b".to_string(), b)];
+        assert!(seen.read(&read(1, 2), at(0)).is_empty());
+        // `a` renewed every second, `b` not after its first read.
+        assert!(seen.read(&read(3, 2), at(1000)).is_empty());
+        assert_eq!(seen.silent(after, at(1000)), None);
+        seen.read(&read(4, 2), at(2000));
+        assert_eq!(seen.silent(after, at(2000)), None, "exactly two seconds");
+        seen.read(&read(5, 2), at(2500));
+        assert_eq!(
+            seen.silent(after, at(2500)),
+            Some(("b", Duration::from_millis(2500)))
+        );
+        // `b` renewed at last: silent no more; `a`'s revision is read again unchanged.
+        seen.read(&read(5, 6), at(3000));
+        assert_eq!(seen.silent(after, at(3000)), None);
+        assert_eq!(
+            seen.silent(after, at(4600)),
+            Some(("a", Duration::from_millis(2100))),
+            "the longest silent, counted from the first read of its revision"
+        );
+        // `b`'s heartbeat expired.
+        assert_eq!(
+            seen.read(&[("a".to_string(), 7)], at(5000)),
+            vec!["b".to_string()]
+        );
+        assert_eq!(seen.silent(Duration::ZERO, at(5000)), None);
     }
 
     #[test]

@@ -11,13 +11,16 @@
 //! Every fifth of a lease, a task of its own ([`Partitions::round`]) renews the leases held
 //! and the heartbeat, reads the engines alive, computes the assignment, gives back or claims
 //! leases, and starts or stops the standbys' readers; it never waits for the apply loop, so a
-//! slow batch or checkpoint cannot let a lease lapse. A partition is exported (tenants on
-//! /metrics and in the API, queries answered for the others) once its reader has caught up.
+//! slow batch or checkpoint cannot let a lease lapse. While another engine's heartbeat is
+//! silent, or a partition assigned to this engine is still held by another, rounds come every
+//! twentieth of a lease, so that a lease is claimed soon after it expires or is given back. A
+//! partition is exported (tenants on /metrics and in the API, queries answered for the others)
+//! once its reader has caught up.
 //!
 //! With `cluster.standby`, an engine also reads and applies, without exporting, the
-//! partitions it would take over if their owner stopped. Taking one of them over then only
-//! needs the messages since: the new owner's reader starts after the standby's applied
-//! sequence and catches up at once.
+//! partitions it would take over if their owner stopped. Taking one of them over keeps the
+//! standby's reader: the partition is exported as soon as it has applied the partition's last
+//! message stored when the lease was taken.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -27,12 +30,12 @@ use async_nats::jetstream::{self, consumer, stream};
 use futures_util::StreamExt;
 use kpi_model::partition::split_partitioned_subject;
 use tokio::sync::{mpsc, watch};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::apply::{migrated_from, Incoming, Staged};
 use crate::cluster::{ClusterView, Responders};
 use crate::consume::sleep_until;
-use crate::ownership::{assign, standbys, Membership};
+use crate::ownership::{assign, standbys, Freed, Membership};
 use crate::streams::ensure_partitioned_streams;
 use crate::{EngineState, Ingest, IngestError};
 
@@ -144,13 +147,35 @@ impl Partitions {
     }
 
     /// Rounds until `stop` changes; then hands the membership back for leaving.
+    ///
+    /// A round starts every fifth of a lease, and every twentieth while another engine's
+    /// heartbeat has not changed for two rounds (that engine probably stopped: its partitions
+    /// are claimed soon after its leases expire rather than up to a fifth of a lease later)
+    /// or while a partition assigned to this engine is not taken yet.
     async fn run(mut self, mut stop: watch::Receiver<()>) -> Partitions {
-        let mut rounds =
-            tokio::time::interval((self.view.lease / 5).max(Duration::from_millis(100)));
-        rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let period = (self.view.lease / 5).max(Duration::from_millis(100));
+        let watching = (self.view.lease / 20).max(Duration::from_millis(50));
+        let mut next = tokio::time::Instant::now();
+        let mut watched: Option<String> = None;
         loop {
             tokio::select! {
-                _ = rounds.tick() => self.round().await,
+                _ = tokio::time::sleep_until(next) => {
+                    let started = tokio::time::Instant::now();
+                    let pending = self.round().await;
+                    let silent = self.membership.silent(period * 2);
+                    match (&silent, &watched) {
+                        (Some((engine, silent)), None) => info!(
+                            engine,
+                            silent_ms = silent.as_millis() as u64,
+                            "an engine's heartbeat is not renewed; watching for its leases to expire"
+                        ),
+                        (None, Some(engine)) => debug!(engine, "no engine's heartbeat is silent any more"),
+                        _ => {}
+                    }
+                    watched = silent.map(|(engine, _)| engine.to_string());
+                    let step = if pending || watched.is_some() { watching } else { period };
+                    next = started + step;
+                }
                 _ = stop.changed() => return self,
             }
         }
@@ -204,8 +229,9 @@ impl Partitions {
 
     /// One round of membership: renewals, heartbeat, assignment, hand-overs, claims and
     /// standbys. NATS errors are logged and the round ends; leases not renewed stop being
-    /// exported three quarters of a lease after their last renewal was sent.
-    async fn round(&mut self) {
+    /// exported three quarters of a lease after their last renewal was sent. Returns whether
+    /// a partition assigned to this engine is still held by another.
+    async fn round(&mut self) -> bool {
         let view = self.view.clone();
         let started = std::time::Instant::now();
         // A step that takes longer than this (a NATS server slow to answer) ends the round:
@@ -226,14 +252,14 @@ impl Partitions {
             Ok(Ok(engines)) => engines,
             Ok(Err(error)) => {
                 warn!(%error, "cannot read the engines; keeping the partitions held");
-                return;
+                return false;
             }
             Err(_) => {
                 warn!(
                     waited_ms = patience.as_millis() as u64,
                     "the engines not read in time; keeping the partitions held"
                 );
-                return;
+                return false;
             }
         };
         let me = self.membership.engine.clone();
@@ -271,15 +297,15 @@ impl Partitions {
             .collect();
         let mut taken = BTreeMap::new();
         let mut warm = BTreeMap::new();
-        let claimed: Vec<(u32, std::time::Instant, bool)> = self
+        let claimed: Vec<(u32, std::time::Instant, Freed, bool)> = self
             .membership
             .claim(&unclaimed)
             .await
             .into_iter()
-            .map(|(partition, at)| {
+            .map(|(partition, at, freed)| {
                 let followed =
                     view.unfollow(partition) && self.shared.readers().contains_key(&partition);
-                (partition, at, followed)
+                (partition, at, freed, followed)
             })
             .collect();
         // A standby that caught up goes on reading as the owner: no new consumer to make
@@ -288,8 +314,8 @@ impl Partitions {
         // the partition (what the engine before may have shown).
         let events = &self.events;
         let lasts: BTreeMap<u32, u64> = futures_util::future::join_all(
-            claimed.iter().filter(|(_, _, followed)| *followed).map(
-                |&(partition, _, _)| async move {
+            claimed.iter().filter(|(_, _, _, followed)| *followed).map(
+                |&(partition, _, _, _)| async move {
                     (partition, last_of(events, partition, patience).await)
                 },
             ),
@@ -298,8 +324,9 @@ impl Partitions {
         .into_iter()
         .filter_map(|(partition, last)| last.map(|last| (partition, last)))
         .collect();
-        for (partition, at, followed) in claimed {
-            view.take(partition, at);
+        let pending = claimed.len() < unclaimed.len();
+        for (partition, at, freed, followed) in claimed {
+            view.take(partition, at, freed == Freed::GivenBack);
             if let Some(&last) = lasts.get(&partition) {
                 if let Some(reader) = self.shared.readers().get_mut(&partition) {
                     reader.standby = false;
@@ -309,6 +336,7 @@ impl Partitions {
                 info!(
                     partition,
                     through = last,
+                    ?freed,
                     "took the partition its standby follows"
                 );
                 continue;
@@ -318,6 +346,7 @@ impl Partitions {
                 partition,
                 from,
                 standby = followed,
+                ?freed,
                 "took the partition; catching up"
             );
             let member = self.start_reader(partition, false, from);
@@ -399,6 +428,7 @@ impl Partitions {
                 "an ownership round took over a quarter of a lease"
             );
         }
+        pending
     }
 
     /// The partitions taken from their standby that have applied the last message they held
