@@ -177,6 +177,58 @@ async fn settled(engines: &[&Engine], partitions: u32) -> Duration {
     }
 }
 
+/// Waits until `engine`'s API answers, other than 503, for a tenant of each of `moved` (a
+/// tenant with history where there is one); returns how long that took from `since`. A 503 means the
+/// tenant's partition has no caught-up owner; the engine answers for the partitions it exports
+/// and forwards the others to their owner.
+async fn answering(
+    engine: &Engine,
+    moved: &[u32],
+    tenants: u32,
+    partitions: u32,
+    since: Instant,
+) -> Duration {
+    let client = reqwest::Client::new();
+    let mut waiting: Vec<String> = moved
+        .iter()
+        .map(|&partition| {
+            (0..tenants)
+                .map(tenant)
+                .chain((0u32..).map(|index| format!("probe{index}")))
+                .find(|name| kpi_model::partition_of(name, partitions) == partition)
+                .expect("a tenant of every partition")
+        })
+        .collect();
+    while !waiting.is_empty() {
+        let mut still = Vec::new();
+        for name in waiting {
+            let answered = client
+                .get(engine.url(&format!("/api/v1/kpis?tenant={name}&period=all")))
+                .send()
+                .await
+                .is_ok_and(|response| response.status() != 503);
+            if !answered {
+                still.push(name);
+            }
+        }
+        waiting = still;
+        if !waiting.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    since.elapsed()
+}
+
+/// How long one scrape of `engine`'s `/metrics` takes, and its size in bytes.
+async fn scrape(engine: &Engine) -> (Duration, usize) {
+    let started = Instant::now();
+    let size = match reqwest::get(engine.url("/metrics")).await {
+        Ok(response) => response.bytes().await.map(|body| body.len()).unwrap_or(0),
+        Err(_) => 0,
+    };
+    (started.elapsed(), size)
+}
+
 /// Messages stored under each partition.
 async fn partition_sizes(js: &jetstream::Context, partitions: u32) -> anyhow::Result<Vec<u64>> {
     let stream = js.get_stream("KPI_EVENTS").await?;
@@ -293,6 +345,43 @@ struct Ingest {
     cpu_seconds: f64,
 }
 
+/// Two engines without standbys, one killed: the survivor takes its partitions over cold
+/// (never applied them); the killed one comes back, takes its share again, and is killed
+/// again: the survivor takes them over warm. Returns the partitions moved, their events, the
+/// cold takeover, the warm one and the rejoin.
+async fn cold_and_warm(
+    args: &Args,
+    url: &str,
+    js: &jetstream::Context,
+    work: &Path,
+) -> anyhow::Result<(Vec<u32>, u64, Duration, Duration, Duration)> {
+    let partitions = args.partitions;
+    let sizes = partition_sizes(js, partitions).await?;
+    let mut x = start_member(args, url, &work.join("x"), "x", 1, false)?;
+    let y = start_member(args, url, &work.join("y"), "y", 1, false)?;
+    x.wait_ready().await;
+    y.wait_ready().await;
+    settled(&[&x, &y], partitions).await;
+    let moved = owned(&x).await;
+    let tail: u64 = moved.iter().map(|&p| sizes[p as usize]).sum();
+    let killed = x.kill9();
+    let cold = answering(&y, &moved, tenants_for(args.events), partitions, killed).await;
+    settled(&[&y], partitions).await;
+    eprintln!(
+        "cold takeover of {} partitions ({tail} events): {cold:?}",
+        moved.len()
+    );
+    let mut x = start_member(args, url, &work.join("x"), "x", 1, false)?;
+    x.wait_ready().await;
+    let rejoined = settled(&[&x, &y], partitions).await;
+    let killed = x.kill9();
+    let warm = answering(&y, &moved, tenants_for(args.events), partitions, killed).await;
+    settled(&[&y], partitions).await;
+    eprintln!("warm rejoin {rejoined:?}, warm takeover {warm:?}");
+    y.stop();
+    Ok((moved, tail, cold, warm, rejoined))
+}
+
 pub async fn run(args: &Args) -> anyhow::Result<()> {
     let temp = tempfile::tempdir()?;
     let work = args
@@ -316,7 +405,8 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     eprintln!("loaded {loaded} events at {publish_rate:.0}/s");
     let mut ratios = Vec::new();
     let mut rows = Vec::new();
-    for run in 0..args.runs {
+    let runs = if args.only_takeovers { 0 } else { args.runs };
+    for run in 0..runs {
         let bare = bare_consumer(&js, &format!("bare-{run}"), loaded).await?;
         let name = format!("single-{run}");
         let engine = start_member(args, &nats.url, &work.join(&name), &name, 1, true)?;
@@ -328,38 +418,30 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         ratios.push(rate / bare);
         rows.push((bare, rate, cpu));
     }
-    let ratio = median(&mut ratios.clone());
+    let ratio = if ratios.is_empty() {
+        0.0
+    } else {
+        median(&mut ratios.clone())
+    };
 
-    let sizes = partition_sizes(&js, partitions).await?;
-    let x = start_member(args, &nats.url, &work.join("x"), "x", 1, false)?;
-    let y = start_member(args, &nats.url, &work.join("y"), "y", 1, false)?;
-    x.wait_ready().await;
-    y.wait_ready().await;
-    settled(&[&x, &y], partitions).await;
-    let moved = owned(&x).await;
-    let tail: u64 = moved.iter().map(|&p| sizes[p as usize]).sum();
-    let mut x = x;
-    x.kill9();
-    let cold = settled(&[&y], partitions).await;
-    eprintln!(
-        "cold takeover of {} partitions ({tail} events): {cold:?}",
-        moved.len()
-    );
-    // The killed engine comes back (its store has its old partitions), takes its share back,
-    // and is killed again: the other has applied those partitions before.
-    let x = start_member(args, &nats.url, &work.join("x"), "x", 1, false)?;
-    x.wait_ready().await;
-    let rejoined = settled(&[&x, &y], partitions).await;
-    let mut x = x;
-    x.kill9();
-    let warm = settled(&[&y], partitions).await;
-    eprintln!("warm rejoin {rejoined:?}, warm takeover {warm:?}");
-    y.stop();
+    let (moved, tail, cold, warm, rejoined) = if args.only_takeovers {
+        (
+            Vec::new(),
+            0,
+            Duration::ZERO,
+            Duration::ZERO,
+            Duration::ZERO,
+        )
+    } else {
+        cold_and_warm(args, &nats.url, &js, &work).await?
+    };
+
     // With standbys: two engines on the stores above, another `--events` published while
     // they run, all in one of the partitions of the engine to be killed (a tail of that size
     // in one partition); once the survivor-to-be follows the other's partitions with nothing
-    // left to apply, the other is killed.
-    let x = start_member(args, &nats.url, &work.join("x"), "x", 1, true)?;
+    // left to apply, the other is killed. Then, `--takeovers` times in all, the killed engine
+    // comes back, takes its share again, and is killed once the survivor follows it again.
+    let mut x = start_member(args, &nats.url, &work.join("x"), "x", 1, true)?;
     let y = start_member(args, &nats.url, &work.join("y"), "y", 1, true)?;
     x.wait_ready().await;
     y.wait_ready().await;
@@ -371,24 +453,44 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     let before = partition_sizes(&js, partitions).await?[hot as usize];
     publish(&js, more_histories_in(args.events, hot, partitions)).await?;
     settled(&[&x, &y], partitions).await;
-    let followed = owned(&x).await;
     anyhow::ensure!(
-        followed.contains(&hot),
+        owned(&x).await.contains(&hot),
         "partition {hot} moved while both ran"
     );
-    standby_caught_up(&y, &followed).await;
     let sizes = partition_sizes(&js, partitions).await?;
-    let standby_tail: u64 = followed.iter().map(|&p| sizes[p as usize]).sum();
     let loaded_tail = sizes[hot as usize] - before;
-    let mut x = x;
-    x.kill9();
-    let standby = settled(&[&y], partitions).await;
-    eprintln!(
-        "standby takeover of {} partitions ({standby_tail} events; {loaded_tail} published live to partition {hot}): {standby:?}",
-        followed.len()
-    );
+    let mut standbys = Vec::new();
+    for run in 0..args.takeovers.max(1) {
+        if run > 0 {
+            x = start_member(args, &nats.url, &work.join("x"), "x", 1, true)?;
+            x.wait_ready().await;
+            settled(&[&x, &y], partitions).await;
+        }
+        let followed = owned(&x).await;
+        standby_caught_up(&y, &followed).await;
+        let followed_tail: u64 = followed.iter().map(|&p| sizes[p as usize]).sum();
+        let killed = x.kill9();
+        let took = answering(&y, &followed, tenants_for(args.events), partitions, killed).await;
+        settled(&[&y], partitions).await;
+        eprintln!(
+            "standby takeover {} of {} partitions ({followed_tail} events{}): {took:?}",
+            run + 1,
+            followed.len(),
+            if followed.contains(&hot) {
+                format!(", {loaded_tail} published live to partition {hot}")
+            } else {
+                String::new()
+            }
+        );
+        standbys.push((followed.len(), followed_tail, followed.contains(&hot), took));
+    }
+    let (scrape_time, scrape_size) = scrape(&y).await;
+    eprintln!("a scrape of the survivor's /metrics: {scrape_size} bytes in {scrape_time:?}");
     y.stop();
     drop(x);
+    if args.only_takeovers {
+        return Ok(());
+    }
     drop(client);
     drop(nats);
 
@@ -451,9 +553,18 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     eprintln!("local p99 {local_p99:.2} ms, forwarded p99 {remote_p99:.2} ms");
 
     let mut killed = three.pop().expect("three engines");
-    let cluster_moved = owned(&killed).await.len();
-    killed.kill9();
-    let cluster_takeover = settled(&three.iter().collect::<Vec<_>>(), partitions).await;
+    let cluster_moved = owned(&killed).await;
+    let at = killed.kill9();
+    let cluster_takeover = answering(
+        &three[0],
+        &cluster_moved,
+        tenants_for(args.cluster_events),
+        partitions,
+        at,
+    )
+    .await;
+    settled(&three.iter().collect::<Vec<_>>(), partitions).await;
+    let cluster_moved = cluster_moved.len();
     let joining = start_member(args, &cluster.url, &work.join("c4"), "c4", 3, true)?;
     let joined = Instant::now();
     joining.wait_ready().await;
@@ -498,7 +609,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     line("### Takeover after `kill -9` (one server, two engines)".into());
     line(String::new());
     line(
-        "| case | partitions moved | events to apply | until every partition is exported again |"
+        "| case | partitions moved | events to apply | until the API answers for every partition moved |"
             .into(),
     );
     line("|---|---:|---:|---:|".into());
@@ -509,7 +620,27 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         moved.len(),
         rejoined.as_secs_f64()
     ));
-    line(format!("| standby (`cluster.standby`, the default): the survivor followed them; {loaded_tail} more events published to one of them (partition {hot}) while both ran | {} | {standby_tail} in the partitions, 0 left | **{:.1} s** |", followed.len(), standby.as_secs_f64()));
+    for (run, (count, tail, with_hot, took)) in standbys.iter().enumerate() {
+        let live = if *with_hot {
+            format!("; {loaded_tail} more events published to one of them (partition {hot}) while both ran")
+        } else {
+            String::new()
+        };
+        line(format!("| standby (`cluster.standby`, the default), kill {} of {}: the survivor followed them{live} | {count} | {tail} in the partitions, 0 left | {:.1} s |", run + 1, standbys.len(), took.as_secs_f64()));
+    }
+    line(String::new());
+    let mut standby_seconds: Vec<f64> = standbys
+        .iter()
+        .map(|(_, _, _, took)| took.as_secs_f64())
+        .collect();
+    let standby = median(&mut standby_seconds);
+    let longest = standby_seconds.last().copied().unwrap_or_default();
+    line(format!(
+        "Standby takeovers, over {} kills: median **{standby:.1} s**, longest **{longest:.1} s**.",
+        standbys.len()
+    ));
+    line(String::new());
+    line(format!("Each takeover runs from the `kill -9` until the survivor's `/api/v1/kpis` answers (not 503) for a tenant of every partition moved; its `/metrics` then shows every partition owned. Reading that from `/metrics` instead adds a scrape: the survivor's, with every tenant exported (`metrics.max_tenants` 1000 here), is {:.0} MB and takes {:.1} s on this machine.", scrape_size as f64 / 1e6, scrape_time.as_secs_f64()));
     line(String::new());
     line(format!("### 3-node cluster (R3, `sync_interval: always`, {cluster_loaded} events published at {cluster_publish_rate:.0}/s)"));
     line(String::new());
@@ -525,7 +656,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         ));
     }
     line(String::new());
-    line(format!("With three engines: `kill -9` of one ({cluster_moved} partitions, followed by standbys) until the other two export every partition: **{:.1} s**; a fourth engine joining, from its start to the partitions shared by three again: **{:.1} s**.", cluster_takeover.as_secs_f64(), cluster_rebalance.as_secs_f64()));
+    line(format!("With three engines: `kill -9` of one ({cluster_moved} partitions, followed by standbys) until the API answers for every one of them again: **{:.1} s**; a fourth engine joining, from its start to the partitions shared by three again: **{:.1} s**.", cluster_takeover.as_secs_f64(), cluster_rebalance.as_secs_f64()));
     line(String::new());
     line("| `/api/v1/kpis?period=all` on one engine | p50 | p99 |".into());
     line("|---|---:|---:|".into());
@@ -535,7 +666,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     let catch_up = (cold - warm).as_secs_f64().max(0.001);
     let rate = tail as f64 / catch_up;
     let per_core = 1e6 / (ingests[0].cpu_seconds / cluster_loaded as f64 * 1e6);
-    line(format!("Reading these figures: a takeover is the lease running out on the server (`lease_ms`, 5 s by default) and the next round of the survivors (a fifth of a lease), a quarter of a lease of grace, then the catch-up. The warm takeover is that fixed part ({:.1} s here); the cold one adds applying {tail} events at about {rate:.0} events/s while reading the whole stream once. A partition with a 1M-event tail that the new owner never applied would take about {:.0} s without a standby; with one (the default) the tail is already applied and the takeover is the fixed part, whatever the tail ({:.1} s here), for applying every event twice over the engines. The cold and warm rows run with `cluster.standby = false`; the 3-node rows above with standbys, so with two or three engines each event is applied twice (by its owner and by its standby, which starts once the engine has caught up on what it owns: the rows measure the owners catching up, and the CPU of the engines per event grows with the standbys' share of that time). On one 2-core machine, engines added share the same two cores with three NATS servers, so throughput cannot grow with engines here; an engine uses {:.1} µs of CPU per event applied (one engine, 3-node cluster), about {per_core:.0} events/s per core, so engines on separate hosts add about that each, up to what the NATS cluster delivers (it stored R3 writes with `sync_interval: always` at {cluster_publish_rate:.0} events/s here).", warm.as_secs_f64(), warm.as_secs_f64() + 1_000_000.0 / rate, standby.as_secs_f64(), ingests[0].cpu_seconds / cluster_loaded as f64 * 1e6));
+    line(format!("Reading these figures: a takeover is the lease running out on the server (`lease_ms`, 5 s by default) and the next round of the survivors (a fifth of a lease), a quarter of a lease of grace, then the catch-up. The warm takeover is that fixed part ({:.1} s here); the cold one adds applying {tail} events at about {rate:.0} events/s while reading the whole stream once. A partition with a 1M-event tail that the new owner never applied would take about {:.0} s without a standby; with one (the default) the tail is already applied and the takeover is the fixed part, whatever the tail (a median of {:.1} s here), for applying every event twice over the engines. The cold and warm rows run with `cluster.standby = false`; the 3-node rows above with standbys, so with two or three engines each event is applied twice (by its owner and by its standby, which starts once the engine has caught up on what it owns: the rows measure the owners catching up, and the CPU of the engines per event grows with the standbys' share of that time). On one 2-core machine, engines added share the same two cores with three NATS servers, so throughput cannot grow with engines here; an engine uses {:.1} µs of CPU per event applied (one engine, 3-node cluster), about {per_core:.0} events/s per core, so engines on separate hosts add about that each, up to what the NATS cluster delivers (it stored R3 writes with `sync_interval: always` at {cluster_publish_rate:.0} events/s here).", warm.as_secs_f64(), warm.as_secs_f64() + 1_000_000.0 / rate, standby, ingests[0].cpu_seconds / cluster_loaded as f64 * 1e6));
     line(String::new());
     let text = section.join("\n") + "\n";
     match &args.out {

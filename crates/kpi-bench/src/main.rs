@@ -68,6 +68,14 @@ struct Args {
     /// Runs of the partitioned ingest measurement (the median is reported).
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// `kill -9`s of an engine whose partitions a standby follows (the median and the
+    /// longest are reported).
+    #[arg(long, default_value_t = 5)]
+    takeovers: usize,
+    /// Multi-engine mode: only the standby takeovers (`--takeovers` of them), printed and not
+    /// written; to look into a takeover with the engines' logs under `--work-dir`.
+    #[arg(long)]
+    only_takeovers: bool,
 }
 
 struct Nats {
@@ -193,10 +201,18 @@ impl Engine {
             .unwrap_or(f64::NAN)
     }
 
-    /// SIGKILL.
-    fn kill9(&mut self) {
+    /// SIGKILL; returns when it was sent (also written to stderr, to read the engines' logs
+    /// against).
+    fn kill9(&mut self) -> Instant {
+        eprintln!(
+            "kill -9 of engine pid {} at {}",
+            self.child.id(),
+            chrono::Utc::now().format("%H:%M:%S%.3fZ")
+        );
+        let sent = Instant::now();
         let _ = self.child.kill();
         let _ = self.child.wait();
+        sent
     }
 
     fn stop(mut self) {
