@@ -219,6 +219,21 @@ async fn answering(
     since.elapsed()
 }
 
+/// `kill -9` of `killed`; returns how long until the API of the first of `survivors` answers
+/// for every one of `moved` again, once their `/metrics` show every partition owned.
+async fn take_over(
+    killed: &mut Engine,
+    survivors: &[&Engine],
+    moved: &[u32],
+    tenants: u32,
+    partitions: u32,
+) -> Duration {
+    let at = killed.kill9();
+    let took = answering(survivors[0], moved, tenants, partitions, at).await;
+    settled(survivors, partitions).await;
+    took
+}
+
 /// How long one scrape of `engine`'s `/metrics` takes, and its size in bytes.
 async fn scrape(engine: &Engine) -> (Duration, usize) {
     let started = Instant::now();
@@ -364,9 +379,7 @@ async fn cold_and_warm(
     settled(&[&x, &y], partitions).await;
     let moved = owned(&x).await;
     let tail: u64 = moved.iter().map(|&p| sizes[p as usize]).sum();
-    let killed = x.kill9();
-    let cold = answering(&y, &moved, tenants_for(args.events), partitions, killed).await;
-    settled(&[&y], partitions).await;
+    let cold = take_over(&mut x, &[&y], &moved, tenants_for(args.events), partitions).await;
     eprintln!(
         "cold takeover of {} partitions ({tail} events): {cold:?}",
         moved.len()
@@ -374,9 +387,7 @@ async fn cold_and_warm(
     let mut x = start_member(args, url, &work.join("x"), "x", 1, false)?;
     x.wait_ready().await;
     let rejoined = settled(&[&x, &y], partitions).await;
-    let killed = x.kill9();
-    let warm = answering(&y, &moved, tenants_for(args.events), partitions, killed).await;
-    settled(&[&y], partitions).await;
+    let warm = take_over(&mut x, &[&y], &moved, tenants_for(args.events), partitions).await;
     eprintln!("warm rejoin {rejoined:?}, warm takeover {warm:?}");
     y.stop();
     Ok((moved, tail, cold, warm, rejoined))
@@ -469,9 +480,14 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         let followed = owned(&x).await;
         standby_caught_up(&y, &followed).await;
         let followed_tail: u64 = followed.iter().map(|&p| sizes[p as usize]).sum();
-        let killed = x.kill9();
-        let took = answering(&y, &followed, tenants_for(args.events), partitions, killed).await;
-        settled(&[&y], partitions).await;
+        let took = take_over(
+            &mut x,
+            &[&y],
+            &followed,
+            tenants_for(args.events),
+            partitions,
+        )
+        .await;
         eprintln!(
             "standby takeover {} of {} partitions ({followed_tail} events{}): {took:?}",
             run + 1,
@@ -554,16 +570,14 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
 
     let mut killed = three.pop().expect("three engines");
     let cluster_moved = owned(&killed).await;
-    let at = killed.kill9();
-    let cluster_takeover = answering(
-        &three[0],
+    let cluster_takeover = take_over(
+        &mut killed,
+        &three.iter().collect::<Vec<_>>(),
         &cluster_moved,
         tenants_for(args.cluster_events),
         partitions,
-        at,
     )
     .await;
-    settled(&three.iter().collect::<Vec<_>>(), partitions).await;
     let cluster_moved = cluster_moved.len();
     let joining = start_member(args, &cluster.url, &work.join("c4"), "c4", 3, true)?;
     let joined = Instant::now();

@@ -438,9 +438,9 @@ impl Membership {
                             }
                             // Held; maybe by our own earlier claim, stored though its answer
                             // was lost (how it was free is then unknown).
-                            Ok(Some(entry)) => (entry.operation == kv::Operation::Put
-                                && entry.value == this.lease_value())
-                            .then_some((entry.revision, Freed::GivenBack)),
+                            Ok(Some(entry)) => this
+                                .own_lease(&entry)
+                                .map(|revision| (revision, Freed::GivenBack)),
                             _ => None,
                         }
                     }
@@ -471,6 +471,11 @@ impl Membership {
             .entry(format!("{PARTITIONS}{partition}"))
             .await
             .ok()??;
+        self.own_lease(&entry)
+    }
+
+    /// The revision of a lease entry holding this very engine's value.
+    fn own_lease(&self, entry: &kv::Entry) -> Option<u64> {
         (entry.operation == kv::Operation::Put && entry.value == self.lease_value())
             .then_some(entry.revision)
     }
