@@ -32,8 +32,8 @@ use crate::EngineState;
 struct Held {
     /// Applied every message the partition held when the engine took it.
     caught_up: bool,
-    /// When it may be exported, caught up: when the lease was taken, or a grace later.
-    from: Instant,
+    /// When the lease was taken.
+    taken: Instant,
     /// When the last successful renewal was sent.
     renewed: Instant,
     /// Messages of the partition not yet applied (from the last delivery's metadata).
@@ -128,17 +128,15 @@ impl ClusterView {
         self.lease * 3 / 4
     }
 
-    /// How long after taking a partition given back this engine waits before exporting it,
-    /// caught up or not: the engine that gave it back stopped exporting it just before, and
-    /// this margin keeps the two apart for anyone comparing scrapes of both taken a moment
-    /// apart. A lease that expired needs none: its last holder stopped exporting the partition
-    /// a quarter of a lease before the server let it go.
+    /// How long after taking a partition this engine waits before exporting it, caught up or
+    /// not: the engine that gave it back stopped exporting it before, and this margin keeps
+    /// the two apart for anyone comparing scrapes of both taken a moment apart.
     fn grace(&self) -> Duration {
         self.lease / 4
     }
 
     fn is_exported(&self, held: &Held, now: Instant) -> bool {
-        held.caught_up && now >= held.from && now < held.renewed + self.fence()
+        held.caught_up && now >= held.taken + self.grace() && now < held.renewed + self.fence()
     }
 
     /// Whether this engine exports `partition` right now.
@@ -183,21 +181,14 @@ impl ClusterView {
         inner.engines = engines;
     }
 
-    /// Takes `partition`, its lease sent at `renewed`; `given_back` when its last holder gave
-    /// it back (exported only after the grace), else it had expired or was never held.
-    pub(crate) fn take(&self, partition: u32, renewed: Instant, given_back: bool) {
+    pub(crate) fn take(&self, partition: u32, renewed: Instant) {
         let mut inner = self.inner();
         inner.takeovers += 1;
-        let from = if given_back {
-            renewed + self.grace()
-        } else {
-            renewed
-        };
         inner.held.insert(
             partition,
             Held {
                 caught_up: false,
-                from,
+                taken: renewed,
                 renewed,
                 lag: 0,
             },
@@ -676,7 +667,7 @@ mod tests {
     fn a_partition_is_exported_caught_up_past_the_grace_and_within_the_fence() {
         let view = ClusterView::new("a".into(), 4, "S".into(), Duration::from_secs(4));
         let now = Instant::now();
-        view.take(1, now - Duration::from_millis(1100), true);
+        view.take(1, now - Duration::from_millis(1100));
         view.renewed(1, now);
         assert!(!view.exports_partition(1), "not caught up yet");
         assert!(!view.is_caught_up(), "not settled yet");
@@ -701,23 +692,13 @@ mod tests {
         assert!(view.exports(&tenant));
         view.drop_partition(1);
         assert!(!view.exports(&tenant));
-        // Just taken from an engine that gave it back, and caught up at once: exported only a
-        // quarter of a lease after taking.
-        view.take(2, now, true);
+        // Just taken and caught up at once: exported only a quarter of a lease after taking.
+        view.take(2, now);
         view.caught_up(2);
         assert!(!view.exports_partition(2), "within the grace after taking");
-        view.take(2, now - Duration::from_millis(1100), true);
+        view.take(2, now - Duration::from_millis(1100));
         view.renewed(2, now);
         view.caught_up(2);
         assert!(view.exports_partition(2), "past the grace");
-        // Taken once expired (its last holder fenced for a quarter of a lease already): no
-        // grace.
-        view.take(3, now, false);
-        assert!(!view.exports_partition(3), "not caught up yet");
-        view.caught_up(3);
-        assert!(
-            view.exports_partition(3),
-            "expired lease: exported once caught up"
-        );
     }
 }

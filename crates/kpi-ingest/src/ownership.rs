@@ -6,11 +6,9 @@
 //! - `engines.<name>`: an engine's heartbeat (its instance, partitions and version), renewed
 //!   five times per lease; an engine whose heartbeat expired is gone.
 //! - `partitions.<n>`: the lease of partition `n`, `<name> <instance>`. An engine takes a
-//!   lease by writing the key where it holds nothing or its last holder's delete marker, at
-//!   that revision (only one such write succeeds), keeps it by updating it at its revision,
-//!   and gives it back by deleting it at its revision. A lease not renewed for a whole lease
-//!   expires on the server (the key then holds nothing: which of the two it was tells the
-//!   new owner whether its last holder may have exported the partition until just before).
+//!   lease by creating the key (only one create succeeds), keeps it by updating it at its
+//!   revision, and gives it back by deleting it at its revision. A lease not renewed for a
+//!   whole lease expires on the server.
 //!
 //! The assignment is a bounded-load rendezvous hash: each partition goes to the engine that
 //! ranks it highest among those with room, every engine having room for `⌊P/N⌋` partitions and
@@ -122,16 +120,6 @@ struct Heartbeat {
 pub(crate) struct Engine {
     pub(crate) name: String,
     pub(crate) warming: bool,
-}
-
-/// How a lease was free when this engine took it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Freed {
-    /// The key held nothing: never taken, or not renewed for a whole lease, so its last
-    /// holder stopped exporting the partition a quarter of a lease before it expired.
-    Expired,
-    /// Given back (deleted) by its last holder, which stopped exporting it just before.
-    GivenBack,
 }
 
 const ENGINES: &str = "engines.";
@@ -409,9 +397,8 @@ impl Membership {
     }
 
     /// Takes the lease of each of `partitions` that nobody holds, all at once; returns those
-    /// it took, with when the claim was sent (the lease runs from then, at the latest) and
-    /// how it was free.
-    pub(crate) async fn claim(&mut self, partitions: &[u32]) -> Vec<(u32, Instant, Freed)> {
+    /// it took, with when the claim was sent (the lease runs from then, at the latest).
+    pub(crate) async fn claim(&mut self, partitions: &[u32]) -> Vec<(u32, Instant)> {
         let sent = Instant::now();
         let value = self.lease_value();
         let claims = partitions.iter().map(|&partition| {
@@ -419,45 +406,20 @@ impl Membership {
             let this = &*self;
             async move {
                 let key = format!("{PARTITIONS}{partition}");
-                // Revision 0: only if the key holds nothing (never taken, or expired).
-                let taken = match this.kv.update(&key, value.clone(), 0).await {
-                    Ok(revision) => Some((revision, Freed::Expired)),
-                    Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                        match this.kv.entry(&key).await {
-                            Ok(Some(entry))
-                                if matches!(
-                                    entry.operation,
-                                    kv::Operation::Delete | kv::Operation::Purge
-                                ) =>
-                            {
-                                this.kv
-                                    .update(&key, value, entry.revision)
-                                    .await
-                                    .ok()
-                                    .map(|revision| (revision, Freed::GivenBack))
-                            }
-                            // Held; maybe by our own earlier claim, stored though its answer
-                            // was lost (how it was free is then unknown).
-                            Ok(Some(entry)) => this
-                                .own_lease(&entry)
-                                .map(|revision| (revision, Freed::GivenBack)),
-                            _ => None,
-                        }
-                    }
-                    Err(_) => this
-                        .own_revision(partition)
-                        .await
-                        .map(|revision| (revision, Freed::GivenBack)),
+                let revision = match this.kv.create(key, value).await {
+                    Ok(revision) => Some(revision),
+                    // Maybe our own earlier claim, stored though its answer was lost.
+                    Err(_) => this.own_revision(partition).await,
                 };
-                (partition, taken)
+                (partition, revision)
             }
         });
         let outcomes = futures_util::future::join_all(claims).await;
         let mut taken = Vec::new();
-        for (partition, outcome) in outcomes {
-            if let Some((revision, freed)) = outcome {
+        for (partition, revision) in outcomes {
+            if let Some(revision) = revision {
                 self.leases.insert(partition, revision);
-                taken.push((partition, sent, freed));
+                taken.push((partition, sent));
             }
         }
         taken
@@ -471,11 +433,6 @@ impl Membership {
             .entry(format!("{PARTITIONS}{partition}"))
             .await
             .ok()??;
-        self.own_lease(&entry)
-    }
-
-    /// The revision of a lease entry holding this very engine's value.
-    fn own_lease(&self, entry: &kv::Entry) -> Option<u64> {
         (entry.operation == kv::Operation::Put && entry.value == self.lease_value())
             .then_some(entry.revision)
     }

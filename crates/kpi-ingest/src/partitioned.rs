@@ -12,8 +12,8 @@
 //! and the heartbeat, reads the engines alive, computes the assignment, gives back or claims
 //! leases, and starts or stops the standbys' readers; it never waits for the apply loop, so a
 //! slow batch or checkpoint cannot let a lease lapse. While another engine's heartbeat is
-//! silent, or a partition assigned to this engine is still held by another, rounds come every
-//! twentieth of a lease, so that a lease is claimed soon after it expires or is given back. A
+//! silent, rounds come every twentieth of a lease, so that its leases are claimed soon after
+//! they expire. A
 //! partition is exported (tenants on /metrics and in the API, queries answered for the others)
 //! once its reader has caught up.
 //!
@@ -35,7 +35,7 @@ use tracing::{debug, info, warn};
 use crate::apply::{migrated_from, Incoming, Staged};
 use crate::cluster::{ClusterView, Responders};
 use crate::consume::sleep_until;
-use crate::ownership::{assign, standbys, Freed, Membership};
+use crate::ownership::{assign, standbys, Membership};
 use crate::streams::ensure_partitioned_streams;
 use crate::{EngineState, Ingest, IngestError};
 
@@ -150,8 +150,7 @@ impl Partitions {
     ///
     /// A round starts every fifth of a lease, and every twentieth while another engine's
     /// heartbeat has not changed for two rounds (that engine probably stopped: its partitions
-    /// are claimed soon after its leases expire rather than up to a fifth of a lease later)
-    /// or while a partition assigned to this engine is not taken yet.
+    /// are claimed soon after its leases expire rather than up to a fifth of a lease later).
     async fn run(mut self, mut stop: watch::Receiver<()>) -> Partitions {
         let period = (self.view.lease / 5).max(Duration::from_millis(100));
         let watching = (self.view.lease / 20).max(Duration::from_millis(50));
@@ -161,7 +160,7 @@ impl Partitions {
             tokio::select! {
                 _ = tokio::time::sleep_until(next) => {
                     let started = tokio::time::Instant::now();
-                    let pending = self.round().await;
+                    self.round().await;
                     let silent = self.membership.silent(period * 2);
                     match (&silent, &watched) {
                         (Some((engine, silent)), None) => info!(
@@ -173,7 +172,7 @@ impl Partitions {
                         _ => {}
                     }
                     watched = silent.map(|(engine, _)| engine.to_string());
-                    let step = if pending || watched.is_some() { watching } else { period };
+                    let step = if watched.is_some() { watching } else { period };
                     next = started + step;
                 }
                 _ = stop.changed() => return self,
@@ -229,9 +228,8 @@ impl Partitions {
 
     /// One round of membership: renewals, heartbeat, assignment, hand-overs, claims and
     /// standbys. NATS errors are logged and the round ends; leases not renewed stop being
-    /// exported three quarters of a lease after their last renewal was sent. Returns whether
-    /// a partition assigned to this engine is still held by another.
-    async fn round(&mut self) -> bool {
+    /// exported three quarters of a lease after their last renewal was sent.
+    async fn round(&mut self) {
         let view = self.view.clone();
         let started = std::time::Instant::now();
         // A step that takes longer than this (a NATS server slow to answer) ends the round:
@@ -252,14 +250,14 @@ impl Partitions {
             Ok(Ok(engines)) => engines,
             Ok(Err(error)) => {
                 warn!(%error, "cannot read the engines; keeping the partitions held");
-                return false;
+                return;
             }
             Err(_) => {
                 warn!(
                     waited_ms = patience.as_millis() as u64,
                     "the engines not read in time; keeping the partitions held"
                 );
-                return false;
+                return;
             }
         };
         let me = self.membership.engine.clone();
@@ -297,15 +295,15 @@ impl Partitions {
             .collect();
         let mut taken = BTreeMap::new();
         let mut warm = BTreeMap::new();
-        let claimed: Vec<(u32, std::time::Instant, Freed, bool)> = self
+        let claimed: Vec<(u32, std::time::Instant, bool)> = self
             .membership
             .claim(&unclaimed)
             .await
             .into_iter()
-            .map(|(partition, at, freed)| {
+            .map(|(partition, at)| {
                 let followed =
                     view.unfollow(partition) && self.shared.readers().contains_key(&partition);
-                (partition, at, freed, followed)
+                (partition, at, followed)
             })
             .collect();
         // A standby that caught up goes on reading as the owner: no new consumer to make
@@ -314,8 +312,8 @@ impl Partitions {
         // the partition (what the engine before may have shown).
         let events = &self.events;
         let lasts: BTreeMap<u32, u64> = futures_util::future::join_all(
-            claimed.iter().filter(|(_, _, _, followed)| *followed).map(
-                |&(partition, _, _, _)| async move {
+            claimed.iter().filter(|(_, _, followed)| *followed).map(
+                |&(partition, _, _)| async move {
                     (partition, last_of(events, partition, patience).await)
                 },
             ),
@@ -324,9 +322,8 @@ impl Partitions {
         .into_iter()
         .filter_map(|(partition, last)| last.map(|last| (partition, last)))
         .collect();
-        let pending = claimed.len() < unclaimed.len();
-        for (partition, at, freed, followed) in claimed {
-            view.take(partition, at, freed == Freed::GivenBack);
+        for (partition, at, followed) in claimed {
+            view.take(partition, at);
             if let Some(&last) = lasts.get(&partition) {
                 if let Some(reader) = self.shared.readers().get_mut(&partition) {
                     reader.standby = false;
@@ -336,7 +333,6 @@ impl Partitions {
                 info!(
                     partition,
                     through = last,
-                    ?freed,
                     "took the partition its standby follows"
                 );
                 continue;
@@ -346,7 +342,6 @@ impl Partitions {
                 partition,
                 from,
                 standby = followed,
-                ?freed,
                 "took the partition; catching up"
             );
             let member = self.start_reader(partition, false, from);
@@ -428,7 +423,6 @@ impl Partitions {
                 "an ownership round took over a quarter of a lease"
             );
         }
-        pending
     }
 
     /// The partitions taken from their standby that have applied the last message they held
